@@ -1,0 +1,116 @@
+"""`load(source)`: an embedded model name, a directory, a checkpoint file or an in-memory model -> our runtime."""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import save_file
+from torch import nn
+
+from ..errors import InputError
+from ..runtime import LMConfig, MambaLM, VisionConfig, VisionMamba
+from . import hf, vim
+from .weights import find_weight_file, read_tensors
+
+SUPPORTED = (
+    "Mamba-1 language models (Hugging Face MambaForCausalLM or the original state-spaces layout) "
+    "and Vision Mamba (hustvl/Vim state dicts)"
+)
+VISION_ARCHITECTURE = "vision-mamba"
+
+
+def load(source, **vision_options) -> nn.Module:
+    """Return a `MambaLM` or `VisionMamba` in eval mode. `vision_options` (img_size, stride) complete a bare Vim
+    checkpoint, whose state dict does not record them."""
+    if isinstance(source, (MambaLM, VisionMamba)):
+        return source
+    if isinstance(source, nn.Module):
+        if type(source).__name__ == "MambaForCausalLM":
+            return hf.from_transformers(source)
+        raise InputError(f"unsupported model object {type(source).__name__}; supported: {SUPPORTED}")
+    from ..zoo import ZOO, load_zoo_model
+
+    name = str(source)
+    if name in ZOO:
+        return load_zoo_model(name)
+    path = Path(name)
+    if not path.exists():
+        raise InputError(
+            f"{name}: no such file or directory, and not an embedded model "
+            f"(expected one of {', '.join(ZOO)}, a model directory or a checkpoint file)"
+        )
+    if path.is_dir():
+        return load_directory(path)
+    return load_checkpoint_file(path, vision_options)
+
+
+def read_config(directory: Path) -> dict:
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise InputError(
+            f"{directory}: no config.json; expected a model directory (config.json + model.safetensors) "
+            "or a checkpoint file"
+        )
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{config_path}: expected a JSON object")
+    return config
+
+
+def load_directory(directory: Path) -> nn.Module:
+    config = read_config(directory)
+    source = str(directory)
+    if hf.is_hf_config(config):
+        lm_config = hf.lm_config_from_hf(config, source)
+    elif hf.is_state_spaces_config(config):
+        lm_config = hf.lm_config_from_state_spaces(config, source)
+    elif config.get("architecture") == VISION_ARCHITECTURE:
+        tensors = read_tensors(find_weight_file(directory))
+        return vim.build_vim(VisionConfig.from_dict(config), tensors, source)
+    else:
+        found = config.get("architectures") or config.get("model_type") or config.get("architecture") or "unknown"
+        raise InputError(f"{directory}: unsupported architecture {found}; supported: {SUPPORTED}")
+    return hf.build_lm(lm_config, read_tensors(find_weight_file(directory)), source)
+
+
+def load_checkpoint_file(path: Path, vision_options: dict) -> nn.Module:
+    tensors = read_tensors(path)
+    if vim.is_vim_state_dict(tensors):
+        return vim.build_vim(vim.vision_config_from_weights(tensors, vision_options), tensors, str(path))
+    if any(k.startswith("backbone.layers.0.mixer.") for k in tensors):
+        return hf.build_lm(hf.lm_config_from_weights(tensors), tensors, str(path))
+    raise InputError(f"{path}: unrecognised checkpoint; supported: {SUPPORTED}")
+
+
+def save(model: nn.Module, directory: str | Path, overwrite: bool = False) -> Path:
+    """Write a full-precision model as config.json + model.safetensors: the Hugging Face Mamba layout for language
+    models (transformers can read it), the official Vim names for vision models. Atomic: written to a temporary
+    directory that is renamed into place at the end."""
+    directory = Path(directory)
+    if directory.exists() and not overwrite:
+        raise InputError(f"{directory}: already exists; pass overwrite=True (--overwrite) to replace it")
+    if isinstance(model, MambaLM):
+        config, tensors = hf.hf_config(model.config), hf.hf_state_dict(model)
+    elif isinstance(model, VisionMamba):
+        config = {"architecture": VISION_ARCHITECTURE, **model.config.to_dict()}
+        tensors = vim.vim_state_dict(model)
+    else:
+        raise InputError(f"cannot save a {type(model).__name__}; expected MambaLM or VisionMamba")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_file({k: v.detach().cpu() for k, v in tensors.items()}, staging / "model.safetensors")
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+

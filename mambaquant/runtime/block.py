@@ -1,0 +1,37 @@
+"""A pre-norm residual Mamba block: residual + mixer(norm(residual))."""
+
+import torch
+from torch import nn
+
+from .config import MambaConfig
+from .mixer import MambaMixer, SSMState
+from .sites import make_sites
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def make_norm(config: MambaConfig) -> nn.Module:
+    if config.norm == "rms":
+        return RMSNorm(config.d_model, config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps)
+
+
+class MambaBlock(nn.Module):
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        self.sites = make_sites("residual", "norm", "out")
+        self.norm = make_norm(config)
+        self.mixer = MambaMixer(config)
+
+    def forward(self, residual: torch.Tensor, state: SSMState | None = None) -> torch.Tensor:
+        residual = self.sites.residual(residual)
+        out = self.mixer(self.sites.norm(self.norm(residual)), state)
+        return residual + self.sites.out(out)

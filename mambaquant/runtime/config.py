@@ -1,0 +1,69 @@
+"""Small config dataclasses for the Mamba runtime; they serialise to and from plain JSON dicts."""
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class MambaConfig:
+    """One stack of Mamba-1 blocks (the backbone shared by the language and vision models)."""
+
+    d_model: int = 768
+    n_layer: int = 24
+    d_state: int = 16
+    expand: int = 2
+    d_conv: int = 4
+    dt_rank: int = 0  # 0 means ceil(d_model / 16), the Mamba default
+    conv_bias: bool = True
+    bias: bool = False  # bias on in_proj and out_proj
+    norm: str = "rms"  # "rms" (Mamba, Vim) or "layer" (LayerNorm with bias)
+    norm_eps: float = 1e-5
+    bidirectional: bool = False  # Vim v2 blocks: a second scan over the reversed sequence
+    divide_out: bool = True  # bidirectional only: average the two directions instead of adding them
+
+    def __post_init__(self):
+        if self.dt_rank == 0:
+            self.dt_rank = math.ceil(self.d_model / 16)
+        if self.norm not in ("rms", "layer"):
+            raise ValueError(f"norm must be 'rms' or 'layer', got {self.norm!r}")
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+@dataclass
+class LMConfig(MambaConfig):
+    """A causal language model: embedding, Mamba blocks, final norm, head."""
+
+    vocab_size: int = 50280
+    tie_embeddings: bool = True
+
+
+@dataclass
+class VisionConfig(MambaConfig):
+    """Vision Mamba (Vim): patch embedding, absolute position embedding, middle class token, bidirectional blocks."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    stride: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    bidirectional: bool = True
+
+    @property
+    def grid_size(self) -> int:
+        return (self.img_size - self.patch_size) // self.stride + 1
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2

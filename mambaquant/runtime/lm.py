@@ -1,0 +1,74 @@
+"""Mamba causal language model with a recurrent state cache for generation."""
+
+import torch
+from torch import nn
+
+from .block import MambaBlock, make_norm
+from .config import LMConfig
+from .mixer import SSMState
+from .sites import make_sites, name_sites
+
+
+class MambaLM(nn.Module):
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        if config.bidirectional:
+            raise ValueError("a causal language model cannot use bidirectional blocks")
+        self.config = config
+        self.sites = make_sites("embed", "norm_f", "logits")
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(MambaBlock(config) for _ in range(config.n_layer))
+        self.norm_f = make_norm(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embedding.weight
+        name_sites(self)
+
+    def forward(self, input_ids: torch.Tensor, cache: list[SSMState] | None = None) -> torch.Tensor:
+        """input_ids (B, L) -> logits (B, L, vocab). With a cache, continues from its state and updates it."""
+        hidden = self.sites.embed(self.embedding(input_ids))
+        for i, layer in enumerate(self.layers):
+            hidden = layer(hidden, cache[i] if cache is not None else None)
+        hidden = self.sites.norm_f(self.norm_f(hidden))
+        return self.sites.logits(self.lm_head(hidden))
+
+    def new_cache(self, batch_size: int) -> list[SSMState]:
+        c = self.config
+        weight = self.embedding.weight
+        return [
+            SSMState(
+                conv=weight.new_zeros(batch_size, c.d_conv - 1, c.d_inner),
+                h=weight.new_zeros(batch_size, c.d_inner, c.d_state),
+            )
+            for _ in range(c.n_layer)
+        ]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Prefill the prompt in one pass, then decode one token per step from the recurrent state.
+        temperature 0 is greedy. Returns the new tokens (B, max_new_tokens)."""
+        cache = self.new_cache(input_ids.shape[0])
+        logits = self(input_ids, cache)[:, -1]
+        new_tokens = []
+        for _ in range(max_new_tokens):
+            token = sample(logits, temperature, top_k, generator)
+            new_tokens.append(token)
+            logits = self(token[:, None], cache)[:, -1]
+        return torch.stack(new_tokens, dim=1)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None):
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        threshold = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]

@@ -1,0 +1,95 @@
+"""The Mamba-1 mixer: in_proj -> (selective SSM on x) * SiLU(z) -> out_proj, with every quantizable tensor at a site."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MambaConfig
+from .scan import selective_scan, selective_scan_reference
+from .sites import make_sites
+
+
+@dataclass
+class SSMState:
+    """Recurrent state of one SSM branch between calls: the last d_conv-1 conv inputs and the scan state h."""
+
+    conv: torch.Tensor  # (B, d_conv - 1, E)
+    h: torch.Tensor  # (B, E, N)
+
+
+class SelectiveSSM(nn.Module):
+    """conv1d + SiLU -> x_proj (dt, B, C) -> dt_proj + softplus -> selective scan -> + D skip."""
+
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        E, N, R = config.d_inner, config.d_state, config.dt_rank
+        self.d_state, self.dt_rank = N, R
+        self.conv1d = nn.Conv1d(E, E, config.d_conv, groups=E, bias=config.conv_bias)
+        self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(R, E, bias=True)
+        self.A_log = nn.Parameter(torch.zeros(E, N))
+        self.D = nn.Parameter(torch.ones(E))
+        self.sites = make_sites("conv", "dt_low", "B", "C", "dt", "dA", "dBu", "h", "hC", "y")
+        self.reference_scan = False
+
+    def causal_conv(self, x: torch.Tensor, state: SSMState | None) -> torch.Tensor:
+        """Depthwise causal convolution in (B, L, E) layout: out_t = bias + sum_k w_k x_{t+k-(K-1)}."""
+        K = self.conv1d.kernel_size[0]
+        past = state.conv if state is not None else x.new_zeros(x.shape[0], K - 1, x.shape[2])
+        padded = torch.cat([past, x], dim=1)
+        weight = self.conv1d.weight[:, 0, :]  # (E, K)
+        length = x.shape[1]
+        out = padded[:, 0:length] * weight[:, 0]
+        for k in range(1, K):
+            out.addcmul_(padded[:, k : k + length], weight[:, k])
+        if self.conv1d.bias is not None:
+            out += self.conv1d.bias
+        if state is not None:
+            state.conv = padded[:, padded.shape[1] - (K - 1) :]
+        return out
+
+    def forward(self, x: torch.Tensor, state: SSMState | None = None) -> torch.Tensor:
+        sites = self.sites
+        u = sites.conv(F.silu(self.causal_conv(x, state)))
+        dt_low, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt_low, B, C = sites.dt_low(dt_low), sites.B(B), sites.C(C)
+        dt = sites.dt(F.softplus(self.dt_proj(dt_low)))
+        A = -torch.exp(self.A_log.float())
+        scan = selective_scan_reference if self.reference_scan else selective_scan
+        hC, h = scan(
+            u, dt, A, B, C,
+            state=state.h if state is not None else None,
+            dA_hook=sites.dA if sites.dA.active else None,
+            dBu_hook=sites.dBu if sites.dBu.active else None,
+            h_hook=sites.h if sites.h.active else None,
+        )  # fmt: skip
+        if state is not None:
+            state.h = h
+        hC = sites.hC(hC)
+        return sites.y(hC + u * self.D)
+
+
+class MambaMixer(nn.Module):
+    """in_proj -> x, z; y = SSM(x) (averaged with the reversed-sequence branch when bidirectional);
+    out_proj(y * SiLU(z))."""
+
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        self.in_proj = nn.Linear(config.d_model, 2 * config.d_inner, bias=config.bias)
+        self.ssm = SelectiveSSM(config)
+        self.ssm_b = SelectiveSSM(config) if config.bidirectional else None
+        self.divide_out = config.divide_out
+        self.out_proj = nn.Linear(config.d_inner, config.d_model, bias=config.bias)
+        self.sites = make_sites("x", "z", "gate", "out_proj_in")
+
+    def forward(self, hidden: torch.Tensor, state: SSMState | None = None) -> torch.Tensor:
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)
+        x, z = self.sites.x(x), self.sites.z(z)
+        y = self.ssm(x, state)
+        if self.ssm_b is not None:
+            y_b = self.ssm_b(x.flip(1)).flip(1)
+            y = (y + y_b) / 2 if self.divide_out else y + y_b
+        gate = self.sites.gate(F.silu(z))
+        return self.out_proj(self.sites.out_proj_in(y * gate))

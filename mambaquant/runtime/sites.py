@@ -1,0 +1,82 @@
+"""Named sites: the places in the forward pass where an observer, an online transform or a quantizer may act.
+
+Every site is a `Site` module called explicitly in a `forward`; it is the identity until something is attached.
+A site's full name is its module path without the `sites.` container, e.g. `layers.3.mixer.ssm.h`.
+Tensors at a site are laid out (batch, time, channels...) so per-token and per-channel statistics read the same
+everywhere; the scan sites (`dA`, `dBu`, `h`) see the sequence in chunks of consecutive time steps.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+# Short site name -> what flows through it. Shapes: B batch, L time, D d_model, E d_inner, N d_state, R dt_rank.
+SITES = {
+    # model
+    "embed": "embedding output, the residual stream entering the first block (B, L, D)",
+    "norm_f": "final norm output = head input (B, L, D)",
+    "logits": "head output (B, L, vocab) or (B, classes)",
+    # block
+    "residual": "residual stream entering the block (B, L, D)",
+    "norm": "block norm output = in_proj input (B, L, D)",
+    "out": "mixer output added to the residual (B, L, D)",
+    # mixer
+    "x": "in_proj x half = conv1d input (B, L, E)",
+    "z": "in_proj z half = gate input (B, L, E)",
+    "gate": "SiLU(z) (B, L, E)",
+    "out_proj_in": "y * gate = out_proj input (B, L, E)",
+    # selective SSM branch (ssm, and ssm_b for the reversed sequence of a bidirectional block)
+    "conv": "causal depthwise conv1d + SiLU output = x_proj input and scan input u (B, L, E)",
+    "dt_low": "x_proj dt part = dt_proj input (B, L, R)",
+    "B": "x_proj B part, the scan's input matrix (B, L, N)",
+    "C": "x_proj C part, the h*C operand (B, L, N)",
+    "dt": "softplus(dt_proj + bias), the step size delta (B, L, E)",
+    "dA": "discretised A = exp(delta * A) (B, T, E, N) per chunk",
+    "dBu": "discretised input delta * B * u (B, T, E, N) per chunk",
+    "h": "state h as it enters the h*C product (B, T, E, N) per chunk; the recurrence itself stays exact",
+    "hC": "scan output h*C before the D skip (B, L, E)",
+    "y": "scan output h*C + D*u (B, L, E)",
+}
+
+Observer = Callable[["Site", torch.Tensor], None]
+
+
+class Site(nn.Module):
+    """Identity with two attachment points: observers (read the tensor) and an op (replaces it)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        if kind not in SITES:
+            raise KeyError(f"unknown site kind {kind!r}")
+        self.kind = kind
+        self.name = kind  # set to the full path by `name_sites`
+        self.observers: list[Observer] = []
+        self.op: nn.Module | None = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.observers) or self.op is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for observe in self.observers:
+            observe(self, x)
+        return x if self.op is None else self.op(x)
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+def make_sites(*kinds: str) -> nn.ModuleDict:
+    return nn.ModuleDict({kind: Site(kind) for kind in kinds})
+
+
+def name_sites(model: nn.Module) -> None:
+    for path, module in model.named_modules():
+        if isinstance(module, Site):
+            module.name = path.replace("sites.", "")
+
+
+def find_sites(model: nn.Module) -> dict[str, Site]:
+    """All sites of a model by full name, in forward order."""
+    return {m.name: m for m in model.modules() if isinstance(m, Site)}

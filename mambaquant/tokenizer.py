@@ -1,0 +1,49 @@
+"""Text <-> token ids: raw bytes for byte-level models, the GPT-NeoX BPE for the state-spaces Mamba models."""
+
+from pathlib import Path
+
+from .data import shared_data_dir
+from .errors import InputError
+
+
+class ByteTokenizer:
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class BPETokenizer:
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers package raises a bare Exception for a bad file
+            raise InputError(f"{path}: not a tokenizer.json file ({e})") from None
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+
+def tokenizer_for(vocab_size: int, path: str | Path | None = None):
+    """Byte-level for vocabularies of 256 to 511 entries; otherwise a tokenizer.json (`path`, else the GPT-NeoX
+    tokenizer from the data directory)."""
+    if path is None and 256 <= vocab_size < 512:
+        return ByteTokenizer()
+    if path is None:
+        data = shared_data_dir()
+        path = data / "tokenizer" / "20B_tokenizer.json" if data else None
+        if path is None or not path.is_file():
+            raise InputError(
+                f"a model with a {vocab_size}-token vocabulary needs a tokenizer: pass --tokenizer PATH "
+                "(a tokenizer.json, e.g. GPT-NeoX-20B's for the state-spaces Mamba models)"
+            )
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: tokenizer file not found")
+    return BPETokenizer(path)
