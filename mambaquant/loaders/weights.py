@@ -59,8 +59,9 @@ def rename(tensors: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> di
     for name, tensor in tensors.items():
         target = name
         for pattern, replacement in rules:
-            if re.fullmatch(pattern, name):
-                target = re.sub(pattern, replacement, name)
+            match = re.fullmatch(pattern, name)
+            if match:
+                target = match.expand(replacement)
                 break
         renamed[target] = (name, tensor)
     return renamed

@@ -1,0 +1,74 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import mambaquant
+
+
+def run_cli(*args):
+    proc = subprocess.run([sys.executable, "-m", "mambaquant", *map(str, args)], capture_output=True, text=True)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_zoo_eval_generate():
+    code, out, _ = run_cli("zoo", "--json")
+    assert code == 0 and any(entry["name"] == "mamba-tiny-random" for entry in json.loads(out))
+    code, out, _ = run_cli("eval", "mamba-tiny-random", "--json", "--eval-samples", "4")
+    result = json.loads(out)
+    assert code == 0 and result["model"] == "mamba-tiny-random" and result["metric"] == "bits_per_byte"
+    assert result["samples"] == 4 and 6 < result["value"] < 10  # untrained: about log2(256) = 8 bits
+    code, out, _ = run_cli("generate", "mamba-tiny-random", "--prompt", "ROMEO:", "--max-new-tokens", "5")
+    assert code == 0 and out.startswith("ROMEO:")
+
+
+@pytest.fixture
+def bad_inputs(tmp_path, small_lm):
+    cases = {}
+    cases["missing path"] = ([tmp_path / "nope"], "no such file or directory")
+    (tmp_path / "empty").mkdir()
+    cases["directory without config"] = ([tmp_path / "empty"], "no config.json")
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    cases["unsupported architecture"] = ([llama], "unsupported architecture")
+    good = mambaquant.save(small_lm, tmp_path / "good")
+    for name, mutate, expected in [
+        ("wrong shape", lambda t: t.update({"backbone.norm_f.weight": torch.ones(65)}), "has shape (65,), expected (64,)"),
+        ("nan weight", lambda t: t["backbone.layers.0.mixer.D"].fill_(float("nan")), "contains NaN or Inf"),
+        ("missing weight", lambda t: t.pop("backbone.layers.1.mixer.A_log"), "missing weight"),
+    ]:
+        directory = tmp_path / name.replace(" ", "_")
+        directory.mkdir()
+        (directory / "config.json").write_text((good / "config.json").read_text())
+        tensors = mambaquant.loaders.read_tensors(good / "model.safetensors")
+        mutate(tensors)
+        save_file(tensors, directory / "model.safetensors")
+        cases[name] = ([directory], expected)
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "config.json").write_text((good / "config.json").read_text())
+    (truncated / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes()[:5000])
+    cases["truncated weights"] = ([truncated], "unreadable safetensors")
+    return cases
+
+
+def test_bad_inputs_exit_2_with_one_line(bad_inputs):
+    for case, (args, expected) in bad_inputs.items():
+        code, out, err = run_cli("eval", *args)
+        assert code == 2, case
+        assert expected in err, (case, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (case, err)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["eval", "mamba-tiny-random", "--eval-samples", "0"], "expected a positive integer"),
+    (["frobnicate"], "invalid choice"),
+    (["generate", "mamba-tiny-random"], "--prompt"),
+])
+def test_usage_errors_exit_2_with_one_line(args, expected):
+    code, _, err = run_cli(*args)
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
