@@ -75,5 +75,5 @@ def selective_scan(
             hs[:, t].addcmul_(hs[:, t - 1], dA[:, t])
         h = hs[:, -1].clone()
         h_used = _apply(h_hook, hs)
-        hC[:, start:stop] = torch.matmul(h_used, C[:, start:stop, :, None])[..., 0]
+        hC[:, start:stop] = torch.einsum("bten,btn->bte", h_used, C[:, start:stop])
     return hC, h
