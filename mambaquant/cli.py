@@ -39,8 +39,11 @@ def cmd_zoo(args) -> None:
 def cmd_eval(args) -> None:
     from . import load
     from .evaluation import evaluate
+    from .zoo import ZOO
 
     model = load(args.source)
+    if args.source in ZOO and not ZOO[args.source].trained:
+        print(f"note: {args.source} is random-initialised (untrained); its metric means nothing", file=sys.stderr)
     result = evaluate(model, args.source, max_samples=args.eval_samples)
     if args.json:
         print(json.dumps(result.to_dict()))
