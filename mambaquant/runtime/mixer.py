@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MambaConfig
-from .scan import selective_scan, selective_scan_reference
+from .scan import selective_scan, selective_scan_reference, selective_scan_trainable
 from .sites import make_sites
 
 
@@ -57,16 +57,14 @@ class SelectiveSSM(nn.Module):
         dt_low, B, C = sites.dt_low(dt_low), sites.B(B), sites.C(C)
         dt = sites.dt(F.softplus(self.dt_proj(dt_low)))
         A = -torch.exp(self.A_log.float())
-        scan = selective_scan_reference if self.reference_scan else selective_scan
-        hC, h = scan(
-            u, dt, A, B, C,
-            state=state.h if state is not None else None,
-            dA_hook=sites.dA if sites.dA.active else None,
-            dBu_hook=sites.dBu if sites.dBu.active else None,
-            h_hook=sites.h if sites.h.active else None,
-        )  # fmt: skip
-        if state is not None:
-            state.h = h
+        hooks = {f"{kind}_hook": sites[kind] for kind in ("dA", "dBu", "h") if sites[kind].active}
+        if torch.is_grad_enabled() and state is None and not hooks and not self.reference_scan:
+            hC = selective_scan_trainable(u, dt, A, B, C)
+        else:
+            scan = selective_scan_reference if self.reference_scan else selective_scan
+            hC, h = scan(u, dt, A, B, C, state=state.h if state is not None else None, **hooks)
+            if state is not None:
+                state.h = h
         hC = sites.hC(hC)
         return sites.y(hC + u * self.D)
 
