@@ -72,5 +72,7 @@ def test_site_op_changes_the_function(small_lm):
 def test_bidirectional_language_model_is_rejected():
     from mambaquant.runtime import LMConfig, MambaLM
 
-    with pytest.raises(ValueError, match="bidirectional"):
-        MambaLM(LMConfig(d_model=16, n_layer=1, vocab_size=256, bidirectional=True))
+    with pytest.raises(ValueError, match="causal blocks"):
+        MambaLM(LMConfig(d_model=16, n_layer=1, vocab_size=256, bidirectional="separate"))
+    with pytest.raises(ValueError, match="bidirectional must be one of"):
+        LMConfig(bidirectional="both")

@@ -105,7 +105,7 @@ def test_vim_tiny_official_keys_load(tmp_path):
     model = mambaquant.load(tmp_path / "vim_t.pth")  # raises on any missing or unexpected key
     c = model.config
     assert (c.d_model, c.n_layer, c.d_state, c.expand, c.dt_rank) == (192, 24, 16, 2, 12)
-    assert (c.patch_size, c.stride, c.img_size, c.num_classes, c.norm, c.bidirectional) == (16, 16, 224, 1000, "rms", True)
+    assert (c.patch_size, c.stride, c.img_size, c.num_classes, c.norm, c.bidirectional) == (16, 16, 224, 1000, "rms", "separate")
     assert set(vim_state_dict(model)) == set(sd)
     for name, tensor in vim_state_dict(model).items():
         assert torch.equal(tensor, sd[name]), name

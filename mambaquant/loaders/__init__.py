@@ -10,21 +10,22 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import InputError
-from ..runtime import LMConfig, MambaLM, VisionConfig, VisionMamba
-from . import hf, vim
-from .weights import find_weight_file, read_tensors
+from ..runtime import MambaLM, MambaTagger, TaggerConfig, VisionConfig, VisionMamba
+from . import hf, typeseg, vim
+from .weights import assign_weights, find_weight_file, read_tensors, rename
 
 SUPPORTED = (
-    "Mamba-1 language models (Hugging Face MambaForCausalLM or the original state-spaces layout) "
-    "and Vision Mamba (hustvl/Vim state dicts)"
+    "Mamba-1 language models (Hugging Face MambaForCausalLM or the original state-spaces layout), "
+    "Vision Mamba (hustvl/Vim state dicts) and typeseg's Mamba tagger (mamba_al.npz)"
 )
 VISION_ARCHITECTURE = "vision-mamba"
+TAGGER_ARCHITECTURE = "mamba-tagger"
 
 
 def load(source, **vision_options) -> nn.Module:
     """Return a `MambaLM` or `VisionMamba` in eval mode. `vision_options` (img_size, stride) complete a bare Vim
     checkpoint, whose state dict does not record them."""
-    if isinstance(source, (MambaLM, VisionMamba)):
+    if isinstance(source, (MambaLM, VisionMamba, MambaTagger)):
         return source
     if isinstance(source, nn.Module):
         if type(source).__name__ == "MambaForCausalLM":
@@ -72,6 +73,9 @@ def load_directory(directory: Path) -> nn.Module:
     elif config.get("architecture") == VISION_ARCHITECTURE:
         tensors = read_tensors(find_weight_file(directory))
         return vim.build_vim(VisionConfig.from_dict(config), tensors, source)
+    elif config.get("architecture") == TAGGER_ARCHITECTURE:
+        tensors = rename(read_tensors(find_weight_file(directory)), [])
+        return assign_weights(MambaTagger(TaggerConfig.from_dict(config)), tensors, source).eval()
     else:
         found = config.get("architectures") or config.get("model_type") or config.get("architecture") or "unknown"
         raise InputError(f"{directory}: unsupported architecture {found}; supported: {SUPPORTED}")
@@ -79,6 +83,11 @@ def load_directory(directory: Path) -> nn.Module:
 
 
 def load_checkpoint_file(path: Path, vision_options: dict) -> nn.Module:
+    if path.suffix == ".npz":
+        tensors = typeseg.read_npz(path)
+        if typeseg.is_typeseg_npz(tensors):
+            return typeseg.build_typeseg(tensors, str(path))
+        raise InputError(f"{path}: unrecognised npz checkpoint; supported: {SUPPORTED}")
     tensors = read_tensors(path)
     if vim.is_vim_state_dict(tensors):
         return vim.build_vim(vim.vision_config_from_weights(tensors, vision_options), tensors, str(path))
@@ -99,8 +108,11 @@ def save(model: nn.Module, directory: str | Path, overwrite: bool = False) -> Pa
     elif isinstance(model, VisionMamba):
         config = {"architecture": VISION_ARCHITECTURE, **model.config.to_dict()}
         tensors = vim.vim_state_dict(model)
+    elif isinstance(model, MambaTagger):
+        config = {"architecture": TAGGER_ARCHITECTURE, **model.config.to_dict()}
+        tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
     else:
-        raise InputError(f"cannot save a {type(model).__name__}; expected MambaLM or VisionMamba")
+        raise InputError(f"cannot save a {type(model).__name__}; expected MambaLM, VisionMamba or MambaTagger")
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:

@@ -107,7 +107,7 @@ def from_transformers(hf_model) -> MambaLM:
 
 def hf_config(config: LMConfig) -> dict:
     """Our LMConfig as a transformers MambaConfig dict (for writing checkpoints transformers can read)."""
-    if config.norm != "rms" or config.bidirectional:
+    if config.norm != "rms" or config.bidirectional != "none" or config.x_proj_bias or config.dt_offset:
         raise ValueError("only RMSNorm causal models have a Hugging Face Mamba layout")
     return {
         "architectures": ["MambaForCausalLM"],

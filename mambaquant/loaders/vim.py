@@ -58,7 +58,7 @@ def vision_config_from_weights(tensors: dict[str, torch.Tensor], overrides: dict
         conv_bias=prefix + "conv1d.bias" in tensors,
         bias=prefix + "in_proj.bias" in tensors,
         norm="layer" if "norm_f.bias" in tensors else "rms",
-        bidirectional=prefix + "A_b_log" in tensors,
+        bidirectional="separate" if prefix + "A_b_log" in tensors else "none",
         patch_size=patch,
         in_chans=in_chans,
         num_classes=tensors["head.weight"].shape[0],

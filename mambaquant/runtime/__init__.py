@@ -1,12 +1,13 @@
 """Our own Mamba-1 runtime: explicit modules, every quantizable tensor at a named site."""
 
 from .block import MambaBlock, RMSNorm
-from .config import LMConfig, MambaConfig, VisionConfig
+from .config import LMConfig, MambaConfig, TaggerConfig, VisionConfig
 from .init import init_weights
 from .lm import MambaLM
 from .mixer import MambaMixer, SelectiveSSM, SSMState
 from .scan import selective_scan, selective_scan_reference
 from .sites import SITES, Site, find_sites
+from .tagger import MambaTagger
 from .vision import VisionMamba
 
 
@@ -19,7 +20,7 @@ def use_reference_scan(model, on: bool = True):
 
 
 __all__ = [
-    "LMConfig", "MambaBlock", "MambaConfig", "MambaLM", "MambaMixer", "RMSNorm", "SITES", "SSMState",
-    "SelectiveSSM", "Site", "VisionConfig", "VisionMamba", "find_sites", "init_weights", "selective_scan",
+    "LMConfig", "MambaBlock", "MambaConfig", "MambaLM", "MambaMixer", "MambaTagger", "RMSNorm", "SITES", "SSMState",
+    "SelectiveSSM", "Site", "TaggerConfig", "VisionConfig", "VisionMamba", "find_sites", "init_weights", "selective_scan",
     "selective_scan_reference", "use_reference_scan",
 ]

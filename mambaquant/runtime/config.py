@@ -5,6 +5,11 @@ import math
 from dataclasses import dataclass
 
 
+NORMS = ("rms", "layer")
+CONVS = ("causal", "same")
+BIDIRECTIONAL = ("none", "separate", "shared")
+
+
 @dataclass
 class MambaConfig:
     """One stack of Mamba-1 blocks (the backbone shared by the language and vision models)."""
@@ -17,16 +22,22 @@ class MambaConfig:
     dt_rank: int = 0  # 0 means ceil(d_model / 16), the Mamba default
     conv_bias: bool = True
     bias: bool = False  # bias on in_proj and out_proj
+    x_proj_bias: bool = False
+    conv: str = "causal"  # "causal" (Mamba) or "same" (centred, non-causal)
+    dt_offset: float = 0.0  # added after the softplus: dt = softplus(dt_proj(.)) + dt_offset
     norm: str = "rms"  # "rms" (Mamba, Vim) or "layer" (LayerNorm with bias)
     norm_eps: float = 1e-5
-    bidirectional: bool = False  # Vim v2 blocks: a second scan over the reversed sequence
+    # "none"; "separate": a second SSM branch (own conv, x_proj, dt_proj, A, D) on the reversed sequence (Vim v2);
+    # "shared": the same SSM inputs also scanned backwards in time with the same parameters
+    bidirectional: str = "none"
     divide_out: bool = True  # bidirectional only: average the two directions instead of adding them
 
     def __post_init__(self):
         if self.dt_rank == 0:
             self.dt_rank = math.ceil(self.d_model / 16)
-        if self.norm not in ("rms", "layer"):
-            raise ValueError(f"norm must be 'rms' or 'layer', got {self.norm!r}")
+        for field, allowed in (("norm", NORMS), ("conv", CONVS), ("bidirectional", BIDIRECTIONAL)):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{field} must be one of {', '.join(allowed)}; got {getattr(self, field)!r}")
 
     @property
     def d_inner(self) -> int:
@@ -58,7 +69,7 @@ class VisionConfig(MambaConfig):
     stride: int = 16
     in_chans: int = 3
     num_classes: int = 1000
-    bidirectional: bool = True
+    bidirectional: str = "separate"
 
     @property
     def grid_size(self) -> int:
@@ -67,3 +78,11 @@ class VisionConfig(MambaConfig):
     @property
     def num_patches(self) -> int:
         return self.grid_size**2
+
+
+@dataclass
+class TaggerConfig(MambaConfig):
+    """A per-token classifier: embedding, Mamba blocks, final norm, a head giving one label per token."""
+
+    vocab_size: int = 256
+    num_classes: int = 2

@@ -12,8 +12,8 @@ from .sites import make_sites, name_sites
 class MambaLM(nn.Module):
     def __init__(self, config: LMConfig):
         super().__init__()
-        if config.bidirectional:
-            raise ValueError("a causal language model cannot use bidirectional blocks")
+        if config.bidirectional != "none" or config.conv != "causal":
+            raise ValueError("a causal language model needs causal blocks (no bidirectional scan, causal conv)")
         self.config = config
         self.sites = make_sites("embed", "norm_f", "logits")
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)

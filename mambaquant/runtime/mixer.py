@@ -20,25 +20,32 @@ class SSMState:
 
 
 class SelectiveSSM(nn.Module):
-    """conv1d + SiLU -> x_proj (dt, B, C) -> dt_proj + softplus -> selective scan -> + D skip."""
+    """conv1d + SiLU -> x_proj (dt, B, C) -> dt_proj + softplus -> selective scan -> + D skip.
+    With `both_ways` the same inputs are also scanned backwards in time and the two results added."""
 
-    def __init__(self, config: MambaConfig):
+    def __init__(self, config: MambaConfig, both_ways: bool = False):
         super().__init__()
         E, N, R = config.d_inner, config.d_state, config.dt_rank
         self.d_state, self.dt_rank = N, R
+        self.causal = config.conv == "causal"
+        self.dt_offset = config.dt_offset
+        self.both_ways = both_ways
         self.conv1d = nn.Conv1d(E, E, config.d_conv, groups=E, bias=config.conv_bias)
-        self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
+        self.x_proj = nn.Linear(E, R + 2 * N, bias=config.x_proj_bias)
         self.dt_proj = nn.Linear(R, E, bias=True)
         self.A_log = nn.Parameter(torch.zeros(E, N))
         self.D = nn.Parameter(torch.ones(E))
         self.sites = make_sites("conv", "dt_low", "B", "C", "dt", "dA", "dBu", "h", "hC", "y")
         self.reference_scan = False
 
-    def causal_conv(self, x: torch.Tensor, state: SSMState | None) -> torch.Tensor:
-        """Depthwise causal convolution in (B, L, E) layout: out_t = bias + sum_k w_k x_{t+k-(K-1)}."""
+    def conv(self, x: torch.Tensor, state: SSMState | None) -> torch.Tensor:
+        """Depthwise convolution in (B, L, E) layout: out_t = bias + sum_k w_k x_{t+k-P}, with P = K-1 (causal)
+        or (K-1)//2 ("same", zero padding on both sides)."""
         K = self.conv1d.kernel_size[0]
-        past = state.conv if state is not None else x.new_zeros(x.shape[0], K - 1, x.shape[2])
-        padded = torch.cat([past, x], dim=1)
+        before = K - 1 if self.causal else (K - 1) // 2
+        past = state.conv if state is not None else x.new_zeros(x.shape[0], before, x.shape[2])
+        future = x.new_zeros(x.shape[0], K - 1 - before, x.shape[2])
+        padded = torch.cat([past, x, future], dim=1)
         weight = self.conv1d.weight[:, 0, :]  # (E, K)
         length = x.shape[1]
         out = padded[:, 0:length] * weight[:, 0]
@@ -47,37 +54,44 @@ class SelectiveSSM(nn.Module):
         if self.conv1d.bias is not None:
             out += self.conv1d.bias
         if state is not None:
-            state.conv = padded[:, padded.shape[1] - (K - 1) :]
+            state.conv = padded[:, padded.shape[1] - before :]
         return out
+
+    def scan(self, u, dt, A, B, C, state: SSMState | None) -> torch.Tensor:
+        sites = self.sites
+        hooks = {f"{kind}_hook": sites[kind] for kind in ("dA", "dBu", "h") if sites[kind].active}
+        if torch.is_grad_enabled() and state is None and not hooks and not self.reference_scan:
+            return selective_scan_trainable(u, dt, A, B, C)
+        scan = selective_scan_reference if self.reference_scan else selective_scan
+        hC, h = scan(u, dt, A, B, C, state=state.h if state is not None else None, **hooks)
+        if state is not None:
+            state.h = h
+        return hC
 
     def forward(self, x: torch.Tensor, state: SSMState | None = None) -> torch.Tensor:
         sites = self.sites
-        u = sites.conv(F.silu(self.causal_conv(x, state)))
+        u = sites.conv(F.silu(self.conv(x, state)))
         dt_low, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt_low, B, C = sites.dt_low(dt_low), sites.B(B), sites.C(C)
-        dt = sites.dt(F.softplus(self.dt_proj(dt_low)))
+        dt = sites.dt(F.softplus(self.dt_proj(dt_low)) + self.dt_offset)
         A = -torch.exp(self.A_log.float())
-        hooks = {f"{kind}_hook": sites[kind] for kind in ("dA", "dBu", "h") if sites[kind].active}
-        if torch.is_grad_enabled() and state is None and not hooks and not self.reference_scan:
-            hC = selective_scan_trainable(u, dt, A, B, C)
-        else:
-            scan = selective_scan_reference if self.reference_scan else selective_scan
-            hC, h = scan(u, dt, A, B, C, state=state.h if state is not None else None, **hooks)
-            if state is not None:
-                state.h = h
-        hC = sites.hC(hC)
-        return sites.y(hC + u * self.D)
+        hC = self.scan(u, dt, A, B, C, state)
+        skip = u * self.D
+        if self.both_ways:
+            hC = hC + self.scan(u.flip(1), dt.flip(1), A, B.flip(1), C.flip(1), None).flip(1)
+            skip = 2 * skip
+        return sites.y(sites.hC(hC) + skip)
 
 
 class MambaMixer(nn.Module):
-    """in_proj -> x, z; y = SSM(x) (averaged with the reversed-sequence branch when bidirectional);
-    out_proj(y * SiLU(z))."""
+    """in_proj -> x, z; y = SSM(x) (with a separate reversed-sequence branch: averaged, or added when not
+    `divide_out`); out_proj(y * SiLU(z))."""
 
     def __init__(self, config: MambaConfig):
         super().__init__()
         self.in_proj = nn.Linear(config.d_model, 2 * config.d_inner, bias=config.bias)
-        self.ssm = SelectiveSSM(config)
-        self.ssm_b = SelectiveSSM(config) if config.bidirectional else None
+        self.ssm = SelectiveSSM(config, both_ways=config.bidirectional == "shared")
+        self.ssm_b = SelectiveSSM(config) if config.bidirectional == "separate" else None
         self.divide_out = config.divide_out
         self.out_proj = nn.Linear(config.d_inner, config.d_model, bias=config.bias)
         self.sites = make_sites("x", "z", "gate", "out_proj_in")
