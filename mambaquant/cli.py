@@ -26,24 +26,26 @@ def positive_int(text: str) -> int:
 
 
 def cmd_zoo(args) -> None:
-    from .zoo import ZOO
+    from .zoo import ZOO, card
 
-    if args.json:
-        print(json.dumps([{"name": n, "task": e.task, "trained": e.trained, "description": e.description}
-                          for n, e in ZOO.items()]))
-        return
+    rows = []
     for name, entry in ZOO.items():
-        print(f"{name:24s} {entry.task:8s} {entry.description}")
+        final = card(name)["final"]
+        rows.append({"name": name, "task": entry.task, "metric": final["metric"], "value": final["value"],
+                     "parameters": card(name)["parameters"], "description": entry.description})
+    if args.json:
+        print(json.dumps(rows))
+        return
+    for row in rows:
+        print(f"{row['name']:18s} {row['metric']:>14s} {row['value']:>7}  {row['parameters']:>9,} params  "
+              f"{row['description']}")
 
 
 def cmd_eval(args) -> None:
     from . import load
     from .evaluation import evaluate
-    from .zoo import ZOO
 
     model = load(args.source)
-    if args.source in ZOO and not ZOO[args.source].trained:
-        print(f"note: {args.source} is random-initialised (untrained); its metric means nothing", file=sys.stderr)
     result = evaluate(model, args.source, max_samples=args.eval_samples)
     if args.json:
         print(json.dumps(result.to_dict()))

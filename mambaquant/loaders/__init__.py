@@ -96,6 +96,15 @@ def load_checkpoint_file(path: Path, vision_options: dict) -> nn.Module:
     raise InputError(f"{path}: unrecognised checkpoint; supported: {SUPPORTED}")
 
 
+def make_readable(directory: Path) -> None:
+    """mkdtemp makes a private directory; give the result the permissions of any new directory and file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for path in directory.iterdir():
+        os.chmod(path, 0o666 & ~umask)
+
+
 def save(model: nn.Module, directory: str | Path, overwrite: bool = False) -> Path:
     """Write a full-precision model as config.json + model.safetensors: the Hugging Face Mamba layout for language
     models (transformers can read it), the official Vim names for vision models. Atomic: written to a temporary
@@ -118,6 +127,7 @@ def save(model: nn.Module, directory: str | Path, overwrite: bool = False) -> Pa
     try:
         save_file({k: v.detach().cpu() for k, v in tensors.items()}, staging / "model.safetensors")
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        make_readable(staging)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(staging, directory)

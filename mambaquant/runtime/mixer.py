@@ -35,7 +35,7 @@ class SelectiveSSM(nn.Module):
         self.dt_proj = nn.Linear(R, E, bias=True)
         self.A_log = nn.Parameter(torch.zeros(E, N))
         self.D = nn.Parameter(torch.ones(E))
-        self.sites = make_sites("conv", "dt_low", "B", "C", "dt", "dA", "dBu", "h", "hC", "y")
+        self.sites = make_sites("conv", "x_proj_in", "dt_low", "B", "C", "dt", "dA", "dBu", "h", "hC", "y")
         self.reference_scan = False
 
     def conv(self, x: torch.Tensor, state: SSMState | None) -> torch.Tensor:
@@ -71,7 +71,7 @@ class SelectiveSSM(nn.Module):
     def forward(self, x: torch.Tensor, state: SSMState | None = None) -> torch.Tensor:
         sites = self.sites
         u = sites.conv(F.silu(self.conv(x, state)))
-        dt_low, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt_low, B, C = self.x_proj(sites.x_proj_in(u)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt_low, B, C = sites.dt_low(dt_low), sites.B(B), sites.C(C)
         dt = sites.dt(F.softplus(self.dt_proj(dt_low)) + self.dt_offset)
         A = -torch.exp(self.A_log.float())
@@ -94,6 +94,7 @@ class MambaMixer(nn.Module):
         self.ssm_b = SelectiveSSM(config) if config.bidirectional == "separate" else None
         self.divide_out = config.divide_out
         self.out_proj = nn.Linear(config.d_inner, config.d_model, bias=config.bias)
+        self.register_buffer("gate_scale", None)  # S-SiLU: gate = z * sigmoid(gate_scale * z) (smooth-fused rotation)
         self.sites = make_sites("x", "z", "gate", "out_proj_in")
 
     def forward(self, hidden: torch.Tensor, state: SSMState | None = None) -> torch.Tensor:
@@ -103,5 +104,6 @@ class MambaMixer(nn.Module):
         if self.ssm_b is not None:
             y_b = self.ssm_b(x.flip(1)).flip(1)
             y = (y + y_b) / 2 if self.divide_out else y + y_b
-        gate = self.sites.gate(F.silu(z))
+        gate = F.silu(z) if self.gate_scale is None else z * torch.sigmoid(self.gate_scale * z)
+        gate = self.sites.gate(gate)
         return self.out_proj(self.sites.out_proj_in(y * gate))

@@ -27,7 +27,8 @@ SITES = {
     "gate": "SiLU(z) (B, L, E)",
     "out_proj_in": "y * gate = out_proj input (B, L, E)",
     # selective SSM branch (ssm, and ssm_b for the reversed sequence of a bidirectional block)
-    "conv": "causal depthwise conv1d + SiLU output = x_proj input and scan input u (B, L, E)",
+    "conv": "depthwise conv1d + SiLU output = scan input u, also feeding x_proj (B, L, E)",
+    "x_proj_in": "u as x_proj's input only, where x_proj-side rotations act (B, L, E)",
     "dt_low": "x_proj dt part = dt_proj input (B, L, R)",
     "B": "x_proj B part, the scan's input matrix (B, L, N)",
     "C": "x_proj C part, the h*C operand (B, L, N)",
@@ -43,7 +44,8 @@ Observer = Callable[["Site", torch.Tensor], None]
 
 
 class Site(nn.Module):
-    """Identity with two attachment points: observers (read the tensor) and an op (replaces it)."""
+    """Identity with two attachment points: an op (replaces the tensor: an online transform, a fake quantizer) and
+    observers (read the tensor leaving the site, after the op: what the consumer sees)."""
 
     def __init__(self, kind: str):
         super().__init__()
@@ -59,9 +61,11 @@ class Site(nn.Module):
         return bool(self.observers) or self.op is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.op is not None:
+            x = self.op(x)
         for observe in self.observers:
             observe(self, x)
-        return x if self.op is None else self.op(x)
+        return x
 
     def extra_repr(self) -> str:
         return self.name

@@ -1,37 +1,38 @@
-"""Embedded models: `mambaquant.load(NAME)` works offline for every name in `ZOO`."""
+"""Embedded models, shipped inside the package: `mambaquant.load(NAME)` works offline for every name in `ZOO`.
+Each lives in zoo/models/NAME/ as config.json + model.safetensors + card.json (data, recipe, command, metric)
++ MODEL_CARD.md."""
 
-from collections.abc import Callable
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
-from ..runtime import LMConfig, MambaLM, init_weights
+MODELS_DIR = Path(__file__).parent / "models"
 
 
 @dataclass(frozen=True)
 class ZooEntry:
     description: str
-    task: str  # the evaluation protocol: "bytes" (bits per byte on held-out text)
-    trained: bool
-    build: Callable[[], nn.Module]
-
-
-def tiny_random_lm() -> MambaLM:
-    config = LMConfig(d_model=128, n_layer=4, vocab_size=256, tie_embeddings=True)
-    return init_weights(MambaLM(config), std=0.02, seed=0).eval()
+    task: str  # the evaluation protocol: "bytes", "cifar10" or "typeseg"
 
 
 ZOO: dict[str, ZooEntry] = {
-    "mamba-tiny-random": ZooEntry(
-        description="RANDOM-INITIALISED (untrained) byte-level Mamba LM, 4 layers x 128, seed 0: a placeholder "
-        "that exercises the pipeline until trained models land; its metrics mean nothing",
-        task="bytes",
-        trained=False,
-        build=tiny_random_lm,
+    "mamba-shakespeare": ZooEntry(
+        "byte-level Mamba-1 LM (Hugging Face Mamba architecture), trained here on Tiny Shakespeare", "bytes"
+    ),
+    "typeseg": ZooEntry(
+        "typeseg 0.2.7's per-byte content-type tagger: 6 bidirectional Mamba blocks, trained by its author", "typeseg"
     ),
 }
-DEFAULT_MODEL = "mamba-tiny-random"
+DEFAULT_MODEL = "mamba-shakespeare"
+
+
+def card(name: str) -> dict:
+    return json.loads((MODELS_DIR / name / "card.json").read_text())
 
 
 def load_zoo_model(name: str) -> nn.Module:
-    return ZOO[name].build()
+    from ..loaders import load_directory
+
+    return load_directory(MODELS_DIR / name)

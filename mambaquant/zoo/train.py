@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..data import shared_data_dir
+from ..data import cifar10, normalise_images, shared_data_dir
 from ..errors import InputError
 from ..evaluation.text import bits_per_byte
 from ..loaders import save
-from ..runtime import LMConfig, MambaLM, init_weights
+from ..runtime import LMConfig, MambaLM, MambaTagger, VisionConfig, VisionMamba, init_weights
 
 
 @dataclass
@@ -97,10 +97,130 @@ def train_shakespeare(recipe: ShakespeareRecipe, log) -> tuple[MambaLM, dict]:
     model.eval()
     final = curve[-1]["val_bits_per_byte"]
     metric = {"metric": "bits_per_byte", "value": final, "split": "Tiny Shakespeare last 10 % (111,540 bytes)"}
-    return model, {"curve": curve, "final": metric, "wall_seconds": round(time.time() - start_time)}
+    data = "Tiny Shakespeare (karpathy/char-rnn), first 90 % (1,003,854 bytes) for training, random 256-byte windows"
+    return model, {"data": data, "curve": curve, "final": metric, "wall_seconds": round(time.time() - start_time)}
 
 
-RECIPES = {"mamba-shakespeare": (ShakespeareRecipe, train_shakespeare)}
+@dataclass
+class VimCifarRecipe:
+    d_model: int = 128
+    n_layer: int = 6
+    d_state: int = 16
+    patch_size: int = 4
+    batch_size: int = 128
+    epochs: int = 10
+    lr: float = 2e-3
+    warmup: int = 200
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    eval_images: int = 2000  # test images evaluated after each epoch (all 10,000 at the end)
+    seed: int = 0
+
+
+def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random crop with 4-pixel zero padding and random horizontal flip, per image."""
+    padded = F.pad(batch, (4, 4, 4, 4))
+    offsets = torch.randint(0, 9, (len(batch), 2), generator=generator).tolist()
+    flips = torch.rand(len(batch), generator=generator) < 0.5
+    out = torch.stack([padded[i, :, dy : dy + 32, dx : dx + 32] for i, (dy, dx) in enumerate(offsets)])
+    return torch.where(flips[:, None, None, None], out.flip(-1), out)
+
+
+@torch.no_grad()
+def top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
+    correct = sum((model(x).argmax(-1) == y).sum().item() for x, y in zip(images.split(batch_size), labels.split(batch_size)))
+    return 100.0 * correct / len(labels)
+
+
+def train_vim_cifar(recipe: VimCifarRecipe, log) -> tuple[VisionMamba, dict]:
+    train_images, train_labels, train_source = cifar10("train")
+    test_images, test_labels, test_source = cifar10("test")
+    if len(train_labels) < 50000:
+        raise InputError("training needs the full CIFAR-10 train split: ../shared/data/cifar10/cifar10-jpeg.tar.gz")
+    x_train, y_train = normalise_images(train_images), torch.from_numpy(train_labels)
+    x_test, y_test = normalise_images(test_images), torch.from_numpy(test_labels)
+    probe = torch.randperm(len(y_test), generator=torch.Generator().manual_seed(1))[: recipe.eval_images]
+    torch.manual_seed(recipe.seed)
+    config = VisionConfig(d_model=recipe.d_model, n_layer=recipe.n_layer, d_state=recipe.d_state, img_size=32,
+                          patch_size=recipe.patch_size, stride=recipe.patch_size, num_classes=10)
+    model = init_weights(VisionMamba(config), seed=recipe.seed)
+    optimizer = make_optimizer(model, recipe.lr, recipe.weight_decay)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    steps_per_epoch = len(y_train) // recipe.batch_size
+    total = steps_per_epoch * recipe.epochs
+    curve, step, start_time = [], 0, time.time()
+    for epoch in range(1, recipe.epochs + 1):
+        model.train()
+        order = torch.randperm(len(y_train), generator=generator)
+        for index in order[: steps_per_epoch * recipe.batch_size].view(steps_per_epoch, recipe.batch_size):
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(step, total, recipe.lr, recipe.warmup)
+            logits = model(augment(x_train[index], generator))
+            loss = F.cross_entropy(logits, y_train[index], label_smoothing=recipe.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+        model.eval()
+        accuracy = top1(model, x_test[probe], y_test[probe])
+        curve.append({"epoch": epoch, "step": step, "train_loss": round(loss.item(), 4),
+                      f"test_top1_{recipe.eval_images}": round(accuracy, 2), "seconds": round(time.time() - start_time)})
+        log(f"epoch {epoch}: loss {loss.item():.3f}, top-1 {accuracy:.2f} % on {recipe.eval_images} test images "
+            f"({time.time() - start_time:.0f} s)")
+    accuracy = top1(model, x_test, y_test)
+    log(f"final top-1 {accuracy:.2f} % ({test_source})")
+    metric = {"metric": "top1", "value": round(accuracy, 2), "split": test_source}
+    data = f"{train_source}; random crop (4-pixel padding) and horizontal flip; label smoothing"
+    return model, {"data": data, "curve": curve, "final": metric, "wall_seconds": round(time.time() - start_time)}
+
+
+@dataclass
+class TypesegRecipe:
+    npz: str = ""  # typeseg's mamba_al.npz; empty: the installed typeseg package's copy
+
+
+def convert_typeseg(recipe: TypesegRecipe, log) -> tuple[MambaTagger, dict]:
+    from ..evaluation.tagging import typeseg_accuracy
+    from ..loaders import load
+    from ..loaders.typeseg import packaged_npz
+
+    model = load(Path(recipe.npz) if recipe.npz else packaged_npz())
+    accuracy, _, _, protocol = typeseg_accuracy(model)
+    log(f"byte accuracy {accuracy:.2f} % ({protocol})")
+    metric = {"metric": "byte_accuracy", "value": round(accuracy, 2), "split": protocol}
+    data = ("trained by Martin Dallinger on typeseg's own data (not distributed); weights from typeseg 0.2.7 "
+            "(PyPI, Apache-2.0) data/mamba_al.npz, converted by mambaquant.loaders.typeseg")
+    return model, {"data": data, "final": metric}
+
+
+RECIPES = {
+    "mamba-shakespeare": (ShakespeareRecipe, train_shakespeare),
+    "vim-cifar10": (VimCifarRecipe, train_vim_cifar),
+    "typeseg": (TypesegRecipe, convert_typeseg),
+}
+
+
+def model_card(card: dict) -> str:
+    lines = [f"# {card['name']}", "", card["architecture"], "", f"- parameters: {card['parameters']:,}",
+             f"- data: {card['data']}", f"- recipe: `{json.dumps(card['recipe'])}`", f"- command: `{card['command']}`",
+             f"- metric: {card['final']['metric']} = {card['final']['value']} ({card['final']['split']})"]
+    if "wall_seconds" in card:
+        lines.append(f"- wall time: {card['wall_seconds']} s on {card['threads']} CPU threads, torch {card['torch']}")
+    if card.get("curve"):
+        keys = list(card["curve"][0])
+        lines += ["", "Learning curve:", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(str(point[k]) for k in keys) + " |" for point in card["curve"]]
+    return "\n".join(lines) + "\n"
+
+
+def describe(model: torch.nn.Module) -> str:
+    c = model.config
+    kind = {"MambaLM": "causal LM", "VisionMamba": "Vision Mamba classifier", "MambaTagger": "per-token tagger"}
+    extra = f", patch {c.patch_size}, {c.img_size}x{c.img_size} images" if isinstance(model, VisionMamba) else ""
+    return (f"{kind[type(model).__name__]}: {c.n_layer} Mamba-1 blocks, d_model {c.d_model}, d_inner {c.d_inner}, "
+            f"d_state {c.d_state}, dt_rank {c.dt_rank}, conv {c.d_conv} ({c.conv}), {c.norm} norm, "
+            f"bidirectional {c.bidirectional}{extra}")
 
 
 def main(argv=None):
@@ -128,10 +248,12 @@ def main(argv=None):
     model, report = train(recipe, log)
     command = "python -m mambaquant.zoo.train " + " ".join(sys.argv[1:] if argv is None else argv)
     save(model, out, overwrite=args.overwrite)
-    report = {"name": args.name, "recipe": dataclasses.asdict(recipe), "command": command,
-              "torch": torch.__version__, "threads": torch.get_num_threads(), **report}
-    (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
-    log(f"wrote {out}: {report['final']}")
+    card = {"name": args.name, "architecture": describe(model),
+            "parameters": sum(p.numel() for p in model.parameters()), "recipe": dataclasses.asdict(recipe),
+            "command": command, "torch": torch.__version__, "threads": torch.get_num_threads(), **report}
+    (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    (out / "MODEL_CARD.md").write_text(model_card(card))
+    log(f"wrote {out}: {card['final']}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,40 @@
+"""GPTQ (Frantar et al., 2022): quantize a weight column by column, pushing each column's rounding error onto the
+columns not yet quantized through the inverse Hessian of the layer's inputs, H = 2 X^T X / n."""
+
+import torch
+
+from .quantizer import QuantSpec, fake_quantize, weight_scale_and_zero
+
+
+@torch.no_grad()
+def gptq_quantize(weight: torch.Tensor, second_moment: torch.Tensor, spec: QuantSpec, block_size: int = 128,
+                  damping: float = 0.01) -> torch.Tensor:
+    """Fake-quantized weight (out, in) given the inputs' second moment X^T X / n (in, in)."""
+    W = weight.detach().clone().double()
+    H = 2 * second_moment.detach().clone().double()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += damping * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
+    H_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    columns = W.shape[1]
+    grouped = spec.granularity == "group"
+    scale, zero = weight_scale_and_zero(W, spec) if not grouped else (None, None)
+    Q = torch.zeros_like(W)
+    for start in range(0, columns, block_size):
+        stop = min(start + block_size, columns)
+        W_block, errors = W[:, start:stop].clone(), torch.zeros_like(W[:, start:stop])
+        H_block = H_inv[start:stop, start:stop]
+        for i in range(stop - start):
+            column = start + i
+            if grouped and column % spec.group_size == 0:
+                merged = torch.cat([W_block[:, i:], W[:, stop:]], 1)[:, : spec.group_size]
+                scale, zero = weight_scale_and_zero(merged, QuantSpec(**{**spec.__dict__, "granularity": "channel"}))
+            w = W_block[:, i : i + 1]
+            q = fake_quantize(w, scale, zero, spec)
+            Q[:, column : column + 1] = q
+            error = (w - q) / H_block[i, i]
+            W_block[:, i:] -= error @ H_block[i : i + 1, i:]
+            errors[:, i : i + 1] = error
+        W[:, stop:] -= errors @ H_inv[start:stop, stop:]
+    return Q.to(weight.dtype)

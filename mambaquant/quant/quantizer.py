@@ -1,0 +1,155 @@
+"""Uniform integer quantization: specs, scale computation, quantize-dequantize.
+
+Conventions: symmetric quantization uses the restricted range [-(2^(b-1) - 1), 2^(b-1) - 1] with zero point 0;
+asymmetric uses [0, 2^b - 1] with an integer zero point. Weights are quantized per output channel (optionally in
+groups along the input); activations per tensor or per token, with static scales from calibration or dynamic
+scales computed from each tensor at run time.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+
+WEIGHT_GRANULARITIES = ("channel", "group")
+ACTIVATION_GRANULARITIES = ("tensor", "token")
+OBSERVERS = ("minmax", "percentile")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int = 8
+    symmetric: bool = True
+    granularity: str = "tensor"
+    group_size: int = 128
+    dynamic: bool = False
+    observer: str = "minmax"
+    percentile: float = 99.99
+
+    def __post_init__(self):
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise InputError(f"bit width {self.bits!r} is not supported; expected an integer from 2 to 8")
+        if self.granularity not in WEIGHT_GRANULARITIES + ACTIVATION_GRANULARITIES:
+            raise InputError(f"granularity {self.granularity!r}: expected one of "
+                             f"{', '.join(WEIGHT_GRANULARITIES + ACTIVATION_GRANULARITIES)}")
+        if self.observer not in OBSERVERS:
+            raise InputError(f"observer {self.observer!r}: expected one of {', '.join(OBSERVERS)}")
+        if not 50 < self.percentile <= 100:
+            raise InputError(f"percentile {self.percentile} must be in (50, 100]")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1) - 1) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+
+def scale_and_zero(low: torch.Tensor, high: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point covering [low, high] (which are widened to include 0)."""
+    low, high = torch.minimum(low, torch.zeros_like(low)), torch.maximum(high, torch.zeros_like(high))
+    if spec.symmetric:
+        scale = torch.maximum(-low, high) / spec.qmax
+        zero = torch.zeros_like(scale)
+    else:
+        scale = (high - low) / (spec.qmax - spec.qmin)
+        zero = torch.round(spec.qmin - low / scale.clamp(min=1e-12))
+    return scale.clamp(min=1e-12), zero
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Real values -> integer codes (as float tensor), clamped to the spec's range."""
+    return torch.clamp(torch.round(x / scale) + zero, spec.qmin, spec.qmax)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Quantize then dequantize: the value an integer kernel would see, in floating point."""
+    return (quantize(x, scale, zero, spec) - zero) * scale
+
+
+def weight_scale_and_zero(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per output channel (out, 1), or per group of `group_size` inputs (out, in / group_size, 1)."""
+    grouped = group_view(weight, spec)
+    return scale_and_zero(grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True), spec)
+
+
+def group_view(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    if spec.granularity == "channel":
+        return weight
+    if spec.granularity != "group":
+        raise InputError(f"weights are quantized per 'channel' or per 'group', not per {spec.granularity!r}")
+    if weight.shape[1] % spec.group_size:
+        raise InputError(f"group size {spec.group_size} does not divide the input width {weight.shape[1]}")
+    return weight.reshape(weight.shape[0], -1, spec.group_size)
+
+
+def fake_quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    scale, zero = weight_scale_and_zero(weight, spec)
+    return fake_quantize(group_view(weight, spec), scale, zero, spec).reshape(weight.shape)
+
+
+def token_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max over the channel dims of a (batch, time, channels...) site tensor, one pair per token."""
+    dims = tuple(range(2, x.dim()))
+    return x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
+
+
+class ActivationQuantizer(nn.Module):
+    """A site op that fake-quantizes the tensor at the site. Static: one (low, high) range per tensor, set by
+    `observe` during calibration and frozen by `freeze`; dynamic: the range of each tensor (per tensor) or of each
+    token (per token), computed at run time."""
+
+    def __init__(self, spec: QuantSpec):
+        super().__init__()
+        if spec.granularity not in ACTIVATION_GRANULARITIES:
+            raise InputError(f"activations are quantized per 'tensor' or per 'token', not per {spec.granularity!r}")
+        if spec.granularity == "token" and not spec.dynamic:
+            raise InputError("per-token activation scales are dynamic; pass dynamic=True")
+        self.spec = spec
+        self.register_buffer("low", torch.tensor(float("inf")))
+        self.register_buffer("high", torch.tensor(float("-inf")))
+        self.batches = 0
+
+    @torch.no_grad()
+    def observe(self, site, x: torch.Tensor) -> None:
+        """A site observer accumulating the static range: running min/max, or the mean over batches of the lower and upper
+        percentiles (a robust range that ignores the rarest outliers)."""
+        if self.spec.observer == "minmax":
+            self.low = torch.minimum(self.low, x.min())
+            self.high = torch.maximum(self.high, x.max())
+        else:
+            low, high = percentile_range(x, self.spec.percentile)
+            weight = self.batches / (self.batches + 1)
+            first = self.batches == 0
+            self.low = low if first else weight * self.low + (1 - weight) * low
+            self.high = high if first else weight * self.high + (1 - weight) * high
+        self.batches += 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.dynamic:
+            low, high = token_range(x) if self.spec.granularity == "token" else (x.min(), x.max())
+        else:
+            if self.batches == 0:
+                raise RuntimeError("static activation quantizer used before calibration")
+            low, high = self.low, self.high
+        scale, zero = scale_and_zero(low, high, self.spec)
+        return fake_quantize(x, scale, zero, self.spec)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        kind = f"dynamic per {s.granularity}" if s.dynamic else f"static per tensor ({s.observer})"
+        return f"int{s.bits} {'symmetric' if s.symmetric else 'asymmetric'}, {kind}"
+
+
+def percentile_range(x: torch.Tensor, percentile: float, max_elements: int = 1 << 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (100 - p)-th and p-th percentiles of x; tensors above `max_elements` are subsampled with a fixed
+    stride (deterministic)."""
+    flat = x.detach().flatten().float()
+    if flat.numel() > max_elements:
+        flat = flat[:: -(-flat.numel() // max_elements)]
+    q = torch.tensor([(100 - percentile) / 100, percentile / 100])
+    low, high = torch.quantile(flat, q)
+    return low, high

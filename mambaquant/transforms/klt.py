@@ -1,0 +1,56 @@
+"""KLT-enhanced rotation: R = K H, K the eigenvectors of the activation covariance at a site. X K decorrelates
+the channels (variances = the eigenvalues); the Hadamard then spreads every eigenvalue over all channels, so each
+channel of X K H has the same variance, the mean eigenvalue. A plain Hadamard leaves the variance of channel l at
+sum_j (sum_i H_il K_ij)^2 lambda_j / (n - 1), which depends on l."""
+
+import torch
+
+from .hadamard import hadamard
+
+
+class CovarianceObserver:
+    """A site observer accumulating the mean and covariance over the last (channel) dimension, in float64."""
+
+    def __init__(self):
+        self.total = None
+        self.outer = None
+        self.count = 0
+
+    @torch.no_grad()
+    def __call__(self, site, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).double()
+        if self.total is None:
+            self.total = torch.zeros(flat.shape[1], dtype=torch.float64)
+            self.outer = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64)
+        self.total += flat.sum(0)
+        self.outer += flat.T @ flat
+        self.count += flat.shape[0]
+
+    def covariance(self) -> torch.Tensor:
+        mean = self.total / self.count
+        return self.outer / self.count - torch.outer(mean, mean)
+
+
+class AbsMaxObserver:
+    """A site observer keeping the largest |x| per channel (last dimension)."""
+
+    def __init__(self):
+        self.absmax = None
+
+    @torch.no_grad()
+    def __call__(self, site, x: torch.Tensor) -> None:
+        value = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
+        self.absmax = value if self.absmax is None else torch.maximum(self.absmax, value)
+
+
+def klt(covariance: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors of a covariance as columns, by decreasing eigenvalue, each with a deterministic sign."""
+    eigenvalues, vectors = torch.linalg.eigh(covariance.double())
+    vectors = vectors[:, eigenvalues.argsort(descending=True)]
+    signs = torch.sign(vectors[vectors.abs().argmax(0), torch.arange(vectors.shape[1])])
+    return (vectors * signs).float()
+
+
+def klt_hadamard(covariance: torch.Tensor) -> torch.Tensor:
+    """The KLT-enhanced rotation R = K H (orthogonal, n x n)."""
+    return klt(covariance) @ hadamard(covariance.shape[0])

@@ -1,0 +1,154 @@
+"""Function-preserving rotations. Convention: a rotation by an orthogonal M maps an activation x to x' = x M; the
+consumer weight absorbs it as W' = W M (so x' W'^T = x W^T), a linear producer as W_p' = M^T W_p.
+
+Offline (fused into weights): the residual stream (embedding/patches, in_proj, out_proj, head), the dt path
+between x_proj's dt rows and dt_proj, the state dimension on the C side (x_proj's C rows).
+Online (a `Rotate` op at a site, since no linear producer can absorb it): out_proj input, x_proj input, state h.
+"""
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..runtime import MambaLM, MambaTagger, RMSNorm, Site, VisionMamba
+from .hadamard import fast_hadamard, hadamard
+
+
+class Rotate(nn.Module):
+    """x -> x M along the last dim (`matrix`), or x -> x H^T with the fast Hadamard transform (`matrix` None)."""
+
+    def __init__(self, size: int, matrix: torch.Tensor | None = None):
+        super().__init__()
+        self.size = size
+        self.register_buffer("matrix", matrix)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fast_hadamard(x) if self.matrix is None else x @ self.matrix.to(x.dtype)
+
+    def as_matrix(self) -> torch.Tensor:
+        return hadamard(self.size).T if self.matrix is None else self.matrix
+
+    def extra_repr(self) -> str:
+        return f"{self.size}, {'hadamard' if self.matrix is None else 'matrix'}"
+
+
+class RotateBack(nn.Module):
+    """Rotate, apply `inner` in the rotated basis, rotate back: quantizing in another basis, same function."""
+
+    def __init__(self, rotate: Rotate, inner: nn.Module):
+        super().__init__()
+        self.rotate, self.inner = rotate, inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.rotate(x)) @ self.rotate.as_matrix().to(x.dtype).T
+
+
+def append_op(site: Site, op: nn.Module) -> None:
+    """Add an op after the ones already at the site (transforms first, quantizers last)."""
+    if site.op is None:
+        site.op = op
+    elif isinstance(site.op, nn.Sequential):
+        site.op.append(op)
+    else:
+        site.op = nn.Sequential(site.op, op)
+
+
+def random_hadamard(n: int, seed: int) -> torch.Tensor:
+    """diag(random +-1) H: an orthogonal matrix with entries +-1/sqrt(n) (QuaRot's randomised Hadamard)."""
+    signs = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed)).float() * 2 - 1
+    return signs[:, None] * hadamard(n)
+
+
+def head_of(model: nn.Module) -> nn.Linear:
+    return model.head if isinstance(model, (VisionMamba, MambaTagger)) else model.lm_head
+
+
+def branches(mixer: nn.Module) -> list[nn.Module]:
+    return [mixer.ssm] + ([mixer.ssm_b] if mixer.ssm_b is not None else [])
+
+
+@torch.no_grad()
+def untie_head(model: nn.Module) -> None:
+    if isinstance(model, MambaLM) and model.config.tie_embeddings:
+        model.lm_head.weight = nn.Parameter(model.embedding.weight.detach().clone())
+        model.config.tie_embeddings = False
+
+
+@torch.no_grad()
+def fuse_norm_into(norm: nn.Module, linear: nn.Linear) -> None:
+    """norm(x) = n(x) * g (+ b)  ->  the norm keeps n(x) only; the linear absorbs g (and b into its bias)."""
+    weight = linear.weight.detach().clone()
+    if getattr(norm, "bias", None) is not None:
+        shift = weight @ norm.bias
+        if linear.bias is None:
+            linear.bias = nn.Parameter(shift)
+        else:
+            linear.bias += shift
+        norm.bias.zero_()
+    linear.weight.copy_(weight * norm.weight)
+    norm.weight.fill_(1.0)
+
+
+@torch.no_grad()
+def fuse_norms(model: nn.Module) -> nn.Module:
+    """Fold every block norm into in_proj and the final norm into the head (untying a tied LM head)."""
+    for layer in model.layers:
+        fuse_norm_into(layer.norm, layer.mixer.in_proj)
+    untie_head(model)
+    fuse_norm_into(model.norm_f, head_of(model))
+    return model
+
+
+@torch.no_grad()
+def rotate_residual(model: nn.Module, M: torch.Tensor) -> nn.Module:
+    """Rotate the residual stream by M (D x D orthogonal). Needs RMSNorms with unit scale (run `fuse_norms`
+    first): an RMSNorm without scale commutes with any rotation, a LayerNorm does not."""
+    norms = [layer.norm for layer in model.layers] + [model.norm_f]
+    if not all(isinstance(n, RMSNorm) and torch.all(n.weight == 1) for n in norms):
+        raise InputError("rotating the residual stream needs RMSNorm blocks with fused (unit) scales")
+    if isinstance(model, VisionMamba):
+        proj = model.patch_embed.proj
+        proj.weight.copy_(torch.einsum("dchw,de->echw", proj.weight, M))
+        proj.bias.copy_(proj.bias @ M)
+        model.cls_token.copy_(model.cls_token @ M)
+        model.pos_embed.copy_(model.pos_embed @ M)
+    else:
+        untie_head(model)
+        model.embedding.weight.copy_(model.embedding.weight @ M)
+    for layer in model.layers:
+        mixer = layer.mixer
+        mixer.in_proj.weight.copy_(mixer.in_proj.weight @ M)
+        mixer.out_proj.weight.copy_(M.T @ mixer.out_proj.weight)
+        if mixer.out_proj.bias is not None:
+            mixer.out_proj.bias.copy_(mixer.out_proj.bias @ M)
+    head = head_of(model)
+    head.weight.copy_(head.weight @ M)
+    return model
+
+
+@torch.no_grad()
+def rotate_dt_path(ssm: nn.Module, M: torch.Tensor) -> None:
+    """dt_low' = dt_low M: x_proj's dt rows absorb M^T, dt_proj absorbs M."""
+    R = ssm.dt_rank
+    ssm.x_proj.weight[:R] = M.T @ ssm.x_proj.weight[:R]
+    if ssm.x_proj.bias is not None:
+        ssm.x_proj.bias[:R] = ssm.x_proj.bias[:R] @ M
+    ssm.dt_proj.weight.copy_(ssm.dt_proj.weight @ M)
+
+
+@torch.no_grad()
+def rotate_state(ssm: nn.Module, M: torch.Tensor) -> None:
+    """h*C over the state dimension N: C' = C M offline (x_proj's C rows), h' = h M online at site h."""
+    R, N = ssm.dt_rank, ssm.d_state
+    rows = slice(R + N, R + 2 * N)
+    ssm.x_proj.weight[rows] = M.T @ ssm.x_proj.weight[rows]
+    if ssm.x_proj.bias is not None:
+        ssm.x_proj.bias[rows] = ssm.x_proj.bias[rows] @ M
+    append_op(ssm.sites["h"], Rotate(N, M.clone()))
+
+
+@torch.no_grad()
+def rotate_linear_input(site: Site, linear: nn.Linear, rotate: Rotate) -> None:
+    """Online rotation of a linear layer's input at `site`; the linear absorbs it offline."""
+    linear.weight.copy_(linear.weight @ rotate.as_matrix())
+    append_op(site, rotate)
