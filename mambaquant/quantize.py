@@ -153,14 +153,10 @@ def transform_quarot(model, batches, config: QuantConfig, report: QuantReport) -
         for ssm in branches(mixer):
             rotate_linear_input(ssm.sites["x_proj_in"], ssm.x_proj, Rotate(ssm.x_proj.in_features))
             rotate_dt_path(ssm, random_hadamard(ssm.dt_rank, config.seed + 1 + i))
-            rotate_state(ssm, hadamard_state(ssm))
+            rotate_state(ssm, random_hadamard(ssm.d_state, config.seed))
     report.transforms.append("norm fusion; randomised Hadamard on the residual stream and dt path (offline); "
                              "Hadamard on the state dimension (C offline, h online); online Hadamard at out_proj "
                              "and x_proj inputs")
-
-
-def hadamard_state(ssm) -> torch.Tensor:
-    return Rotate(ssm.d_state).as_matrix()
 
 
 def transform_quamba(model, batches, config: QuantConfig, report: QuantReport) -> None:
@@ -210,7 +206,7 @@ def transform_mambaquant(model, batches, config: QuantConfig, report: QuantRepor
     for layer in model.layers:
         for ssm in branches(layer.mixer):
             rotate_dt_path(ssm, klt_hadamard(covariances[ssm.sites["dt_low"].name].covariance()))
-            rotate_state(ssm, hadamard_state(ssm))
+            rotate_state(ssm, random_hadamard(ssm.d_state, config.seed))
     report.transforms.append(
         "norm fusion; KLT-enhanced rotation of the residual stream (pooled covariance of the in_proj inputs) and of "
         "each dt path (its own covariance); smooth-fused rotation at out_proj (S-SiLU smoothing + online Hadamard); "

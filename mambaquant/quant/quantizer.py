@@ -109,8 +109,8 @@ class ActivationQuantizer(nn.Module):
         if spec.granularity == "token" and not spec.dynamic:
             raise InputError("per-token activation scales are dynamic; pass dynamic=True")
         self.spec = spec
-        self.register_buffer("low", torch.tensor(float("inf")))
-        self.register_buffer("high", torch.tensor(float("-inf")))
+        self.register_buffer("low", torch.tensor(0.0))
+        self.register_buffer("high", torch.tensor(0.0))
         self.batches = 0
 
     @torch.no_grad()
@@ -118,14 +118,15 @@ class ActivationQuantizer(nn.Module):
         """A site observer accumulating the static range: running min/max, or the mean over batches of the lower and upper
         percentiles (a robust range that ignores the rarest outliers)."""
         if self.spec.observer == "minmax":
-            self.low = torch.minimum(self.low, x.min())
-            self.high = torch.maximum(self.high, x.max())
+            low, high = x.min(), x.max()
+            if self.batches:
+                low, high = torch.minimum(self.low, low), torch.maximum(self.high, high)
         else:
             low, high = percentile_range(x, self.spec.percentile)
-            weight = self.batches / (self.batches + 1)
-            first = self.batches == 0
-            self.low = low if first else weight * self.low + (1 - weight) * low
-            self.high = high if first else weight * self.high + (1 - weight) * high
+            if self.batches:  # running mean over batches
+                weight = self.batches / (self.batches + 1)
+                low, high = weight * self.low + (1 - weight) * low, weight * self.high + (1 - weight) * high
+        self.low, self.high = low.detach().float(), high.detach().float()
         self.batches += 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -153,3 +153,13 @@ def fast_hadamard(x: torch.Tensor, normalized: bool = True) -> torch.Tensor:
         block *= 2
     y = y.reshape(shape)
     return y / n**0.5 if normalized else y
+
+
+def hadamard_or_orthogonal(n: int, seed: int) -> torch.Tensor:
+    """The normalised Hadamard of size n, or, where none exists (a dt_rank of 3, say), a seeded random orthogonal
+    matrix: it mixes channels the same way but equalises their variances only on average."""
+    try:
+        return hadamard(n)
+    except InputError:
+        generator = torch.Generator().manual_seed(seed)
+        return torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))[0].float()

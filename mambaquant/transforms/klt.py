@@ -5,7 +5,7 @@ sum_j (sum_i H_il K_ij)^2 lambda_j / (n - 1), which depends on l."""
 
 import torch
 
-from .hadamard import hadamard
+from .hadamard import hadamard_or_orthogonal
 
 
 class CovarianceObserver:
@@ -52,5 +52,6 @@ def klt(covariance: torch.Tensor) -> torch.Tensor:
 
 
 def klt_hadamard(covariance: torch.Tensor) -> torch.Tensor:
-    """The KLT-enhanced rotation R = K H (orthogonal, n x n)."""
-    return klt(covariance) @ hadamard(covariance.shape[0])
+    """The KLT-enhanced rotation R = K H (orthogonal, n x n); where no Hadamard of size n exists, a seeded random
+    orthogonal matrix stands in for H (it equalises the variances only on average)."""
+    return klt(covariance) @ hadamard_or_orthogonal(covariance.shape[0], seed=0)

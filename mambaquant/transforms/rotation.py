@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..runtime import MambaLM, MambaTagger, RMSNorm, Site, VisionMamba
-from .hadamard import fast_hadamard, hadamard
+from .hadamard import fast_hadamard, hadamard, hadamard_or_orthogonal
 
 
 class Rotate(nn.Module):
@@ -54,9 +54,10 @@ def append_op(site: Site, op: nn.Module) -> None:
 
 
 def random_hadamard(n: int, seed: int) -> torch.Tensor:
-    """diag(random +-1) H: an orthogonal matrix with entries +-1/sqrt(n) (QuaRot's randomised Hadamard)."""
+    """diag(random +-1) H: an orthogonal matrix with entries +-1/sqrt(n) (QuaRot's randomised Hadamard). Sizes with
+    no Hadamard construction (a dt_rank of 3, say) get a seeded random orthogonal matrix instead."""
     signs = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed)).float() * 2 - 1
-    return signs[:, None] * hadamard(n)
+    return signs[:, None] * hadamard_or_orthogonal(n, seed)
 
 
 def head_of(model: nn.Module) -> nn.Linear:

@@ -27,16 +27,16 @@ from ..runtime import LMConfig, MambaLM, MambaTagger, VisionConfig, VisionMamba,
 
 @dataclass
 class ShakespeareRecipe:
-    d_model: int = 256
+    d_model: int = 192
     n_layer: int = 4
     d_state: int = 16
     seq_len: int = 256
-    batch_size: int = 32
-    steps: int = 3000
-    lr: float = 2e-3
+    batch_size: int = 16
+    steps: int = 2000
+    lr: float = 3e-3
     warmup: int = 100
     weight_decay: float = 0.1
-    eval_every: int = 250
+    eval_every: int = 200
     seed: int = 0
 
 
@@ -78,7 +78,7 @@ def train_shakespeare(recipe: ShakespeareRecipe, log) -> tuple[MambaLM, dict]:
     for step in range(recipe.steps + 1):
         if step % recipe.eval_every == 0 or step == recipe.steps:
             model.eval()
-            val_bpb, _ = bits_per_byte(model, val_text, max_windows=None if step == recipe.steps else 64)
+            val_bpb, _ = bits_per_byte(model, val_text)
             model.train()
             curve.append({"step": step, "val_bits_per_byte": round(val_bpb, 4), "seconds": round(time.time() - start_time)})
             log(f"step {step}: validation {val_bpb:.4f} bits/byte ({time.time() - start_time:.0f} s)")
