@@ -26,11 +26,16 @@ class MambaLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: list[SSMState] | None = None) -> torch.Tensor:
         """input_ids (B, L) -> logits (B, L, vocab). With a cache, continues from its state and updates it."""
-        hidden = self.sites.embed(self.embedding(input_ids))
+        hidden = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
             hidden = layer(hidden, cache[i] if cache is not None else None)
-        hidden = self.sites.norm_f(self.norm_f(hidden))
-        return self.sites.logits(self.lm_head(hidden))
+        return self.output(hidden)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.sites.embed(self.embedding(input_ids))
+
+    def output(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.sites.logits(self.lm_head(self.sites.norm_f(self.norm_f(hidden))))
 
     def new_cache(self, batch_size: int) -> list[SSMState]:
         c = self.config

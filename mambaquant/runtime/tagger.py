@@ -22,8 +22,13 @@ class MambaTagger(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, L) -> logits (B, L, classes)."""
-        hidden = self.sites.embed(self.embedding(tokens))
+        hidden = self.embed(tokens)
         for layer in self.layers:
             hidden = layer(hidden)
-        hidden = self.sites.norm_f(self.norm_f(hidden))
-        return self.sites.logits(self.head(hidden))
+        return self.output(hidden)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.sites.embed(self.embedding(tokens))
+
+    def output(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.sites.logits(self.head(self.sites.norm_f(self.norm_f(hidden))))

@@ -38,6 +38,13 @@ class VisionMamba(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, C, H, W), normalised -> logits (B, classes)."""
+        hidden = self.embed(images)
+        for layer in self.layers:
+            hidden = layer(hidden)
+        return self.output(hidden)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patches with the class token inserted in the middle, plus the position embedding: (B, patches + 1, D)."""
         c = self.config
         if images.shape[1:] != (c.in_chans, c.img_size, c.img_size):
             raise InputError(
@@ -47,9 +54,8 @@ class VisionMamba(nn.Module):
         patches = self.patch_embed(images)
         mid = self.cls_position
         cls = self.cls_token.expand(patches.shape[0], -1, -1)
-        hidden = torch.cat([patches[:, :mid], cls, patches[:, mid:]], dim=1) + self.pos_embed
-        hidden = self.sites.embed(hidden)
-        for layer in self.layers:
-            hidden = layer(hidden)
+        return self.sites.embed(torch.cat([patches[:, :mid], cls, patches[:, mid:]], dim=1) + self.pos_embed)
+
+    def output(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = self.sites.norm_f(self.norm_f(hidden))
-        return self.sites.logits(self.head(hidden[:, mid]))
+        return self.sites.logits(self.head(hidden[:, self.cls_position]))
