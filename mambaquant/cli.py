@@ -25,6 +25,40 @@ def positive_int(text: str) -> int:
     return value
 
 
+def bit_width(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a bit width from 2 to 8, or 16 for none, got {text!r}") from None
+    if not (2 <= value <= 8 or value == 16):
+        raise argparse.ArgumentTypeError(f"bit width {value} is not supported; expected 2 to 8, or 16 for none")
+    return value
+
+
+def cmd_quantize(args) -> None:
+    from . import load, quantize
+    from .evaluation import evaluate
+
+    model = load(args.source)
+    quantized = quantize(model, method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, calib=args.calib,
+                         act_granularity=args.act_granularity, seed=args.seed, calib_samples=args.calib_samples,
+                         calib_len=args.calib_len, progress=not args.json)
+    report = quantized.quantization_report
+    if args.no_eval:
+        print(json.dumps(report.to_dict()) if args.json else report.summary())
+        return
+    fp = evaluate(model, args.source, max_samples=args.eval_samples)
+    result = evaluate(quantized, args.source, max_samples=args.eval_samples, reference=model)
+    if args.json:
+        print(json.dumps({**result.to_dict(), "fp_value": fp.value, "method": args.method, "w_bits": args.w_bits,
+                          "a_bits": args.a_bits, "report": report.to_dict()}))
+        return
+    print(report.summary())
+    agreement = f", agreement with FP {result.agreement:.2f} %" if result.agreement is not None else ""
+    print(f"{result.metric}: {result.value:.4f} quantized, {fp.value:.4f} full precision{agreement} "
+          f"({result.protocol}; {result.samples} samples)")
+
+
 def cmd_zoo(args) -> None:
     from .zoo import ZOO, card
 
@@ -84,6 +118,26 @@ def build_parser() -> Parser:
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.add_argument("--eval-samples", type=positive_int, help="evaluate on the first N samples only")
     evaluate.set_defaults(run=cmd_eval)
+
+    from .calibration import CALIBRATION_SETS
+    from .methods import GRANULARITIES, METHODS
+
+    quantize = commands.add_parser("quantize", help="quantize a model with a method, print what was done, evaluate")
+    quantize.add_argument("source", help="embedded model name, model directory or checkpoint file")
+    quantize.add_argument("--method", choices=METHODS, default="mambaquant")
+    quantize.add_argument("--w-bits", type=bit_width, default=8, help="weight bits, 2-8 (16: not quantized)")
+    quantize.add_argument("--a-bits", type=bit_width, default=8, help="activation bits, 2-8 (16: not quantized)")
+    quantize.add_argument("--act-granularity", choices=GRANULARITIES,
+                          help="activation scales: static per tensor, dynamic per token, or chosen per site (auto); "
+                               "default auto for mambaquant, tensor for the baselines")
+    quantize.add_argument("--calib", choices=sorted(CALIBRATION_SETS), help="calibration set (default: the model's)")
+    quantize.add_argument("--calib-samples", type=positive_int, default=32)
+    quantize.add_argument("--calib-len", type=positive_int, help="calibration sequence length (text)")
+    quantize.add_argument("--seed", type=int, default=0)
+    quantize.add_argument("--eval-samples", type=positive_int, help="evaluate on a fixed subset only")
+    quantize.add_argument("--no-eval", action="store_true", help="print the summary only")
+    quantize.add_argument("--json", action="store_true", help="print one JSON object")
+    quantize.set_defaults(run=cmd_quantize)
 
     generate = commands.add_parser("generate", help="generate text from a language model")
     generate.add_argument("source", help="embedded model name, model directory or checkpoint file")

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import mambaquant
-from mambaquant.runtime import LMConfig, MambaLM, init_weights
+from mambaquant.runtime import LMConfig, MambaLM, MambaTagger, TaggerConfig, init_weights
 
 from mambaquant.errors import InputError
 from mambaquant.methods import METHODS, QuantConfig, activation_sites, run_recipe
@@ -70,7 +70,16 @@ def test_transforms_alone_keep_the_function(method, small_vim):
     """16 bits quantize nothing: what is left are the method's transforms, which must keep the model's function
     (here on a tied-head language model, where scaling the head must not scale the embedding, and on a Vim)."""
     tied = init_weights(MambaLM(LMConfig(d_model=64, n_layer=2, d_state=8, vocab_size=256)), seed=4).eval()
-    for model, batches, x in ((tied, lm_batches(), torch.randint(0, 256, (2, 30))), (small_vim, vim_batches(), vim_batches(7)[0])):
+    tagger = init_weights(MambaTagger(TaggerConfig(d_model=32, n_layer=2, expand=1, bias=True, x_proj_bias=True,
+                                                   conv="same", norm="layer", bidirectional="shared", divide_out=False,
+                                                   vocab_size=256, num_classes=5)), seed=5).eval()
+    with torch.no_grad():  # a LayerNorm model with non-trivial scales and biases, like typeseg
+        for name, p in tagger.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.3 * torch.randn(p.shape))
+    cases = [(tied, lm_batches(), torch.randint(0, 256, (2, 30))), (small_vim, vim_batches(), vim_batches(7)[0]),
+             (tagger, lm_batches(), torch.randint(0, 256, (2, 30)))]
+    for model, batches, x in cases:
         transformed = mambaquant.quantize(model, method=method, w_bits=16, a_bits=16, calib=torch.cat(batches))
         with torch.no_grad():
             assert rel_err(transformed(x), model(x)) < 1e-4

@@ -66,3 +66,18 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
     assert ((x @ gptq.T - x @ w.T).norm() < 0.8 * (x @ rtn.T - x @ w.T).norm())
     grouped = gptq_quantize(w, x.T @ x / len(x), QuantSpec(4, granularity="group", group_size=16), block_size=32)
     assert len(grouped[0, :16].unique()) <= 16
+
+
+def test_static_per_position_ranges():
+    x = torch.randn(4, 6, 8)
+    x[:, 2] *= 40  # a position that always carries large values (a class token, say)
+    quantizer = ActivationQuantizer(QuantSpec(8, granularity="position"))
+    quantizer.observe(None, x[:2])
+    quantizer.observe(None, x[2:])
+    assert torch.equal(quantizer.high, x.amax(dim=(0, 2)))
+    per_tensor = ActivationQuantizer(QuantSpec(8))
+    per_tensor.observe(None, x)
+    others = [0, 1, 3, 4, 5]
+    assert (quantizer(x) - x)[:, others].abs().max() < (per_tensor(x) - x)[:, others].abs().max() / 10
+    with pytest.raises(InputError, match="positions"):
+        quantizer(torch.randn(1, 5, 8))

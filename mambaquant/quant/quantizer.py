@@ -14,7 +14,7 @@ from torch import nn
 from ..errors import InputError
 
 WEIGHT_GRANULARITIES = ("channel", "group")
-ACTIVATION_GRANULARITIES = ("tensor", "token")
+ACTIVATION_GRANULARITIES = ("tensor", "position", "token")
 OBSERVERS = ("minmax", "percentile")
 
 
@@ -98,9 +98,9 @@ def token_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class ActivationQuantizer(nn.Module):
-    """A site op that fake-quantizes the tensor at the site. Static: one (low, high) range per tensor, set by
-    `observe` during calibration and frozen by `freeze`; dynamic: the range of each tensor (per tensor) or of each
-    token (per token), computed at run time."""
+    """A site op that fake-quantizes the tensor at the site. Static: one (low, high) range per tensor, or one per
+    time position for fixed-length inputs (images), accumulated by `observe` during calibration; dynamic: the range
+    of each tensor or of each token, computed at run time."""
 
     def __init__(self, spec: QuantSpec):
         super().__init__()
@@ -108,6 +108,8 @@ class ActivationQuantizer(nn.Module):
             raise InputError(f"activations are quantized per 'tensor' or per 'token', not per {spec.granularity!r}")
         if spec.granularity == "token" and not spec.dynamic:
             raise InputError("per-token activation scales are dynamic; pass dynamic=True")
+        if spec.granularity == "position" and spec.dynamic:
+            raise InputError("per-position activation scales are static; pass dynamic=False")
         self.spec = spec
         self.register_buffer("low", torch.tensor(0.0))
         self.register_buffer("high", torch.tensor(0.0))
@@ -117,7 +119,12 @@ class ActivationQuantizer(nn.Module):
     def observe(self, site, x: torch.Tensor) -> None:
         """A site observer accumulating the static range: running min/max, or the mean over batches of the lower and upper
         percentiles (a robust range that ignores the rarest outliers)."""
-        if self.spec.observer == "minmax":
+        if self.spec.granularity == "position":
+            dims = (0,) + tuple(range(2, x.dim()))
+            low, high = x.amin(dim=dims), x.amax(dim=dims)
+            if self.batches:
+                low, high = torch.minimum(self.low, low), torch.maximum(self.high, high)
+        elif self.spec.observer == "minmax":
             low, high = x.min(), x.max()
             if self.batches:
                 low, high = torch.minimum(self.low, low), torch.maximum(self.high, high)
@@ -136,12 +143,17 @@ class ActivationQuantizer(nn.Module):
             if self.batches == 0:
                 raise RuntimeError("static activation quantizer used before calibration")
             low, high = self.low, self.high
+            if self.spec.granularity == "position":
+                if x.shape[1] != low.shape[0]:
+                    raise InputError(f"per-position ranges for {low.shape[0]} positions, got {x.shape[1]}")
+                shape = (1, -1) + (1,) * (x.dim() - 2)
+                low, high = low.view(shape), high.view(shape)
         scale, zero = scale_and_zero(low, high, self.spec)
         return fake_quantize(x, scale, zero, self.spec)
 
     def extra_repr(self) -> str:
         s = self.spec
-        kind = f"dynamic per {s.granularity}" if s.dynamic else f"static per tensor ({s.observer})"
+        kind = f"dynamic per {s.granularity}" if s.dynamic else f"static per {s.granularity} ({s.observer})"
         return f"int{s.bits} {'symmetric' if s.symmetric else 'asymmetric'}, {kind}"
 
 

@@ -91,12 +91,42 @@ def fuse_norm_into(norm: nn.Module, linear: nn.Linear) -> None:
 
 
 @torch.no_grad()
+def center_residual(model: nn.Module) -> None:
+    """Make every write to the residual stream zero-mean over its channels. Every reader of the stream is a
+    LayerNorm, which ignores the mean, so the function is unchanged; afterwards LayerNorm = RMSNorm (SliceGPT)."""
+    if isinstance(model, VisionMamba):
+        proj = model.patch_embed.proj
+        proj.weight -= proj.weight.mean(0, keepdim=True)
+        proj.bias -= proj.bias.mean()
+        model.cls_token -= model.cls_token.mean(-1, keepdim=True)
+        model.pos_embed -= model.pos_embed.mean(-1, keepdim=True)
+    else:
+        untie_head(model)
+        model.embedding.weight -= model.embedding.weight.mean(-1, keepdim=True)
+    for layer in model.layers:
+        out_proj = layer.mixer.out_proj
+        out_proj.weight -= out_proj.weight.mean(0, keepdim=True)
+        if out_proj.bias is not None:
+            out_proj.bias -= out_proj.bias.mean()
+
+
+@torch.no_grad()
 def fuse_norms(model: nn.Module) -> nn.Module:
-    """Fold every block norm into in_proj and the final norm into the head (untying a tied LM head)."""
+    """Fold every block norm into in_proj and the final norm into the head (untying a tied LM head). LayerNorm
+    models are first centred (`center_residual`), and their norms become scale-free RMSNorms."""
+    layer_norm = isinstance(model.norm_f, nn.LayerNorm)
+    if layer_norm:
+        center_residual(model)
     for layer in model.layers:
         fuse_norm_into(layer.norm, layer.mixer.in_proj)
     untie_head(model)
     fuse_norm_into(model.norm_f, head_of(model))
+    if layer_norm:
+        for owner in list(model.layers) + [model]:
+            name = "norm" if owner is not model else "norm_f"
+            old = getattr(owner, name)
+            setattr(owner, name, RMSNorm(old.normalized_shape[0], old.eps))
+        model.config.norm = "rms"
     return model
 
 
