@@ -15,10 +15,6 @@ def test_zoo_model_loads_and_reproduces_its_card(name):
     model = mambaquant.load(name)
     final = card(name)["final"]
     assert sum(p.numel() for p in model.parameters()) == card(name)["parameters"]
-    if name == "vim-cifar10":  # the full test split is a benchmark; check a fixed subset against the FP model
-        result = evaluate(model, name, max_samples=200, reference=model)
-        assert result.agreement == 100.0 and result.value > 50
-        return
     result = evaluate(model, name)
     assert result.metric == final["metric"]
     assert result.value == pytest.approx(final["value"], abs=0.01)

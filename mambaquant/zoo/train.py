@@ -114,6 +114,7 @@ class VimCifarRecipe:
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     eval_images: int = 2000  # test images evaluated after each epoch (all 10,000 at the end)
+    train_limit: int = 0  # train on the first N shuffled images only (0: all 50,000); for smoke runs
     seed: int = 0
 
 
@@ -137,6 +138,9 @@ def train_vim_cifar(recipe: VimCifarRecipe, log) -> tuple[VisionMamba, dict]:
     test_images, test_labels, test_source = cifar10("test")
     if len(train_labels) < 50000:
         raise InputError("training needs the full CIFAR-10 train split: ../shared/data/cifar10/cifar10-jpeg.tar.gz")
+    if recipe.train_limit:
+        keep = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(2))[: recipe.train_limit]
+        train_images, train_labels = train_images[keep.numpy()], train_labels[keep.numpy()]
     x_train, y_train = normalise_images(train_images), torch.from_numpy(train_labels)
     x_test, y_test = normalise_images(test_images), torch.from_numpy(test_labels)
     probe = torch.randperm(len(y_test), generator=torch.Generator().manual_seed(1))[: recipe.eval_images]
