@@ -21,7 +21,7 @@ from tqdm import tqdm
 from .errors import InputError
 from .quant.gptq import gptq_quantize
 from .quant.quantizer import ActivationQuantizer, QuantSpec, fake_quantize_weight
-from .runtime import Site, VisionMamba, find_sites
+from .runtime import Site, VisionMamba
 from .transforms.klt import AbsMaxObserver, CovarianceObserver, klt_hadamard
 from .transforms.rotation import (Rotate, append_op, branches, fuse_norms, head_of, random_hadamard, rotate_dt_path,
                                   rotate_linear_input, rotate_residual, rotate_state, untie_head)

@@ -7,6 +7,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 PACKAGE_DATA = Path(__file__).parent
 
@@ -59,9 +60,7 @@ def cifar10(split: str) -> tuple[np.ndarray, np.ndarray, str]:
     return images, labels, f"CIFAR-10 {split} subset shipped with mambaquant ({len(labels)} images, stratified)"
 
 
-def normalise_images(images: np.ndarray) -> "torch.Tensor":
+def normalise_images(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float (N, 3, H, W) with the CIFAR-10 channel mean and std."""
-    import torch
-
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     return (x - torch.tensor(CIFAR10_MEAN)[:, None, None]) / torch.tensor(CIFAR10_STD)[:, None, None]
