@@ -91,7 +91,7 @@ class _TrainableScan(torch.autograd.Function):
         for t in range(1, u.shape[1]):
             hs[:, t].addcmul_(hs[:, t - 1], dA[:, t])
         ctx.save_for_backward(u, dt, A, B, C, dA, hs)
-        return torch.einsum("bten,btn->bte", hs, C)
+        return (hs * C[:, :, None, :]).sum(-1)
 
     @staticmethod
     def backward(ctx, grad_hC):
@@ -99,16 +99,21 @@ class _TrainableScan(torch.autograd.Function):
         gs = grad_hC[..., None] * C[:, :, None, :]  # becomes dL/dh_t
         for t in range(u.shape[1] - 2, -1, -1):
             gs[:, t].addcmul_(gs[:, t + 1], dA[:, t + 1])
-        grad_C = torch.einsum("bten,bte->btn", hs, grad_hC)
-        w = torch.einsum("bten,btn->bte", gs, B)
-        grad_B = torch.einsum("bten,bte->btn", gs, dt * u)
+        grad_C = (hs * grad_hC[..., None]).sum(2)
+        w = (gs * B[:, :, None, :]).sum(-1)
+        grad_B = (gs * (dt * u)[..., None]).sum(2)
         h_previous = torch.cat([torch.zeros_like(hs[:, :1]), hs[:, :-1]], dim=1)
         q = gs.mul_(h_previous).mul_(dA)  # dL/d(dt A), elementwise
-        grad_dt = w * u + torch.einsum("bten,en->bte", q, A)
-        grad_A = torch.einsum("bten,bte->en", q, dt)
+        grad_dt = w * u + (q * A).sum(-1)
+        grad_A = (q * dt[..., None]).sum((0, 1))
         return w * dt, grad_dt, grad_A, grad_B, grad_C
 
 
-def selective_scan_trainable(u, dt, A, B, C) -> torch.Tensor:
-    """Differentiable h*C for training (zero initial state, no site hooks)."""
-    return _TrainableScan.apply(u, dt, A, B, C)
+def selective_scan_trainable(u, dt, A, B, C, group: int = 0) -> torch.Tensor:
+    """Differentiable h*C for training (zero initial state, no site hooks). Runs `group` sequences at a time
+    (default: about 2.5M state elements, which measured fastest here) so the (group, L, E, N) intermediates stay
+    close to the cache: 2-3x faster than the whole batch at once."""
+    u, dt, B, C = (x.contiguous() for x in (u, dt, B, C))
+    group = group or max(1, round(2.5e6 / (u.shape[1] * A.numel())))
+    return torch.cat([_TrainableScan.apply(u[i : i + group], dt[i : i + group], A, B[i : i + group], C[i : i + group])
+                      for i in range(0, u.shape[0], group)])
