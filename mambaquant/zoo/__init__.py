@@ -25,7 +25,6 @@ ZOO: dict[str, ZooEntry] = {
         "typeseg 0.2.7's per-byte content-type tagger: 6 bidirectional Mamba blocks, trained by its author", "typeseg"
     ),
 }
-DEFAULT_MODEL = "mamba-shakespeare"
 
 
 def card(name: str) -> dict:
