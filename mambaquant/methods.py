@@ -295,7 +295,7 @@ class TokenStatistics:
         return "token", f"dynamic per token: {found}"
 
 
-def make_quantizer(site: Site, granularity: str, config: QuantConfig, percentile: bool) -> ActivationQuantizer:
+def make_quantizer(granularity: str, config: QuantConfig, percentile: bool) -> ActivationQuantizer:
     spec = QuantSpec(config.a_bits, granularity=granularity, dynamic=granularity == "token",
                      observer="percentile" if percentile else config.observer, percentile=config.percentile)
     return ActivationQuantizer(spec)
@@ -316,7 +316,7 @@ def calibrate_quantizers(sites: list[Site], runner: Runner, config: QuantConfig,
         else:
             granularity = config.act_granularity
         percentile = config.method == "quamba" and site.kind in ("x_proj_in", "h")
-        quantizers.append((site, make_quantizer(site, granularity, config, percentile)))
+        quantizers.append((site, make_quantizer(granularity, config, percentile)))
     static = {site: quantizer.observe for site, quantizer in quantizers if not quantizer.spec.dynamic}
     if static:
         runner.observe(static)
