@@ -144,11 +144,6 @@ def activation_sites(model: nn.Module) -> list[Site]:
     return [site for layer in model.layers for site in block_activation_sites(layer)] + [model.sites["norm_f"]]
 
 
-@torch.no_grad()
-def observe_model(model: nn.Module, batches: list[torch.Tensor], observers: dict[Site, Callable]) -> None:
-    Runner(model, batches).observe(observers)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The methods' transforms: model-wide ones before the walk, per-block ones during it, head ones after it
 # ---------------------------------------------------------------------------------------------------------------
@@ -213,7 +208,7 @@ def mambaquant_model(model, batches, config: QuantConfig, report: QuantReport) -
     covariance of all in_proj inputs pooled."""
     fuse_norms(model)
     residual = CovarianceObserver()
-    observe_model(model, batches, {layer.sites["norm"]: residual for layer in model.layers})
+    Runner(model, batches).observe({layer.sites["norm"]: residual for layer in model.layers})
     rotate_residual(model, klt_hadamard(residual.covariance()))
     report.transforms.append(
         "norm fusion; KLT-enhanced rotation of the residual stream (pooled covariance of the in_proj inputs); per "
@@ -296,8 +291,9 @@ class TokenStatistics:
 
 
 def make_quantizer(granularity: str, config: QuantConfig, percentile: bool) -> ActivationQuantizer:
+    observer = "percentile" if percentile else config.observer
     spec = QuantSpec(config.a_bits, granularity=granularity, dynamic=granularity == "token",
-                     observer="percentile" if percentile else config.observer, percentile=config.percentile)
+                     observer="minmax" if granularity == "position" else observer, percentile=config.percentile)
     return ActivationQuantizer(spec)
 
 

@@ -105,11 +105,12 @@ class ActivationQuantizer(nn.Module):
     def __init__(self, spec: QuantSpec):
         super().__init__()
         if spec.granularity not in ACTIVATION_GRANULARITIES:
-            raise InputError(f"activations are quantized per 'tensor' or per 'token', not per {spec.granularity!r}")
+            raise InputError(f"activations are quantized per {', '.join(map(repr, ACTIVATION_GRANULARITIES))}, "
+                             f"not per {spec.granularity!r}")
         if spec.granularity == "token" and not spec.dynamic:
             raise InputError("per-token activation scales are dynamic; pass dynamic=True")
-        if spec.granularity == "position" and spec.dynamic:
-            raise InputError("per-position activation scales are static; pass dynamic=False")
+        if spec.granularity == "position" and (spec.dynamic or spec.observer != "minmax"):
+            raise InputError("per-position activation scales are static min-max ranges")
         self.spec = spec
         self.register_buffer("low", torch.tensor(0.0))
         self.register_buffer("high", torch.tensor(0.0))
@@ -119,20 +120,16 @@ class ActivationQuantizer(nn.Module):
     def observe(self, site, x: torch.Tensor) -> None:
         """A site observer accumulating the static range: running min/max, or the mean over batches of the lower and upper
         percentiles (a robust range that ignores the rarest outliers)."""
-        if self.spec.granularity == "position":
-            dims = (0,) + tuple(range(2, x.dim()))
-            low, high = x.amin(dim=dims), x.amax(dim=dims)
-            if self.batches:
-                low, high = torch.minimum(self.low, low), torch.maximum(self.high, high)
-        elif self.spec.observer == "minmax":
-            low, high = x.min(), x.max()
-            if self.batches:
-                low, high = torch.minimum(self.low, low), torch.maximum(self.high, high)
-        else:
+        if self.spec.observer == "percentile":
             low, high = percentile_range(x, self.spec.percentile)
             if self.batches:  # running mean over batches
                 weight = self.batches / (self.batches + 1)
                 low, high = weight * self.low + (1 - weight) * low, weight * self.high + (1 - weight) * high
+        else:  # running min and max, over everything or over all but the time dimension (per position)
+            dims = (0,) + tuple(range(2, x.dim())) if self.spec.granularity == "position" else tuple(range(x.dim()))
+            low, high = x.amin(dim=dims), x.amax(dim=dims)
+            if self.batches:
+                low, high = torch.minimum(self.low, low), torch.maximum(self.high, high)
         self.low, self.high = low.detach().float(), high.detach().float()
         self.batches += 1
 

@@ -32,17 +32,6 @@ class Rotate(nn.Module):
         return f"{self.size}, {'hadamard' if self.matrix is None else 'matrix'}"
 
 
-class RotateBack(nn.Module):
-    """Rotate, apply `inner` in the rotated basis, rotate back: quantizing in another basis, same function."""
-
-    def __init__(self, rotate: Rotate, inner: nn.Module):
-        super().__init__()
-        self.rotate, self.inner = rotate, inner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(self.rotate(x)) @ self.rotate.as_matrix().to(x.dtype).T
-
-
 def append_op(site: Site, op: nn.Module) -> None:
     """Add an op after the ones already at the site (transforms first, quantizers last)."""
     if site.op is None:
