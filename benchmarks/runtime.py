@@ -35,8 +35,9 @@ def reset_peak_memory() -> None:
 
 
 def worker(implementation: str, length: int, repeats: int) -> dict:
-    import mambaquant
     from transformers import MambaConfig, MambaForCausalLM
+
+    import mambaquant
 
     torch.manual_seed(0)
     config = MambaConfig(hidden_size=768, num_hidden_layers=24, vocab_size=50280, initializer_range=0.02)

@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-from .errors import InputError  # noqa: E402
-from .loaders import load, save  # noqa: E402
-from .methods import METHODS, QuantConfig, quantize  # noqa: E402
+from .errors import InputError
+from .loaders import load, save
+from .methods import METHODS, QuantConfig, quantize
 
-__all__ = ["InputError", "METHODS", "QuantConfig", "__version__", "load", "quantize", "save"]
+__all__ = ["METHODS", "InputError", "QuantConfig", "__version__", "load", "quantize", "save"]

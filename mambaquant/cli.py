@@ -42,7 +42,7 @@ def cmd_quantize(args) -> None:
     model = load(args.source)
     quantized = quantize(model, method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, calib=args.calib,
                          act_granularity=args.act_granularity, seed=args.seed, calib_samples=args.calib_samples,
-                         calib_len=args.calib_len, progress=not args.json)
+                         calib_len=args.calib_len, progress=not args.json, tokenizer=args.tokenizer)
     report = quantized.quantization_report
     if args.no_eval:
         print(json.dumps(report.to_dict()) if args.json else report.summary())
@@ -57,6 +57,44 @@ def cmd_quantize(args) -> None:
     agreement = f", agreement with FP {result.agreement:.2f} %" if result.agreement is not None else ""
     print(f"{result.metric}: {result.value:.4f} quantized, {fp.value:.4f} full precision{agreement} "
           f"({result.protocol}; {result.samples} samples)")
+
+
+def comma_list(text: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return items
+
+
+def cmd_compare(args) -> None:
+    from pathlib import Path
+
+    from .compare import compare, format_table, plan, to_markdown, write_atomic, write_json
+    from .loaders import check_source
+    from .zoo import ZOO
+
+    runs = plan(args.methods, args.bits, args.granularity)  # bad options fail before any model is loaded
+    for path in (args.json, args.markdown):
+        if path and not Path(path).resolve().parent.is_dir():
+            raise InputError(f"{path}: its directory does not exist")
+    sources = args.sources or list(ZOO)
+    for source in sources:
+        check_source(source)
+    data = {"wikitext2": args.wikitext, "lambada": args.lambada}
+    if args.eval_samples:
+        print(f"quick look: every evaluation uses a fixed subset of {args.eval_samples} samples, not the full set",
+              file=sys.stderr)
+    print(f"{len(runs)} runs x {len(sources)} model(s): {', '.join(sources)}", file=sys.stderr)
+    rows = []
+    for source in sources:
+        rows += compare(source, args.methods, args.bits, args.granularity, args.tasks, args.eval_samples, args.calib,
+                        args.calib_samples, args.calib_len, args.seed, data, args.tokenizer, progress=True)
+    print(format_table(rows))
+    command = "mambaquant " + " ".join(sys.argv[1:])
+    if args.json:
+        write_json(args.json, rows)
+    if args.markdown:
+        write_atomic(args.markdown, to_markdown(rows, command))
 
 
 def cmd_zoo(args) -> None:
@@ -80,7 +118,8 @@ def cmd_eval(args) -> None:
     from .evaluation import evaluate
 
     model = load(args.source)
-    result = evaluate(model, args.source, max_samples=args.eval_samples)
+    result = evaluate(model, args.source, max_samples=args.eval_samples, task=args.task, data=args.data,
+                      tokenizer=args.tokenizer)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -117,6 +156,9 @@ def build_parser() -> Parser:
     evaluate.add_argument("source", help="embedded model name, model directory or checkpoint file")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.add_argument("--eval-samples", type=positive_int, help="evaluate on the first N samples only")
+    evaluate.add_argument("--task", help="evaluation task (default: the model's main one)")
+    evaluate.add_argument("--data", help="data file for GPT-NeoX LM tasks (WikiText-2 raw test or LAMBADA jsonl)")
+    evaluate.add_argument("--tokenizer", help="tokenizer.json for BPE models (default: GPT-NeoX's)")
     evaluate.set_defaults(run=cmd_eval)
 
     from .calibration import CALIBRATION_SETS
@@ -130,14 +172,41 @@ def build_parser() -> Parser:
     quantize.add_argument("--act-granularity", choices=GRANULARITIES,
                           help="activation scales: static per tensor, dynamic per token, or chosen per site (auto); "
                                "default auto for mambaquant, tensor for the baselines")
-    quantize.add_argument("--calib", choices=sorted(CALIBRATION_SETS), help="calibration set (default: the model's)")
+    calib_help = (f"calibration set ({', '.join(sorted(CALIBRATION_SETS))}) or a training text file "
+                  "(default: the model's set)")
+    quantize.add_argument("--calib", help=calib_help)
     quantize.add_argument("--calib-samples", type=positive_int, default=32)
     quantize.add_argument("--calib-len", type=positive_int, help="calibration sequence length (text)")
     quantize.add_argument("--seed", type=int, default=0)
     quantize.add_argument("--eval-samples", type=positive_int, help="evaluate on a fixed subset only")
     quantize.add_argument("--no-eval", action="store_true", help="print the summary only")
     quantize.add_argument("--json", action="store_true", help="print one JSON object")
+    quantize.add_argument("--tokenizer", help="tokenizer.json for text calibration of a BPE model (default GPT-NeoX)")
     quantize.set_defaults(run=cmd_quantize)
+
+    from .compare import DEFAULT_BITS
+
+    compare = commands.add_parser("compare", help="every method x bit width x granularity against full precision")
+    compare.add_argument("sources", nargs="*", help="embedded model names, model directories or checkpoint files "
+                                                    "(default: every embedded model)")
+    compare.add_argument("--methods", type=comma_list, default=list(METHODS), help="comma-separated (default: all)")
+    compare.add_argument("--bits", type=comma_list, default=list(DEFAULT_BITS),
+                         help=f"comma-separated presets (default: {','.join(DEFAULT_BITS)})")
+    compare.add_argument("--granularity", type=comma_list, default=list(GRANULARITIES),
+                         help="activation granularities: tensor (static), token (dynamic), auto (MambaQuant's per-site "
+                              "choice); default all three")
+    compare.add_argument("--tasks", type=comma_list, help="evaluation tasks (default: every one that applies)")
+    compare.add_argument("--eval-samples", type=positive_int, help="evaluate on a fixed subset (a quick look)")
+    compare.add_argument("--calib", help=calib_help)
+    compare.add_argument("--calib-samples", type=positive_int, default=32)
+    compare.add_argument("--calib-len", type=positive_int, help="calibration sequence length (text)")
+    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--wikitext", help="WikiText-2 raw test file (default: the data directory's)")
+    compare.add_argument("--lambada", help="LAMBADA OpenAI test jsonl (default: the data directory's)")
+    compare.add_argument("--tokenizer", help="tokenizer.json for BPE models (default: GPT-NeoX's)")
+    compare.add_argument("--json", help="write the rows as a JSON list to this file")
+    compare.add_argument("--markdown", help="write the table as Markdown to this file")
+    compare.set_defaults(run=cmd_compare)
 
     generate = commands.add_parser("generate", help="generate text from a language model")
     generate.add_argument("source", help="embedded model name, model directory or checkpoint file")

@@ -1,5 +1,6 @@
 """Text <-> token ids: raw bytes for byte-level models, the GPT-NeoX BPE for the state-spaces Mamba models."""
 
+from functools import lru_cache
 from pathlib import Path
 
 from .data import shared_data_dir
@@ -30,6 +31,7 @@ class BPETokenizer:
         return self.tokenizer.decode(ids)
 
 
+@lru_cache(maxsize=4)
 def tokenizer_for(vocab_size: int, path: str | Path | None = None):
     """Byte-level for vocabularies of 256 to 511 entries; otherwise a tokenizer.json (`path`, else the GPT-NeoX
     tokenizer from the data directory)."""

@@ -2,10 +2,9 @@ import pytest
 import torch
 
 import mambaquant
-from mambaquant.runtime import LMConfig, MambaLM, MambaTagger, TaggerConfig, init_weights
-
 from mambaquant.errors import InputError
 from mambaquant.methods import METHODS, QuantConfig, activation_sites, run_recipe
+from mambaquant.runtime import LMConfig, MambaLM, MambaTagger, TaggerConfig, init_weights
 
 from .helpers import rel_err
 

@@ -5,8 +5,13 @@ from hypothesis import strategies as st
 
 from mambaquant.errors import InputError
 from mambaquant.quant.gptq import gptq_quantize
-from mambaquant.quant.quantizer import (ActivationQuantizer, QuantSpec, fake_quantize, fake_quantize_weight,
-                                        scale_and_zero)
+from mambaquant.quant.quantizer import (
+    ActivationQuantizer,
+    QuantSpec,
+    fake_quantize,
+    fake_quantize_weight,
+    scale_and_zero,
+)
 
 specs = st.builds(QuantSpec, bits=st.integers(2, 8), symmetric=st.booleans())
 

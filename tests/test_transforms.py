@@ -9,10 +9,24 @@ import torch
 from mambaquant.runtime import LMConfig, MambaLM, VisionConfig, VisionMamba, find_sites, init_weights
 from mambaquant.transforms.hadamard import hadamard
 from mambaquant.transforms.klt import AbsMaxObserver, CovarianceObserver, klt_hadamard
-from mambaquant.transforms.rotation import (Rotate, branches, fuse_norms, random_hadamard, rotate_dt_path,
-                                            rotate_linear_input, rotate_residual, rotate_state)
-from mambaquant.transforms.smoothing import (smooth_conv_input, smooth_dt_input, smooth_gate, smooth_norm_output,
-                                             smooth_state, smoothing_scales)
+from mambaquant.transforms.rotation import (
+    Rotate,
+    branches,
+    fuse_norms,
+    random_hadamard,
+    rotate_dt_path,
+    rotate_linear_input,
+    rotate_residual,
+    rotate_state,
+)
+from mambaquant.transforms.smoothing import (
+    smooth_conv_input,
+    smooth_dt_input,
+    smooth_gate,
+    smooth_norm_output,
+    smooth_state,
+    smoothing_scales,
+)
 
 from .helpers import rel_err
 

@@ -1,6 +1,7 @@
 """Evaluation protocols. Each result names its protocol so a number is never read without its convention."""
 
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -8,7 +9,7 @@ from torch import nn
 from ..errors import InputError
 from ..runtime import MambaLM, MambaTagger, VisionMamba
 from .tagging import TYPESEG_LABELS, typeseg_accuracy
-from .text import bits_per_byte
+from .text import bits_per_byte, lambada, lambada_passages, perplexity, wikitext2_test_text
 from .vision import cifar10_top1
 
 
@@ -21,9 +22,21 @@ class Result:
     protocol: str
     samples: int
     agreement: float | None = None  # % of predictions equal to the reference model's, where one was given
+    extra: dict | None = None  # secondary metrics of the same protocol (e.g. perplexity beside bits per byte)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+TASKS = ("bytes", "wikitext2", "lambada", "cifar10", "typeseg")
+NEOX_VOCAB = 50277  # GPT-NeoX-20B's tokenizer; the state-spaces models pad it to 50280
+
+
+def tasks_for(model: nn.Module, source: str) -> list[str]:
+    """Every protocol that applies to the model, its main one first."""
+    if isinstance(model, MambaLM) and model.config.vocab_size >= NEOX_VOCAB:
+        return ["wikitext2", "lambada"]
+    return [task_for(model, source)]
 
 
 def task_for(model: nn.Module, source: str) -> str:
@@ -34,27 +47,52 @@ def task_for(model: nn.Module, source: str) -> str:
         return ZOO[source].task
     if isinstance(model, MambaLM) and 256 <= model.config.vocab_size < 512:
         return "bytes"
+    if isinstance(model, MambaLM) and model.config.vocab_size >= NEOX_VOCAB:
+        return "wikitext2"
     if isinstance(model, VisionMamba) and (model.config.img_size, model.config.num_classes) == (32, 10):
         return "cifar10"
     if isinstance(model, MambaTagger) and model.config.num_classes == len(TYPESEG_LABELS):
         return "typeseg"
     raise InputError(
         f"{source}: no evaluation protocol available for this model yet (supported: byte-level language models, "
-        "CIFAR-10 vision models (32x32, 10 classes), typeseg-style taggers)"
+        "GPT-NeoX-tokenised language models, CIFAR-10 vision models (32x32, 10 classes), typeseg-style taggers)"
     )
 
 
+@lru_cache(maxsize=2)
+def wikitext2_tokens(tokenizer, data: str | None) -> list[int]:
+    return tokenizer.encode(wikitext2_test_text(data))  # 1.3 MB of text: tokenised once, not once per compared run
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, source: str, max_samples: int | None = None, reference: nn.Module | None = None):
-    """Measure `model` with its protocol; `max_samples` limits it to a fixed subset; `reference` (the
-    full-precision model) adds the agreement of the predictions where the protocol has discrete predictions."""
-    task = task_for(model, source)
+def evaluate(model: nn.Module, source: str, max_samples: int | None = None, reference: nn.Module | None = None,
+             task: str | None = None, data: str | None = None, tokenizer: str | None = None) -> Result:
+    """Measure `model` with `task` (default: its main protocol); `max_samples` limits it to a fixed subset;
+    `reference` (the full-precision model) adds the agreement of the predictions where the protocol has discrete
+    predictions. For GPT-NeoX-tokenised LMs, `data` is the WikiText-2 raw test file or the LAMBADA jsonl and
+    `tokenizer` the tokenizer.json (defaults: the data directory's)."""
+    task = task or task_for(model, source)
+    if task not in tasks_for(model, source):
+        raise InputError(f"{source}: task {task!r} does not apply to this model; expected one of "
+                         f"{', '.join(tasks_for(model, source))}")
     if task == "bytes":
         from ..data import tinyshakespeare_validation
 
         bpb, windows = bits_per_byte(model, tinyshakespeare_validation(), max_windows=max_samples)
         protocol = "Tiny Shakespeare validation (last 10 %), non-overlapping 256-byte windows, bits per byte"
-        return Result(source, "bits_per_byte", bpb, False, protocol, windows)
+        return Result(source, "bits_per_byte", bpb, False, protocol, windows, extra={"byte_perplexity": 2**bpb})
+    if task in ("wikitext2", "lambada"):
+        from ..tokenizer import tokenizer_for
+
+        bpe = tokenizer_for(model.config.vocab_size, tokenizer)
+        if task == "wikitext2":
+            ppl, windows = perplexity(model, wikitext2_tokens(bpe, data), max_windows=max_samples)
+            protocol = ("WikiText-2 raw test joined with blank lines, GPT-NeoX tokens, non-overlapping 2048-token "
+                        "windows, perplexity (GPTQ/Quamba convention)")
+            return Result(source, "perplexity", ppl, False, protocol, windows)
+        accuracy, word_ppl, count = lambada(model, bpe, lambada_passages(data), max_samples)
+        protocol = "LAMBADA (OpenAI) test, greedy last-word accuracy %"
+        return Result(source, "accuracy", accuracy, True, protocol, count, extra={"last_word_perplexity": word_ppl})
     if task == "cifar10":
         accuracy, agreement, count, protocol = cifar10_top1(model, max_samples, reference)
         return Result(source, "top1", accuracy, True, protocol, count, agreement)

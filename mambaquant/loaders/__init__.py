@@ -34,17 +34,24 @@ def load(source, **vision_options) -> nn.Module:
     from ..zoo import ZOO, load_zoo_model
 
     name = str(source)
+    check_source(name)
     if name in ZOO:
         return load_zoo_model(name)
     path = Path(name)
-    if not path.exists():
+    if path.is_dir():
+        return load_directory(path)
+    return load_checkpoint_file(path, vision_options)
+
+
+def check_source(name: str) -> None:
+    """Raise the one-line error for a source that is neither an embedded model nor an existing path."""
+    from ..zoo import ZOO
+
+    if name not in ZOO and not Path(name).exists():
         raise InputError(
             f"{name}: no such file or directory, and not an embedded model "
             f"(expected one of {', '.join(ZOO)}, a model directory or a checkpoint file)"
         )
-    if path.is_dir():
-        return load_directory(path)
-    return load_checkpoint_file(path, vision_options)
 
 
 def read_config(directory: Path) -> dict:

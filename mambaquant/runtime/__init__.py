@@ -20,7 +20,23 @@ def use_reference_scan(model, on: bool = True):
 
 
 __all__ = [
-    "LMConfig", "MambaBlock", "MambaConfig", "MambaLM", "MambaMixer", "MambaTagger", "RMSNorm", "SITES", "SSMState",
-    "SelectiveSSM", "Site", "TaggerConfig", "VisionConfig", "VisionMamba", "find_sites", "init_weights", "selective_scan",
-    "selective_scan_reference", "use_reference_scan",
+    "SITES",
+    "LMConfig",
+    "MambaBlock",
+    "MambaConfig",
+    "MambaLM",
+    "MambaMixer",
+    "MambaTagger",
+    "RMSNorm",
+    "SSMState",
+    "SelectiveSSM",
+    "Site",
+    "TaggerConfig",
+    "VisionConfig",
+    "VisionMamba",
+    "find_sites",
+    "init_weights",
+    "selective_scan",
+    "selective_scan_reference",
+    "use_reference_scan",
 ]

@@ -4,7 +4,6 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-
 NORMS = ("rms", "layer")
 CONVS = ("causal", "same")
 BIDIRECTIONAL = ("none", "separate", "shared")

@@ -7,7 +7,7 @@ q a prime power = 1 mod 4), over GF(q) built here for prime powers. This covers 
 construction (and none of their halves does): `hadamard` raises for them, naming n.
 """
 
-from functools import lru_cache
+from functools import cache
 from itertools import product
 
 import torch
@@ -53,7 +53,7 @@ def _irreducible(p: int, k: int) -> list[int]:
     raise InputError(f"no irreducible polynomial of degree {k} over GF({p}) found (degrees above 3 unsupported)")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _quadratic_character(q: int) -> tuple[list[int], torch.Tensor]:
     """Elements of GF(q) as integers 0..q-1 (base-p digits = polynomial coefficients); returns the subtraction table
     index function's character chi(a - b) as a (q, q) tensor: 0 on the diagonal, +1 for squares, -1 otherwise."""
@@ -87,7 +87,7 @@ def _paley_core(q: int, symmetric: bool) -> torch.Tensor:
     return core
 
 
-@lru_cache(maxsize=None)
+@cache
 def _base_order(m: int) -> torch.Tensor | None:
     """A Hadamard matrix of order m from Paley I or II, or None."""
     if m == 1:

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -116,6 +117,7 @@ class VimCifarRecipe:
     eval_images: int = 2000  # test images evaluated after each epoch (all 10,000 at the end)
     train_limit: int = 0  # train on the first N shuffled images only (0: all 50,000); for smoke runs
     seed: int = 0
+    checkpoint: str = ""  # if set: the training state is saved here after each epoch and resumed from if present
 
 
 def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -152,8 +154,16 @@ def train_vim_cifar(recipe: VimCifarRecipe, log) -> tuple[VisionMamba, dict]:
     generator = torch.Generator().manual_seed(recipe.seed)
     steps_per_epoch = len(y_train) // recipe.batch_size
     total = steps_per_epoch * recipe.epochs
-    curve, step, start_time = [], 0, time.time()
-    for epoch in range(1, recipe.epochs + 1):
+    curve, step, first_epoch, start_time = [], 0, 1, time.time()
+    if recipe.checkpoint and Path(recipe.checkpoint).exists():
+        state = torch.load(recipe.checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        curve, step, first_epoch = state["curve"], state["step"], state["epoch"] + 1
+        start_time -= curve[-1]["seconds"]
+        log(f"resumed from {recipe.checkpoint} after epoch {state['epoch']}")
+    for epoch in range(first_epoch, recipe.epochs + 1):
         model.train()
         order = torch.randperm(len(y_train), generator=generator)
         for index in order[: steps_per_epoch * recipe.batch_size].view(steps_per_epoch, recipe.batch_size):
@@ -172,6 +182,11 @@ def train_vim_cifar(recipe: VimCifarRecipe, log) -> tuple[VisionMamba, dict]:
                       f"test_top1_{recipe.eval_images}": round(accuracy, 2), "seconds": round(time.time() - start_time)})
         log(f"epoch {epoch}: loss {loss.item():.3f}, top-1 {accuracy:.2f} % on {recipe.eval_images} test images "
             f"({time.time() - start_time:.0f} s)")
+        if recipe.checkpoint:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "curve": curve, "step": step,
+                     "epoch": epoch, "generator": generator.get_state()}
+            torch.save(state, recipe.checkpoint + ".tmp")
+            os.replace(recipe.checkpoint + ".tmp", recipe.checkpoint)
     accuracy = top1(model, x_test, y_test)
     log(f"final top-1 {accuracy:.2f} % ({test_source})")
     metric = {"metric": "top1", "value": round(accuracy, 2), "split": test_source}

@@ -1,0 +1,174 @@
+"""`compare`: every method x bit width x activation granularity against full precision, with one calibration set
+and one evaluation for all, as rows of a table."""
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .errors import InputError
+from .methods import FULL_PRECISION, GRANULARITIES, METHODS, PRESETS, QuantConfig, run_recipe
+
+DEFAULT_BITS = ("w8a8", "w4a8", "w4a16")
+AUTO_METHODS = ("mambaquant",)  # the per-site granularity choice is part of MambaQuant's recipe
+
+
+@dataclass
+class Row:
+    model: str
+    method: str
+    bits: str
+    granularity: str  # "tensor" (static), "token" (dynamic), "auto" (per site), "none" (activations not quantized)
+    task: str
+    metric: str
+    value: float
+    fp_value: float
+    higher_is_better: bool
+    protocol: str
+    samples: int
+    quantize_seconds: float
+    agreement: float | None = None
+    extra: dict | None = None
+
+    @property
+    def change(self) -> float:
+        return self.value - self.fp_value
+
+    @property
+    def relative_change(self) -> float:
+        """Relative change in %, signed so that negative is worse."""
+        sign = 1.0 if self.higher_is_better else -1.0
+        return sign * 100.0 * self.change / abs(self.fp_value) + 0.0 if self.fp_value else 0.0  # + 0.0: no "-0.00"
+
+    def to_dict(self) -> dict:
+        row = {k: v for k, v in asdict(self).items() if v is not None}
+        return {**row, "change": self.change, "relative_change_percent": self.relative_change}
+
+
+def plan(methods, bits, granularities) -> list[tuple[str, str, str]]:
+    """(method, bits, granularity) runs: FP once; weight-only bit widths once per method; otherwise every
+    granularity asked for, "auto" only for the methods whose recipe has it."""
+    for method in methods:
+        if method not in METHODS:
+            raise InputError(f"unknown method {method!r}; expected some of {', '.join(METHODS)}")
+    for preset in bits:
+        if preset.lower() not in PRESETS:
+            raise InputError(f"unknown bit widths {preset!r}; expected some of {', '.join(PRESETS)}")
+    for granularity in granularities:
+        if granularity not in GRANULARITIES:
+            raise InputError(f"unknown granularity {granularity!r}; expected some of {', '.join(GRANULARITIES)}")
+    runs = [("fp", "fp32", "none")] if "fp" in methods else []
+    for preset in (b.lower() for b in bits):
+        for method in (m for m in methods if m != "fp"):
+            if PRESETS[preset][1] == FULL_PRECISION:
+                runs.append((method, preset, "none"))
+                continue
+            runs += [(method, preset, g) for g in granularities if g != "auto" or method in AUTO_METHODS]
+    if not runs:
+        raise InputError("nothing to compare: no method and bit width selected")
+    return runs
+
+
+def compare(source, methods=METHODS, bits=DEFAULT_BITS, granularities=GRANULARITIES, tasks=None,
+            eval_samples: int | None = None, calib=None, calib_samples: int = 32, calib_len: int | None = None,
+            seed: int = 0, data: dict | None = None, tokenizer: str | None = None, progress: bool = False,
+            on_row=None) -> list[Row]:
+    """Quantize `source` (an embedded model name, a directory or a model object) with every planned run and
+    evaluate each against the full-precision model on `tasks` (default: every protocol that applies).
+    `data` maps a task to its data file (GPT-NeoX LM tasks); `on_row` is called with each row as it is done."""
+    from .calibration import resolve_calibration
+    from .evaluation import evaluate, tasks_for
+    from .loaders import load
+
+    name = source if isinstance(source, str) else type(source).__name__
+    runs = plan(methods, bits, granularities)
+    model = load(source).eval()
+    tasks = list(tasks or tasks_for(model, name))
+    data = data or {}
+    batches = resolve_calibration(model, name, calib, calib_samples, calib_len, seed, tokenizer=tokenizer)
+    reference = {task: evaluate(model, name, eval_samples, task=task, data=data.get(task), tokenizer=tokenizer)
+                 for task in tasks}
+    rows = []
+    for method, preset, granularity in tqdm(runs, desc=name, unit="run", disable=not progress):
+        started = time.perf_counter()
+        if method == "fp":
+            quantized = model
+        else:
+            w_bits, a_bits = PRESETS[preset]
+            config = QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, seed=seed,
+                                 act_granularity=None if granularity == "none" else granularity)
+            quantized, _ = run_recipe(model, config, batches)
+        seconds = time.perf_counter() - started
+        for task in tasks:
+            result = evaluate(quantized, name, eval_samples, reference=None if method == "fp" else model, task=task,
+                              data=data.get(task), tokenizer=tokenizer)
+            row = Row(name, method, preset, granularity, task, result.metric, result.value, reference[task].value,
+                      result.higher_is_better, result.protocol, result.samples, round(seconds, 2), result.agreement,
+                      result.extra)
+            rows.append(row)
+            if on_row:
+                on_row(row)
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    """A plain-text table, one block per model and task, with its protocol above it."""
+    lines = []
+    for key in dict.fromkeys((row.model, row.task) for row in rows):
+        block = [row for row in rows if (row.model, row.task) == key]
+        first = block[0]
+        lines += ["", f"{first.model}: {first.metric} ({'higher' if first.higher_is_better else 'lower'} is better)",
+                  f"  protocol: {first.protocol}; {first.samples} samples",
+                  f"  {'method':12s} {'bits':6s} {'granularity':12s} {'value':>10s} {'change':>9s} {'relative':>9s} "
+                  f"{'agreement':>9s} {'quant s':>8s}"]
+        for row in block:
+            agreement = f"{row.agreement:8.2f}%" if row.agreement is not None else f"{'-':>9s}"
+            lines.append(f"  {row.method:12s} {row.bits:6s} {row.granularity:12s} {row.value:10.4f} "
+                         f"{row.change:+9.4f} {row.relative_change:+8.2f}% {agreement} {row.quantize_seconds:8.1f}")
+    return "\n".join(lines[1:])
+
+
+def to_markdown(rows: list[Row], command: str | None = None) -> str:
+    lines = []
+    for key in dict.fromkeys((row.model, row.task) for row in rows):
+        block = [row for row in rows if (row.model, row.task) == key]
+        first = block[0]
+        lines += [f"### {first.model}: {first.metric}", "",
+                  f"Protocol: {first.protocol}; {first.samples} samples. "
+                  f"{'Higher' if first.higher_is_better else 'Lower'} is better; relative change signed so that "
+                  "negative is worse.", "",
+                  "| method | bits | granularity | value | change | relative | agreement | quantize s |",
+                  "|---|---|---|---:|---:|---:|---:|---:|"]
+        for row in block:
+            agreement = f"{row.agreement:.2f} %" if row.agreement is not None else "-"
+            lines.append(f"| {row.method} | {row.bits} | {row.granularity} | {row.value:.4f} | {row.change:+.4f} | "
+                         f"{row.relative_change:+.2f} % | {agreement} | {row.quantize_seconds:.1f} |")
+        lines.append("")
+    if command:
+        lines.append(f"Command: `{command}`")
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write a whole file or nothing: into a temporary file beside it, renamed at the end."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a directory; expected a file path")
+    if not path.parent.is_dir():
+        raise InputError(f"{path.parent}: directory not found")
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path, rows: list[Row]) -> None:
+    write_atomic(path, json.dumps([row.to_dict() for row in rows], indent=1) + "\n")
