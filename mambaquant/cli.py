@@ -36,27 +36,36 @@ def bit_width(text: str) -> int:
 
 
 def cmd_quantize(args) -> None:
-    from . import load, quantize
+    from pathlib import Path
+
+    from . import load, quantize, save
     from .evaluation import evaluate
 
+    if args.out and Path(args.out).exists() and not args.overwrite:
+        raise InputError(f"{args.out}: already exists; pass --overwrite to replace it")
     model = load(args.source)
     quantized = quantize(model, method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, calib=args.calib,
                          act_granularity=args.act_granularity, seed=args.seed, calib_samples=args.calib_samples,
-                         calib_len=args.calib_len, progress=not args.json, tokenizer=args.tokenizer)
+                         calib_len=args.calib_len, progress=not args.json, tokenizer=args.tokenizer,
+                         backend=args.backend)
     report = quantized.quantization_report
-    if args.no_eval:
-        print(json.dumps(report.to_dict()) if args.json else report.summary())
-        return
-    fp = evaluate(model, args.source, max_samples=args.eval_samples)
-    result = evaluate(quantized, args.source, max_samples=args.eval_samples, reference=model)
-    if args.json:
-        print(json.dumps({**result.to_dict(), "fp_value": fp.value, "method": args.method, "w_bits": args.w_bits,
-                          "a_bits": args.a_bits, "report": report.to_dict()}))
-        return
-    print(report.summary())
-    agreement = f", agreement with FP {result.agreement:.2f} %" if result.agreement is not None else ""
-    print(f"{result.metric}: {result.value:.4f} quantized, {fp.value:.4f} full precision{agreement} "
-          f"({result.protocol}; {result.samples} samples)")
+    output = {"report": report.to_dict()}
+    lines = [report.summary()]
+    card_notes = [f"source: {args.source}"]
+    if not args.no_eval:
+        fp = evaluate(model, args.source, max_samples=args.eval_samples)
+        result = evaluate(quantized, args.source, max_samples=args.eval_samples, reference=model)
+        output.update({**result.to_dict(), "fp_value": fp.value, "method": args.method, "w_bits": args.w_bits,
+                       "a_bits": args.a_bits, "backend": args.backend})
+        agreement = f", agreement with FP {result.agreement:.2f} %" if result.agreement is not None else ""
+        lines.append(f"{result.metric}: {result.value:.4f} quantized, {fp.value:.4f} full precision{agreement} "
+                     f"({result.protocol}; {result.samples} samples; backend {args.backend})")
+        card_notes.append(lines[-1])
+    if args.out:
+        save(quantized, args.out, overwrite=args.overwrite, notes=card_notes)
+        output["out"] = args.out
+        lines.append(f"wrote {args.out}")
+    print(json.dumps(output) if args.json else "\n".join(lines))
 
 
 def comma_list(text: str) -> list[str]:
@@ -117,7 +126,9 @@ def cmd_eval(args) -> None:
     from . import load
     from .evaluation import evaluate
 
-    model = load(args.source)
+    from .methods import set_backend
+
+    model = set_backend(load(args.source), args.backend)
     result = evaluate(model, args.source, max_samples=args.eval_samples, task=args.task, data=args.data,
                       tokenizer=args.tokenizer)
     if args.json:
@@ -159,10 +170,13 @@ def build_parser() -> Parser:
     evaluate.add_argument("--task", help="evaluation task (default: the model's main one)")
     evaluate.add_argument("--data", help="data file for GPT-NeoX LM tasks (WikiText-2 raw test or LAMBADA jsonl)")
     evaluate.add_argument("--tokenizer", help="tokenizer.json for BPE models (default: GPT-NeoX's)")
+    evaluate.add_argument("--backend", choices=("fake", "int8"), default="fake",
+                          help="for a quantized model: simulated (fake) or int8 matrix products")
     evaluate.set_defaults(run=cmd_eval)
 
     from .calibration import CALIBRATION_SETS
     from .methods import GRANULARITIES, METHODS
+    from .quant.linear import BACKENDS
 
     quantize = commands.add_parser("quantize", help="quantize a model with a method, print what was done, evaluate")
     quantize.add_argument("source", help="embedded model name, model directory or checkpoint file")
@@ -182,6 +196,10 @@ def build_parser() -> Parser:
     quantize.add_argument("--no-eval", action="store_true", help="print the summary only")
     quantize.add_argument("--json", action="store_true", help="print one JSON object")
     quantize.add_argument("--tokenizer", help="tokenizer.json for text calibration of a BPE model (default GPT-NeoX)")
+    quantize.add_argument("--backend", choices=BACKENDS, default="fake",
+                          help="run the quantized linears simulated in float32 (fake) or as int8 matrix products")
+    quantize.add_argument("--out", help="write the quantized model to this directory (reload with mambaquant.load)")
+    quantize.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     quantize.set_defaults(run=cmd_quantize)
 
     from .compare import DEFAULT_BITS

@@ -20,8 +20,9 @@ from tqdm import tqdm
 
 from .errors import InputError
 from .quant.gptq import gptq_quantize
-from .quant.quantizer import ActivationQuantizer, QuantSpec, fake_quantize_weight
-from .runtime import Site, VisionMamba
+from .quant.linear import BACKENDS, QuantizedLinear
+from .quant.quantizer import ActivationQuantizer, QuantSpec, quantize_weight
+from .runtime import MambaLM, Site, VisionMamba
 from .transforms.klt import AbsMaxObserver, CovarianceObserver, klt_hadamard
 from .transforms.rotation import (
     Rotate,
@@ -148,18 +149,27 @@ class Runner:
         return [self.stage(x) for x in self.inputs]
 
 
-def block_linears(layer) -> list[tuple[nn.Linear, Site]]:
-    """The block's quantized linear layers, each with the site carrying its input."""
+def block_linears(layer) -> list[tuple[nn.Module, str, Site]]:
+    """The block's quantized linear layers as (owner, attribute, site carrying the input)."""
     mixer = layer.mixer
-    pairs = [(mixer.in_proj, layer.sites["norm"])]
+    slots = [(mixer, "in_proj", layer.sites["norm"])]
     for ssm in branches(mixer):
-        pairs += [(ssm.x_proj, ssm.sites["x_proj_in"]), (ssm.dt_proj, ssm.sites["dt_low"])]
-    return pairs + [(mixer.out_proj, mixer.sites["out_proj_in"])]
+        slots += [(ssm, "x_proj", ssm.sites["x_proj_in"]), (ssm, "dt_proj", ssm.sites["dt_low"])]
+    return slots + [(mixer, "out_proj", mixer.sites["out_proj_in"])]
+
+
+def head_slot(model) -> tuple[nn.Module, str, Site]:
+    return model, "lm_head" if isinstance(model, MambaLM) else "head", model.sites["norm_f"]
+
+
+def linear_slots(model) -> list[tuple[nn.Module, str, Site]]:
+    """Every quantized linear layer of the model with the site that carries its input."""
+    return [slot for layer in model.layers for slot in block_linears(layer)] + [head_slot(model)]
 
 
 def block_activation_sites(layer) -> list[Site]:
     """Where a block's activations are quantized: every linear input, the conv1d input, both operands of h*C."""
-    sites = [site for _, site in block_linears(layer)] + [layer.mixer.sites["x"]]
+    sites = [site for _, _, site in block_linears(layer)] + [layer.mixer.sites["x"]]
     for ssm in branches(layer.mixer):
         sites += [ssm.sites["h"], ssm.sites["C"]]
     return sites
@@ -345,18 +355,25 @@ def calibrate_quantizers(sites: list[Site], runner: Runner, config: QuantConfig,
 
 
 @torch.no_grad()
-def quantize_linears(pairs: list[tuple[nn.Linear, Site]], runner: Runner, config: QuantConfig) -> None:
+def quantize_linears(slots: list[tuple[nn.Module, str, Site]], runner: Runner, config: QuantConfig) -> None:
+    """Replace each linear layer by a `QuantizedLinear` (integer codes and scales), rounded to nearest or by GPTQ.
+    A tied LM head shares its matrix with the embedding, which then reads the dequantized codes too."""
     spec = config.weight_spec()
-    if config.weight_rounding == "rtn":
-        for linear, _ in pairs:
-            linear.weight.copy_(fake_quantize_weight(linear.weight, spec))
-        return
-    moments = {}
-    for _, site in pairs:
-        moments.setdefault(site, CovarianceObserver())
-    runner.observe(moments)
-    for linear, site in pairs:
-        linear.weight.copy_(gptq_quantize(linear.weight, moments[site].outer / moments[site].count, spec))
+    if config.weight_rounding == "gptq":
+        moments = {}
+        for _, _, site in slots:
+            moments.setdefault(site, CovarianceObserver())
+        runner.observe(moments)
+    for owner, name, site in slots:
+        linear = getattr(owner, name)
+        if config.weight_rounding == "gptq":
+            codes, scale = gptq_quantize(linear.weight, moments[site].outer / moments[site].count, spec)
+        else:
+            codes, scale = quantize_weight(linear.weight, spec)
+        quantized = QuantizedLinear(codes, scale, linear.bias, spec.bits)
+        if isinstance(owner, MambaLM) and owner.config.tie_embeddings:
+            owner.embedding.weight = nn.Parameter(quantized.dequantized_weight(), requires_grad=False)
+        setattr(owner, name, quantized)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -394,19 +411,33 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
         hidden = outputs
     head_runner = Runner(model.output, hidden)
     head_transform(model, head_runner, config, report)
-    head_pair = [(head_of(model), model.sites["norm_f"])]
     if quantize_acts:
         pending += calibrate_quantizers([model.sites["norm_f"]], head_runner, config, fixed_length, report)
     if quantize_weights:
-        quantize_linears(head_pair, head_runner, config)
+        quantize_linears([head_slot(model)], head_runner, config)
         spec = config.weight_spec()
         report.weights.append(f"{'GPTQ' if config.weight_rounding == 'gptq' else 'round-to-nearest'} int{spec.bits} per "
                               f"{spec.granularity}: in_proj, x_proj, dt_proj, out_proj of every block, and the head")
+    consumers = {site: getattr(owner, name) for owner, name, site in linear_slots(model)}
     for site, quantizer in pending:
-        append_op(site, quantizer)
+        if isinstance(consumers.get(site), QuantizedLinear):
+            consumers[site].input_quantizer = quantizer  # an integer linear quantizes its own input
+        else:
+            append_op(site, quantizer)
         report.activation_sites[site.name] = quantizer.extra_repr()
     check_finite(model)
     return model, report
+
+
+def set_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Run the quantized linear layers as a float32 simulation of their integer arithmetic ("fake") or as int8 x
+    int8 -> int32 products ("int8"). The other quantization points (conv1d input, h, C) are simulated in both."""
+    linears = [module for module in model.modules() if isinstance(module, QuantizedLinear)]
+    if backend == "int8" and not linears:
+        raise InputError("the int8 backend needs a model with quantized weights (w_bits <= 8)")
+    for linear in linears:
+        linear.set_backend(backend)
+    return model
 
 
 def check_finite(model: nn.Module) -> None:
@@ -417,13 +448,15 @@ def check_finite(model: nn.Module) -> None:
 
 def quantize(model, method: str = "mambaquant", w_bits: int = 8, a_bits: int = 8, calib=None,
              act_granularity: str | None = None, seed: int = 0, calib_samples: int = 32, calib_len: int | None = None,
-             progress: bool = False, tokenizer: str | None = None, **options) -> nn.Module:
+             progress: bool = False, tokenizer: str | None = None, backend: str = "fake", **options) -> nn.Module:
     """Quantize `model` (a model object, an embedded model name, a directory or a checkpoint) with `method`.
 
     `calib`: a tensor of inputs (token ids (N, L) or images (N, C, H, W)), the name of a calibration set
     (see `mambaquant.calibration.CALIBRATION_SETS`), the path of a training text file, or None for the model's
     default set (embedded models and models whose task is known). `tokenizer`: the tokenizer.json for text
-    calibration of a BPE-vocabulary model (default: GPT-NeoX's from the data directory). Bits of 16 quantize nothing there: `w_bits=16, a_bits=16` applies the method's
+    calibration of a BPE-vocabulary model (default: GPT-NeoX's from the data directory). `backend`: "fake" runs the
+    quantized linears as a float32 simulation of their integer arithmetic, "int8" with int8 matrix products (see
+    `set_backend`; both give the same numbers). Bits of 16 quantize nothing there: `w_bits=16, a_bits=16` applies the method's
     transforms alone, which must keep the model's function. The returned model carries
     `quantization_report` (a `QuantReport`)."""
     from .calibration import resolve_calibration
@@ -436,4 +469,4 @@ def quantize(model, method: str = "mambaquant", w_bits: int = 8, a_bits: int = 8
     batches = resolve_calibration(model, source, calib, calib_samples, calib_len, seed, tokenizer=tokenizer)
     quantized, report = run_recipe(model, config, batches, progress)
     quantized.quantization_report = report
-    return quantized
+    return set_backend(quantized, backend)

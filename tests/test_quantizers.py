@@ -9,6 +9,7 @@ from mambaquant.quant.quantizer import (
     ActivationQuantizer,
     QuantSpec,
     fake_quantize,
+    dequantize_weight,
     fake_quantize_weight,
     scale_and_zero,
 )
@@ -67,10 +68,14 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
     w = torch.randn(32, 64, generator=g)
     spec = QuantSpec(4, granularity="channel")
     rtn = fake_quantize_weight(w, spec)
-    gptq = gptq_quantize(w, x.T @ x / len(x), spec, block_size=16)
+    codes, scale = gptq_quantize(w, x.T @ x / len(x), spec, block_size=16)
+    assert codes.dtype == torch.int8 and codes.abs().max() <= 7 and scale.shape == (32, 1)
+    gptq = dequantize_weight(codes, scale)
     assert ((x @ gptq.T - x @ w.T).norm() < 0.8 * (x @ rtn.T - x @ w.T).norm())
-    grouped = gptq_quantize(w, x.T @ x / len(x), QuantSpec(4, granularity="group", group_size=16), block_size=32)
-    assert len(grouped[0, :16].unique()) <= 16
+    codes, scale = gptq_quantize(w, x.T @ x / len(x), QuantSpec(4, granularity="group", group_size=16), block_size=32)
+    assert scale.shape == (32, 4, 1) and codes.abs().max() <= 7
+    grouped = dequantize_weight(codes, scale)
+    assert len(grouped[0, :16].unique()) <= 16 and torch.equal(grouped[:, :16], codes[:, :16].float() * scale[:, 0])
 
 
 def test_static_per_position_ranges():

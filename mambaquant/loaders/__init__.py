@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..runtime import MambaLM, MambaTagger, TaggerConfig, VisionConfig, VisionMamba
-from . import hf, typeseg, vim
+from . import hf, quantized, typeseg, vim
 from .weights import assign_weights, find_weight_file, read_tensors, rename
 
 SUPPORTED = (
@@ -80,6 +80,8 @@ def load_directory(directory: Path) -> nn.Module:
     elif config.get("architecture") == VISION_ARCHITECTURE:
         tensors = read_tensors(find_weight_file(directory))
         return vim.build_vim(VisionConfig.from_dict(config), tensors, source)
+    elif quantized.is_quantized_config(config):
+        return quantized.build_quantized(config, read_tensors(find_weight_file(directory)), source)
     elif config.get("architecture") == TAGGER_ARCHITECTURE:
         tensors = rename(read_tensors(find_weight_file(directory)), [])
         return assign_weights(MambaTagger(TaggerConfig.from_dict(config)), tensors, source).eval()
@@ -112,14 +114,21 @@ def make_readable(directory: Path) -> None:
         os.chmod(path, 0o666 & ~umask)
 
 
-def save(model: nn.Module, directory: str | Path, overwrite: bool = False) -> Path:
-    """Write a full-precision model as config.json + model.safetensors: the Hugging Face Mamba layout for language
-    models (transformers can read it), the official Vim names for vision models. Atomic: written to a temporary
-    directory that is renamed into place at the end."""
+def save(model: nn.Module, directory: str | Path, overwrite: bool = False, notes: tuple[str, ...] = ()) -> Path:
+    """Write a model as config.json + model.safetensors (+ MODEL_CARD.md with `notes` for a quantized model).
+    Full precision: the Hugging Face Mamba layout for language models (transformers can read it), the official
+    Vim names for vision models. Quantized (`mambaquant.quantize`'s output): integer codes and everything
+    that rebuilds the quantized model (see `loaders.quantized`). Atomic: written to a temporary directory that is
+    renamed into place at the end, so an interrupted save leaves nothing that looks complete."""
     directory = Path(directory)
     if directory.exists() and not overwrite:
         raise InputError(f"{directory}: already exists; pass overwrite=True (--overwrite) to replace it")
-    if isinstance(model, MambaLM):
+    card = None
+    if hasattr(model, "quantization_report"):
+        tensors, layout = quantized.quantized_tensors_and_layout(model)
+        config = quantized.quantized_config(model, layout)
+        card = quantized.model_card(config, notes)
+    elif isinstance(model, MambaLM):
         config, tensors = hf.hf_config(model.config), hf.hf_state_dict(model)
     elif isinstance(model, VisionMamba):
         config = {"architecture": VISION_ARCHITECTURE, **model.config.to_dict()}
@@ -134,6 +143,8 @@ def save(model: nn.Module, directory: str | Path, overwrite: bool = False) -> Pa
     try:
         save_file({k: v.detach().cpu() for k, v in tensors.items()}, staging / "model.safetensors")
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if card:
+            (staging / "MODEL_CARD.md").write_text(card)
         make_readable(staging)
         if directory.exists():
             shutil.rmtree(directory)

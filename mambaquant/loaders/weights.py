@@ -90,6 +90,11 @@ def assign_weights(model: nn.Module, weights: dict[str, tuple[str, torch.Tensor]
             )
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise InputError(f"{source}: weight {original} contains NaN or Inf")
-        state[name] = tensor.float()
+        if expected[name].is_floating_point():
+            state[name] = tensor.float()
+        elif tensor.dtype == expected[name].dtype:
+            state[name] = tensor
+        else:
+            raise InputError(f"{source}: weight {original} has dtype {tensor.dtype}, expected {expected[name].dtype}")
     model.load_state_dict(state, strict=False)
     return model

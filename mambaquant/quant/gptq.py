@@ -3,13 +3,15 @@ columns not yet quantized through the inverse Hessian of the layer's inputs, H =
 
 import torch
 
-from .quantizer import QuantSpec, fake_quantize, weight_scale_and_zero
+from ..errors import InputError
+from .quantizer import QuantSpec, quantize, weight_scale_and_zero
 
 
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, second_moment: torch.Tensor, spec: QuantSpec, block_size: int = 128,
-                  damping: float = 0.01) -> torch.Tensor:
-    """Fake-quantized weight (out, in) given the inputs' second moment X^T X / n (in, in)."""
+                  damping: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """Int8 codes (out, in) and scales ((out, 1), or (out, groups, 1) per group) of the weight given the inputs'
+    second moment X^T X / n (in, in)."""
     W = weight.detach().clone().double()
     H = 2 * second_moment.detach().clone().double()
     dead = torch.diag(H) == 0
@@ -19,8 +21,10 @@ def gptq_quantize(weight: torch.Tensor, second_moment: torch.Tensor, spec: Quant
     H_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     columns = W.shape[1]
     grouped = spec.granularity == "group"
+    if not spec.symmetric:
+        raise InputError("weights are quantized symmetrically (integer codes times a scale, no zero point)")
     scale, zero = weight_scale_and_zero(W, spec) if not grouped else (None, None)
-    Q = torch.zeros_like(W)
+    codes, group_scales = torch.zeros_like(W), []
     for start in range(0, columns, block_size):
         stop = min(start + block_size, columns)
         W_block, errors = W[:, start:stop].clone(), torch.zeros_like(W[:, start:stop])
@@ -30,11 +34,13 @@ def gptq_quantize(weight: torch.Tensor, second_moment: torch.Tensor, spec: Quant
             if grouped and column % spec.group_size == 0:
                 merged = torch.cat([W_block[:, i:], W[:, stop:]], 1)[:, : spec.group_size]
                 scale, zero = weight_scale_and_zero(merged, QuantSpec(**{**spec.__dict__, "granularity": "channel"}))
+                group_scales.append(scale)
             w = W_block[:, i : i + 1]
-            q = fake_quantize(w, scale, zero, spec)
-            Q[:, column : column + 1] = q
+            codes[:, column : column + 1] = quantize(w, scale, zero, spec)
+            q = codes[:, column : column + 1] * scale
             error = (w - q) / H_block[i, i]
             W_block[:, i:] -= error @ H_block[i : i + 1, i:]
             errors[:, i : i + 1] = error
         W[:, stop:] -= errors @ H_inv[start:stop, stop:]
-    return Q.to(weight.dtype)
+    scales = torch.stack(group_scales, 1) if grouped else scale
+    return codes.to(torch.int8), scales.to(weight.dtype)

@@ -86,9 +86,23 @@ def group_view(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1, spec.group_size)
 
 
-def fake_quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest: int8 codes shaped like `weight` and the scales (out, 1) or (out, groups, 1). Weights are
+    symmetric, so a code times its scale is the weight."""
+    if not spec.symmetric:
+        raise InputError("weights are quantized symmetrically (integer codes times a scale, no zero point)")
     scale, zero = weight_scale_and_zero(weight, spec)
-    return fake_quantize(group_view(weight, spec), scale, zero, spec).reshape(weight.shape)
+    return quantize(group_view(weight, spec), scale, zero, spec).reshape(weight.shape).to(torch.int8), scale
+
+
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Codes (out, in) times per-channel (out, 1) or per-group (out, groups, 1) scales."""
+    grouped = codes.float().reshape(codes.shape[0], scale.shape[1], -1) if scale.dim() == 3 else codes.float()
+    return (grouped * scale).reshape(codes.shape)
+
+
+def fake_quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    return dequantize_weight(*quantize_weight(weight, spec))
 
 
 def token_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +147,8 @@ class ActivationQuantizer(nn.Module):
         self.low, self.high = low.detach().float(), high.detach().float()
         self.batches += 1
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def scale_and_zero(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scale and zero point for `x`, broadcastable to it."""
         if self.spec.dynamic:
             low, high = token_range(x) if self.spec.granularity == "token" else (x.min(), x.max())
         else:
@@ -145,8 +160,19 @@ class ActivationQuantizer(nn.Module):
                     raise InputError(f"per-position ranges for {low.shape[0]} positions, got {x.shape[1]}")
                 shape = (1, -1) + (1,) * (x.dim() - 2)
                 low, high = low.view(shape), high.view(shape)
-        scale, zero = scale_and_zero(low, high, self.spec)
+        return scale_and_zero(low, high, self.spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, zero = self.scale_and_zero(x)
         return fake_quantize(x, scale, zero, self.spec)
+
+    def codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (..., channels) -> int8 codes and one scale per row of x.flatten(0, -2), shaped (rows, 1)."""
+        if not self.spec.symmetric:
+            raise InputError("the int8 backend needs symmetric activation quantization")
+        scale, _ = self.scale_and_zero(x)
+        q = torch.clamp(torch.round(x / scale), self.spec.qmin, self.spec.qmax).to(torch.int8)
+        return q.reshape(-1, x.shape[-1]), scale.expand(*x.shape[:-1], 1).reshape(-1, 1)
 
     def extra_repr(self) -> str:
         s = self.spec
