@@ -125,7 +125,6 @@ def cmd_zoo(args) -> None:
 def cmd_eval(args) -> None:
     from . import load
     from .evaluation import evaluate
-
     from .methods import set_backend
 
     model = set_backend(load(args.source), args.backend)

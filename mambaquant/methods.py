@@ -432,6 +432,8 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
     """Run the quantized linear layers as a float32 simulation of their integer arithmetic ("fake") or as int8 x
     int8 -> int32 products ("int8"). The other quantization points (conv1d input, h, C) are simulated in both."""
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     linears = [module for module in model.modules() if isinstance(module, QuantizedLinear)]
     if backend == "int8" and not linears:
         raise InputError("the int8 backend needs a model with quantized weights (w_bits <= 8)")

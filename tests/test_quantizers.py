@@ -8,8 +8,8 @@ from mambaquant.quant.gptq import gptq_quantize
 from mambaquant.quant.quantizer import (
     ActivationQuantizer,
     QuantSpec,
-    fake_quantize,
     dequantize_weight,
+    fake_quantize,
     fake_quantize_weight,
     scale_and_zero,
 )

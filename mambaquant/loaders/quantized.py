@@ -2,8 +2,6 @@
 (integer weight codes, 4-bit ones packed two per byte, their scales, activation ranges, rotation matrices,
 smoothing vectors), written atomically; and their reloading into a model that runs exactly like the original."""
 
-import json
-from pathlib import Path
 
 import torch
 from torch import nn
