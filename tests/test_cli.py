@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -8,10 +6,7 @@ from safetensors.torch import save_file
 
 import mambaquant
 
-
-def run_cli(*args):
-    proc = subprocess.run([sys.executable, "-m", "mambaquant", *map(str, args)], capture_output=True, text=True)
-    return proc.returncode, proc.stdout, proc.stderr
+from .helpers import run_cli
 
 
 def test_eval_and_generate():
@@ -56,7 +51,7 @@ def bad_inputs(tmp_path, small_lm):
 
 def test_bad_inputs_exit_2_with_one_line(bad_inputs):
     for case, (args, expected) in bad_inputs.items():
-        code, out, err = run_cli("eval", *args)
+        code, _, err = run_cli("eval", *args)
         assert code == 2, case
         assert expected in err, (case, err)
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (case, err)

@@ -2,8 +2,6 @@
 simulation), on every method and bit width, for a tied-head LM, a Vim and a LayerNorm tagger."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,6 +14,8 @@ from mambaquant.errors import InputError
 from mambaquant.loaders.quantized import pack_int4, unpack_int4
 from mambaquant.methods import METHODS, set_backend
 from mambaquant.runtime import LMConfig, MambaLM, MambaTagger, TaggerConfig, init_weights
+
+from .helpers import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +85,6 @@ def test_save_is_atomic_and_refuses_to_overwrite(models, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         mambaquant.save(quantized, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no partial directory, no temporary left
-
-
-def run_cli(*args):
-    proc = subprocess.run([sys.executable, "-m", "mambaquant", *map(str, args)], capture_output=True, text=True)
-    return proc.returncode, proc.stdout, proc.stderr
 
 
 def test_cli_quantize_out_then_eval_gives_the_same_metric(tmp_path):
