@@ -15,7 +15,8 @@ from .hadamard import fast_hadamard, hadamard, hadamard_or_orthogonal
 
 
 class Rotate(nn.Module):
-    """x -> x M along the last dim (`matrix`), or x -> x H^T with the fast Hadamard transform (`matrix` None)."""
+    """x -> x M along the last dim (`matrix`: a rotation, or a tied head's input scale, see `fuse_norms`), or
+    x -> x H^T with the fast Hadamard transform (`matrix` None)."""
 
     def __init__(self, size: int, matrix: torch.Tensor | None = None):
         super().__init__()
@@ -57,9 +58,13 @@ def branches(mixer: nn.Module) -> list[nn.Module]:
     return [mixer.ssm] + ([mixer.ssm_b] if mixer.ssm_b is not None else [])
 
 
+def is_tied(model: nn.Module) -> bool:
+    return isinstance(model, MambaLM) and model.config.tie_embeddings
+
+
 @torch.no_grad()
 def untie_head(model: nn.Module) -> None:
-    if isinstance(model, MambaLM) and model.config.tie_embeddings:
+    if is_tied(model):
         model.lm_head.weight = nn.Parameter(model.embedding.weight.detach().clone())
         model.config.tie_embeddings = False
 
@@ -101,15 +106,20 @@ def center_residual(model: nn.Module) -> None:
 
 @torch.no_grad()
 def fuse_norms(model: nn.Module) -> nn.Module:
-    """Fold every block norm into in_proj and the final norm into the head (untying a tied LM head). LayerNorm
-    models are first centred (`center_residual`), and their norms become scale-free RMSNorms."""
+    """Fold every block norm into in_proj and the final norm into the head. A tied LM head is the embedding, so
+    there the final norm's scale g becomes an online x -> x diag(g) at the head input instead (a D x D product,
+    ~1/vocab of the head's cost): the checkpoint keeps one matrix for both. LayerNorm models are first centred
+    (`center_residual`), and their norms become scale-free RMSNorms."""
     layer_norm = isinstance(model.norm_f, nn.LayerNorm)
     if layer_norm:
         center_residual(model)
     for layer in model.layers:
         fuse_norm_into(layer.norm, layer.mixer.in_proj)
-    untie_head(model)
-    fuse_norm_into(model.norm_f, head_of(model))
+    if is_tied(model):
+        append_op(model.sites["norm_f"], Rotate(model.config.d_model, torch.diag(model.norm_f.weight.clone())))
+        model.norm_f.weight.fill_(1.0)
+    else:
+        fuse_norm_into(model.norm_f, head_of(model))
     if layer_norm:
         for owner in list(model.layers) + [model]:
             name = "norm" if owner is not model else "norm_f"
@@ -133,16 +143,20 @@ def rotate_residual(model: nn.Module, M: torch.Tensor) -> nn.Module:
         model.cls_token.copy_(model.cls_token @ M)
         model.pos_embed.copy_(model.pos_embed @ M)
     else:
-        untie_head(model)
-        model.embedding.weight.copy_(model.embedding.weight @ M)
+        model.embedding.weight.copy_(model.embedding.weight @ M)  # a tied head turns with it
     for layer in model.layers:
         mixer = layer.mixer
         mixer.in_proj.weight.copy_(mixer.in_proj.weight @ M)
         mixer.out_proj.weight.copy_(M.T @ mixer.out_proj.weight)
         if mixer.out_proj.bias is not None:
             mixer.out_proj.bias.copy_(mixer.out_proj.bias @ M)
-    head = head_of(model)
-    head.weight.copy_(head.weight @ M)
+    if not is_tied(model):
+        head_of(model).weight.copy_(head_of(model).weight @ M)
+    elif model.sites["norm_f"].op is not None:  # the head-input product G (see fuse_norms) becomes M^T G M
+        head_input = model.sites["norm_f"].op
+        if not isinstance(head_input, Rotate) or head_input.matrix is None:
+            raise InputError("rotate the residual stream before other ops are added at the head input")
+        head_input.matrix = M.T @ head_input.matrix @ M
     return model
 
 
