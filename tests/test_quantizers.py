@@ -11,6 +11,7 @@ from mambaquant.quant.quantizer import (
     dequantize_weight,
     fake_quantize,
     fake_quantize_weight,
+    percentile_range,
     scale_and_zero,
 )
 
@@ -91,3 +92,11 @@ def test_static_per_position_ranges():
     assert (quantizer(x) - x)[:, others].abs().max() < (per_tensor(x) - x)[:, others].abs().max() / 10
     with pytest.raises(InputError, match="positions"):
         quantizer(torch.randn(1, 5, 8))
+
+
+@given(st.integers(1, 3000), st.floats(50, 100), st.integers(0, 2**31 - 1))
+def test_percentile_range_equals_torch_quantile(n, percentile, seed):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 3
+    low, high = percentile_range(x, percentile)
+    expected = torch.quantile(x, torch.tensor([(100 - percentile) / 100, percentile / 100]).float())
+    assert torch.allclose(torch.stack([low, high]), expected, atol=1e-4)
