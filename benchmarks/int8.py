@@ -93,7 +93,7 @@ def benchmark(name: str, repeats: int) -> list[dict]:
         samples = {label: [] for label in variants}
         for _ in range(repeats):  # alternate, so that every variant sees the same machine conditions
             for label, variant in variants.items():
-                samples[label] += timed(lambda v=variant: v(x), 1)
+                samples[label] += timed(lambda v=variant, x=x: v(x), 1)
         fp = statistics.median(samples["fp32"])
         for label in RECIPES:
             seconds = statistics.median(samples[label])
