@@ -4,6 +4,7 @@
 import io
 import os
 import tarfile
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -47,17 +48,20 @@ def read_cifar10_tar(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, np.array([label for label, _, _ in entries], dtype=np.int64)
 
 
+@lru_cache(maxsize=2)
 def cifar10(split: str) -> tuple[np.ndarray, np.ndarray, str]:
     """CIFAR-10 `train` or `test`: the full split from the data directory when present, else the subset shipped
     with the package (2,000 test images, 200 per class; 500 train images, 50 per class, for calibration).
-    Returns images, labels and a description of what was read."""
+    Returns images, labels and a description of what was read. Decoded once per process: callers must not modify the arrays."""
     data = shared_data_dir()
     full = data / "cifar10" / "cifar10-jpeg.tar.gz" if data else None
     if full is not None and full.is_file():
         images, labels = read_cifar10_tar(full, split)
-        return images, labels, f"CIFAR-10 {split} split, all {len(labels)} images"
-    images, labels = read_cifar10_tar(PACKAGE_DATA / f"cifar10_{split}_subset.tar.gz", split)
-    return images, labels, f"CIFAR-10 {split} subset shipped with mambaquant ({len(labels)} images, stratified)"
+        description = f"CIFAR-10 {split} split, all {len(labels)} images"
+    else:
+        images, labels = read_cifar10_tar(PACKAGE_DATA / f"cifar10_{split}_subset.tar.gz", split)
+        description = f"CIFAR-10 {split} subset shipped with mambaquant ({len(labels)} images, stratified)"
+    return images, labels, description
 
 
 def normalise_images(images: np.ndarray) -> torch.Tensor:
