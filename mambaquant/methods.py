@@ -53,6 +53,11 @@ FULL_PRECISION = 16  # bits meaning "quantize nothing here"
 # QuaRot's paper rounds its rotated weights with GPTQ, and so do we for MambaQuant: at W4 it is worth ~0.6 % bits per
 # byte on mamba-shakespeare over round-to-nearest (RTN is still one option away: weight_rounding="rtn")
 WEIGHT_ROUNDING = {"gptq": "gptq", "quarot": "gptq", "mambaquant": "gptq"}
+# Static ranges from the 99.99th percentile instead of min-max: Quamba's SSM input and state; for MambaQuant the
+# heavy-tailed state h (as the paper's official code does). On training data (never the evaluation split), W8A8
+# static: typeseg agreement on its calibration files 97.23 % (min-max) -> 99.83 %, mamba-shakespeare training
+# text 1.5890 -> 1.5823 bits per byte.
+PERCENTILE_SITES = {"quamba": ("x_proj_in", "h"), "mambaquant": ("h",)}
 CHUNKED_SITES = ("dA", "dBu", "h")  # the scan hands these over in time chunks: no per-position ranges there
 
 
@@ -346,7 +351,7 @@ def calibrate_quantizers(sites: list[Site], runner: Runner, config: QuantConfig,
             report.granularity_reasons[site.name] = reason
         else:
             granularity = config.act_granularity
-        percentile = config.method == "quamba" and site.kind in ("x_proj_in", "h")
+        percentile = site.kind in PERCENTILE_SITES.get(config.method, ())
         quantizers.append((site, make_quantizer(granularity, config, percentile)))
     static = {site: quantizer.observe for site, quantizer in quantizers if not quantizer.spec.dynamic}
     if static:

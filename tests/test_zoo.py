@@ -17,6 +17,8 @@ def test_zoo_model_loads_and_reproduces_its_card(name):
     assert sum(p.numel() for p in model.parameters()) == card(name)["parameters"]
     result = evaluate(model, name)
     assert result.metric == final["metric"]
+    if "shipped_subset" in final and "shipped" in result.protocol:  # a fresh clone without the full test split
+        final = final["shipped_subset"]
     assert result.value == pytest.approx(final["value"], abs=0.01)
 
 
