@@ -21,6 +21,9 @@ ZOO: dict[str, ZooEntry] = {
     "mamba-shakespeare": ZooEntry(
         "byte-level Mamba-1 LM (Hugging Face Mamba architecture), trained here on Tiny Shakespeare", "bytes"
     ),
+    "vim-cifar10": ZooEntry(
+        "Vision Mamba (bidirectional blocks, middle class token), trained here on CIFAR-10", "cifar10"
+    ),
     "typeseg": ZooEntry(
         "typeseg 0.2.7's per-byte content-type tagger: 6 bidirectional Mamba blocks, trained by its author", "typeseg"
     ),

@@ -228,6 +228,9 @@ def model_card(card: dict) -> str:
     lines = [f"# {card['name']}", "", card["architecture"], "", f"- parameters: {card['parameters']:,}",
              f"- data: {card['data']}", f"- recipe: `{json.dumps(card['recipe'])}`", f"- command: `{card['command']}`",
              f"- metric: {card['final']['metric']} = {card['final']['value']} ({card['final']['split']})"]
+    if "shipped_subset" in card["final"]:
+        subset = card["final"]["shipped_subset"]
+        lines.append(f"- metric on {subset['split']}: {subset['value']}")
     lines += [f"- note: {note}" for note in card.get("notes", [])]
     if "wall_seconds" in card:
         lines.append(f"- wall time: {card['wall_seconds']} s on {card['threads']} CPU threads, torch {card['torch']}")
