@@ -162,6 +162,8 @@ def build_parser() -> Parser:
     zoo.add_argument("--json", action="store_true", help="print JSON")
     zoo.set_defaults(run=cmd_zoo)
 
+    from .quant.linear import BACKENDS
+
     evaluate = commands.add_parser("eval", help="evaluate a model with its protocol")
     evaluate.add_argument("source", help="embedded model name, model directory or checkpoint file")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
@@ -169,13 +171,12 @@ def build_parser() -> Parser:
     evaluate.add_argument("--task", help="evaluation task (default: the model's main one)")
     evaluate.add_argument("--data", help="data file for GPT-NeoX LM tasks (WikiText-2 raw test or LAMBADA jsonl)")
     evaluate.add_argument("--tokenizer", help="tokenizer.json for BPE models (default: GPT-NeoX's)")
-    evaluate.add_argument("--backend", choices=("fake", "int8"), default="fake",
+    evaluate.add_argument("--backend", choices=BACKENDS, default="fake",
                           help="for a quantized model: simulated (fake) or int8 matrix products")
     evaluate.set_defaults(run=cmd_eval)
 
     from .calibration import CALIBRATION_SETS
     from .methods import GRANULARITIES, METHODS
-    from .quant.linear import BACKENDS
 
     quantize = commands.add_parser("quantize", help="quantize a model with a method, print what was done, evaluate")
     quantize.add_argument("source", help="embedded model name, model directory or checkpoint file")
