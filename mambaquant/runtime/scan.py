@@ -70,10 +70,11 @@ def selective_scan(
         hs = _apply(dBu_hook, dtu[:, start:stop, :, None] * B[:, start:stop, None, :])
         if dBu_hook is not None:  # the hook may return a view of its input; the loop below writes in place
             hs = hs.clone()
-        hs[:, 0].addcmul_(h, dA[:, 0])
+        steps, decays = hs.unbind(1), dA.unbind(1)  # views made in one call: the loop is bound by per-op overhead
+        steps[0].addcmul_(h, decays[0])
         for t in range(1, stop - start):
-            hs[:, t].addcmul_(hs[:, t - 1], dA[:, t])
-        h = hs[:, -1].clone()
+            steps[t].addcmul_(steps[t - 1], decays[t])
+        h = steps[-1].clone()
         h_used = _apply(h_hook, hs)
         hC[:, start:stop] = torch.einsum("bten,btn->bte", h_used, C[:, start:stop])
     return hC, h
