@@ -22,8 +22,11 @@ DEFAULT_SET = {task: name for name, (_, tasks) in CALIBRATION_SETS.items() for t
 
 
 def text_windows(tokens: torch.Tensor, samples: int, length: int, generator: torch.Generator, name) -> torch.Tensor:
+    if len(tokens) == 0:
+        raise InputError(f"{name}: the calibration text is empty; expected training text")
     if length >= len(tokens):
-        raise InputError(f"calibration length {length} exceeds the {len(tokens)} tokens of {name}")
+        raise InputError(f"calibration length {length} is too long for the {len(tokens)} tokens of {name}; "
+                         f"expected --calib-len below {len(tokens)}")
     starts = torch.randint(0, len(tokens) - length, (samples,), generator=generator).tolist()
     return torch.stack([tokens[s : s + length] for s in starts])
 

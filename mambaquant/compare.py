@@ -112,7 +112,7 @@ def compare(source, methods=METHODS, bits=DEFAULT_BITS, granularities=GRANULARIT
                  for task in tasks}
     memo = Memo(model)
     rows = []
-    for method, preset, granularity in tqdm(runs, desc=name, unit="run", disable=not progress):
+    for method, preset, granularity in tqdm(runs, desc=name, unit="run", disable=None if progress else True):
         started = time.perf_counter()
         if method == "fp":
             quantized = model

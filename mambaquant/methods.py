@@ -402,15 +402,16 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
     fixed_length = isinstance(model, VisionMamba)
     pending = []
     with torch.no_grad():
-        hidden = [model.embed(batch) for batch in batches]
+        hidden = check_finite_activations([model.embed(batch) for batch in batches], "the embedding's output")
     bar = tqdm(model.layers, desc=f"{config.method} w{config.w_bits}a{config.a_bits}", unit="block",
-               disable=not progress, leave=False)
-    for layer in bar:
+               disable=None if progress else True, leave=False)  # None: off when not a terminal
+    for index, layer in enumerate(bar):
         runner = Runner(layer, hidden)
         block_transform(layer, runner, config, report)
         if quantize_acts:
             pending += calibrate_quantizers(block_activation_sites(layer), runner, config, fixed_length, report)
-        outputs = runner.outputs()  # the next block's inputs, from this block in full precision
+        # the next block's inputs, from this block in full precision
+        outputs = check_finite_activations(runner.outputs(), f"the output of block {index}")
         if quantize_weights:
             quantize_linears(block_linears(layer), runner, config)
         hidden = outputs
@@ -445,6 +446,13 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
     for linear in linears:
         linear.set_backend(backend)
     return model
+
+
+def check_finite_activations(tensors: list[torch.Tensor], where: str) -> list[torch.Tensor]:
+    if not all(torch.isfinite(t).all() for t in tensors):
+        raise InputError(f"calibration produced NaN or Inf at {where}; expected finite activations: check the "
+                         "model's weights and the calibration data")
+    return tensors
 
 
 def check_finite(model: nn.Module) -> None:

@@ -5,6 +5,7 @@ sum_j (sum_i H_il K_ij)^2 lambda_j / (n - 1), which depends on l."""
 
 import torch
 
+from ..errors import InputError
 from .hadamard import hadamard_or_orthogonal
 
 
@@ -28,7 +29,11 @@ class CovarianceObserver:
 
     def covariance(self) -> torch.Tensor:
         mean = self.total / self.count
-        return self.outer / self.count - torch.outer(mean, mean)
+        covariance = self.outer / self.count - torch.outer(mean, mean)
+        if not torch.isfinite(covariance).all():
+            raise InputError("calibration produced NaN or Inf activations; expected finite activations: check the "
+                             "model's weights and the calibration data")
+        return covariance
 
 
 class AbsMaxObserver:

@@ -1,0 +1,85 @@
+"""Peak memory of quantization against model depth: `quantize` walks the model one block at a time, holding one
+block's calibration activations, so the memory it needs beyond the model's own weights must not grow with the
+number of layers.
+
+For each depth, a fresh process builds a random-initialised model of the mamba-130m configuration (d_model 768)
+with that many layers, notes its resident memory, quantizes it (calibration: random token ids; memory does not
+depend on their values) and reports its peak resident memory. `quantize` returns a copy, so the peak holds the
+model twice; the working memory is what remains above that:
+
+    working = peak RSS - RSS after building the model - the model's weight bytes (the copy)
+
+    python benchmarks/memory.py [--layers 24 48] [--methods rtn mambaquant] [--calib 8x256] [--markdown FILE]
+"""
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+MIB = 2**20
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def measure(layers: int, method: str, samples: int, length: int) -> dict:
+    """Runs in the child process."""
+    from mambaquant import quantize
+    from mambaquant.runtime import LMConfig, MambaLM, init_weights
+
+    torch.set_num_threads(1)
+    model = init_weights(MambaLM(LMConfig(d_model=768, n_layer=layers, vocab_size=50280)), seed=0).eval()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    calib = torch.randint(0, 50280, (samples, length), generator=torch.Generator().manual_seed(0))
+    built = rss_bytes()
+    start = time.perf_counter()
+    quantize(model, method=method, calib=calib, weight_rounding="rtn")
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"layers": layers, "method": method, "weights": weights, "built": built, "peak": peak,
+            "working": peak - built - weights, "seconds": seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, nargs="+", default=[24, 48])
+    parser.add_argument("--methods", nargs="+", default=["rtn", "mambaquant"])
+    parser.add_argument("--calib", default="8x256", help="calibration samples x tokens")
+    parser.add_argument("--markdown", help="also write the table to this file")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        layers, method, samples, length = args.child
+        print(json.dumps(measure(int(layers), method, int(samples), int(length))))
+        return
+    samples, length = (int(v) for v in args.calib.split("x"))
+    rows = []
+    for method in args.methods:
+        for layers in args.layers:
+            child = subprocess.run([sys.executable, __file__, "--child", str(layers), method, str(samples), str(length)],
+                                   capture_output=True, text=True, check=True)
+            rows.append(json.loads(child.stdout))
+    header = (f"Peak memory of `quantize` (weights rounded to nearest, W8A8) on random mamba-130m-configuration "
+              f"models, calibration {samples} x {length} tokens; {platform.processor() or platform.machine()}, "
+              f"torch {torch.__version__}, 1 thread.\n\n"
+              "| method | layers | weights MiB | RSS built MiB | peak RSS MiB | working MiB | quantize s |\n"
+              "|---|---:|---:|---:|---:|---:|---:|\n")
+    table = header + "".join(
+        f"| {r['method']} | {r['layers']} | {r['weights'] / MIB:.0f} | {r['built'] / MIB:.0f} | {r['peak'] / MIB:.0f} "
+        f"| {r['working'] / MIB:.0f} | {r['seconds']:.1f} |\n" for r in rows)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as out:
+            out.write(table)
+
+
+if __name__ == "__main__":
+    main()
