@@ -5,7 +5,8 @@ number of layers.
 For each depth, a fresh process builds a random-initialised model of the mamba-130m configuration (d_model 768)
 with that many layers, notes its resident memory, quantizes it (calibration: random token ids; memory does not
 depend on their values) and reports its peak resident memory. `quantize` returns a copy, so the peak holds the
-model twice; the working memory is what remains above that:
+model twice (the copy's float weights are released block by block as they become integer codes); the working
+memory is what remains above the model and its copy:
 
     working = peak RSS - RSS after building the model - the model's weight bytes (the copy)
 
@@ -14,6 +15,7 @@ model twice; the working memory is what remains above that:
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -23,6 +25,9 @@ import time
 import torch
 
 MIB = 2**20
+# glibc raises its mmap threshold after large frees, after which freed tensors stay in the heap and the resident
+# set stops following what is alive; a fixed threshold returns every large tensor to the system when it is freed
+CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**17)}
 
 
 def rss_bytes() -> int:
@@ -65,7 +70,7 @@ def main() -> None:
     for method in args.methods:
         for layers in args.layers:
             child = subprocess.run([sys.executable, __file__, "--child", str(layers), method, str(samples), str(length)],
-                                   capture_output=True, text=True, check=True)
+                                   capture_output=True, text=True, check=True, env=CHILD_ENV)
             rows.append(json.loads(child.stdout))
     header = (f"Peak memory of `quantize` (weights rounded to nearest, W8A8) on random mamba-130m-configuration "
               f"models, calibration {samples} x {length} tokens; {platform.processor() or platform.machine()}, "

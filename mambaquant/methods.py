@@ -13,6 +13,7 @@ import copy
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -216,6 +217,15 @@ def smoothquant_head(model, runner: Runner, config: QuantConfig, report: QuantRe
     report.transforms.append(f"SmoothQuant (alpha {config.alpha}) at in_proj, conv1d, dt_proj and head inputs")
 
 
+def run_blocks(model, batch: torch.Tensor) -> torch.Tensor:
+    """The model up to its last block: a pass that observes the blocks never computes the head's output (for an LM
+    the largest tensor of the forward)."""
+    hidden = model.embed(batch)
+    for layer in model.layers:
+        hidden = layer(hidden)
+    return hidden
+
+
 def quarot_model(model, batches, config: QuantConfig, report: QuantReport) -> None:
     fuse_norms(model)
     rotate_residual(model, random_hadamard(model.config.d_model, config.seed))
@@ -248,7 +258,7 @@ def mambaquant_model(model, batches, config: QuantConfig, report: QuantReport) -
     covariance of all in_proj inputs pooled."""
     fuse_norms(model)
     residual = CovarianceObserver()
-    Runner(model, batches).observe({layer.sites["norm"]: residual for layer in model.layers})
+    Runner(partial(run_blocks, model), batches).observe({layer.sites["norm"]: residual for layer in model.layers})
     rotate_residual(model, klt_hadamard(residual.covariance()))
     report.transforms.append(
         "norm fusion; KLT-enhanced rotation of the residual stream (pooled covariance of the in_proj inputs); per "

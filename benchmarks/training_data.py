@@ -1,0 +1,75 @@
+"""Method checks on training data only, never on an evaluation split: where the `compare` tables leave a question
+(which method leads a cell, whether a setting helps), this measures it on data the evaluation does not use.
+
+- mamba-shakespeare: bits per byte on 200 windows of Tiny Shakespeare's training split outside the 64 KiB the
+  calibration draws from (bytes 100,000 to 151,400 of input.txt; needs the data directory);
+- typeseg: agreement with the FP labels on typeseg's calibration files (real files outside the evaluation corpus).
+
+Each cell: MambaQuant at each smoothing strength `alpha`, then the baselines.
+
+    python benchmarks/training_data.py shakespeare|typeseg [--cells w4a16:none,w8a8:token] [--alphas 0.5,0.25,0]
+"""
+
+import argparse
+
+import torch
+
+import mambaquant
+from mambaquant.calibration import TYPESEG_CALIBRATION
+from mambaquant.data import shared_data_dir
+from mambaquant.evaluation.text import bits_per_byte
+from mambaquant.loaders.typeseg import typeseg_tokens
+from mambaquant.methods import PRESETS
+
+BASELINES = ("rtn", "smoothquant", "quarot", "quamba")
+
+
+def shakespeare_metric():
+    data = shared_data_dir()
+    if data is None:
+        raise SystemExit("needs the data directory (../shared/data or MAMBAQUANT_DATA) for the training split")
+    held_out = (data / "tinyshakespeare" / "input.txt").read_bytes()[100_000 : 100_000 + 257 * 200]
+    return lambda model: bits_per_byte(model, held_out)[0]
+
+
+def typeseg_metric(reference):
+    files = sorted(p for p in TYPESEG_CALIBRATION.iterdir() if p.name != "SOURCES.md")
+    inputs = [typeseg_tokens(p.read_bytes())[None] for p in files]
+    with torch.no_grad():
+        labels = [reference(x)[0].argmax(-1) for x in inputs]
+
+    @torch.no_grad()
+    def agreement(model):
+        same = sum((model(x)[0].argmax(-1) == y).sum().item() for x, y in zip(inputs, labels))
+        return 100 * same / sum(len(y) for y in labels)
+
+    return agreement
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", choices=["shakespeare", "typeseg"])
+    parser.add_argument("--cells", default="w4a16:none,w4a8:tensor,w8a8:tensor,w8a8:token")
+    parser.add_argument("--alphas", default="0.5,0.25,0")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    fp = mambaquant.load("mamba-shakespeare" if args.model == "shakespeare" else "typeseg")
+    metric = shakespeare_metric() if args.model == "shakespeare" else typeseg_metric(fp)
+    print(f"| cell | method | alpha | {'bits per byte' if args.model == 'shakespeare' else 'agreement %'} |")
+    print("|---|---|---:|---:|")
+    print(f"| fp | fp | - | {metric(fp):.4f} |", flush=True)
+    for cell in args.cells.split(","):
+        bits, granularity = cell.split(":")
+        w_bits, a_bits = PRESETS[bits]
+        granularity = None if granularity == "none" else granularity
+        runs = [("mambaquant", float(alpha)) for alpha in args.alphas.split(",")]
+        runs += [(method, None) for method in BASELINES]
+        for method, alpha in runs:
+            options = {} if alpha is None else {"alpha": alpha}
+            model = mambaquant.quantize(fp, method=method, w_bits=w_bits, a_bits=a_bits, act_granularity=granularity,
+                                        **options)
+            print(f"| {cell} | {method} | {'default' if alpha is None else alpha} | {metric(model):.4f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
