@@ -22,8 +22,6 @@ DEFAULT_SET = {task: name for name, (_, tasks) in CALIBRATION_SETS.items() for t
 
 
 def text_windows(tokens: torch.Tensor, samples: int, length: int, generator: torch.Generator, name) -> torch.Tensor:
-    if len(tokens) == 0:
-        raise InputError(f"{name}: the calibration text is empty; expected training text")
     if length >= len(tokens):
         raise InputError(f"calibration length {length} is too long for the {len(tokens)} tokens of {name}; "
                          f"expected --calib-len below {len(tokens)}")
@@ -54,6 +52,8 @@ def calibration_inputs(name: str, samples: int, length: int | None = None, seed:
     else:
         raise InputError(f"unknown calibration set {name!r}; expected one of {', '.join(CALIBRATION_SETS)} "
                          "or the path of a text file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{name}: the calibration text is empty; expected training text")
     if tokenizer is None:
         tokens = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8).long()
     else:
