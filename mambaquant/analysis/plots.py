@@ -1,0 +1,157 @@
+"""The analysis plots, drawn from the results dictionary (what stats.json holds) with matplotlib's object API (Agg,
+no display needed). Each returns the file name and a one-line caption."""
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+SITE_LABELS = {"norm": "in_proj input", "gate": "gate SiLU(z)", "out_proj_in": "out_proj input",
+               "h": "state h (h*C operand)", "C": "C (h*C operand)", "hC": "scan output h*C", "y": "scan output y"}
+KURTOSIS_KINDS = ("norm", "gate", "out_proj_in", "h", "C", "hC", "y")
+
+
+def site_key(name: str) -> str:
+    """`layers.3.mixer.ssm_b.h` -> `ssm_b.h`; `layers.3.norm` -> `norm`."""
+    return ".".join(p for p in name.split(".")[2:] if p != "mixer") or name
+
+
+def label(key: str) -> str:
+    branch, _, kind = key.rpartition(".")
+    text = SITE_LABELS.get(kind, kind)
+    return f"{text}, backward branch" if branch == "ssm_b" else text
+
+
+def save(figure: Figure, directory: Path, name: str, caption: str) -> tuple[str, str]:
+    figure.savefig(directory / name, dpi=90)
+    return f"plots/{name}", caption
+
+
+def key_sites(results: dict) -> dict[str, dict[int, str]]:
+    """Key site (e.g. `ssm.h`) -> layer -> full site name, for the plotted layers."""
+    keys: dict[str, dict[int, str]] = {}
+    for name in results["transforms"]:
+        layer = results["sites"][name]["layer"]
+        if layer in results["plot_layers"]:
+            keys.setdefault(site_key(name), {})[layer] = name
+    return keys
+
+
+def channel_profiles(results, directory, key, names):
+    figure = Figure(figsize=(10, 2.3 * len(names) + 0.8), layout="constrained")
+    axes = figure.subplots(len(names), 1, squeeze=False)[:, 0]
+    for ax, (layer, name) in zip(axes, names.items()):
+        site = results["sites"][name]
+        values = site["channel_absmax"]
+        ax.bar(np.arange(len(values)), values, width=1.0, color="tab:blue")
+        ax.set_title(f"layer {layer}: max {site['absmax']:.3g}, largest/median channel {site['channel_max_ratio']:.1f}x")
+        ax.set_ylabel("|x| max")
+    axes[-1].set_xlabel("channel")
+    figure.suptitle(f"{results['model']}: per-channel |x| max at the {label(key)} ({key})")
+    return save(figure, directory, f"profile_{key}.png",
+                f"Per-channel |x| max at the {label(key)}, layers {', '.join(map(str, names))}")
+
+
+def histograms(results, directory, key, names):
+    edges = np.array(results["histogram_edges"])
+    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = figure.subplots()
+    for layer, name in names.items():
+        site = results["sites"][name]
+        counts = np.array(site["histogram"])[1:-1]  # the bins between 1e-8 and 1e8
+        ax.stairs(np.maximum(counts, 0.5), edges, label=f"layer {layer} (kurtosis {site['kurtosis']:.3g})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=0.5)
+    ax.set_xlabel("|x|")
+    ax.set_ylabel("count (log)")
+    ax.legend()
+    ax.set_title(f"{results['model']}: histogram of |x| at the {label(key)} ({key})")
+    return save(figure, directory, f"histogram_{key}.png", f"Histogram of |x| at the {label(key)} (log counts)")
+
+
+def transforms(results, directory, key, layer, name):
+    figure = Figure(figsize=(14, 5.5), layout="constrained")
+    axes = figure.subplots(2, 4, sharex=True)
+    chosen = results["mambaquant_transform"][name.rsplit(".", 1)[1]]
+    for column, (transform, stats) in enumerate(results["transforms"][name].items()):
+        title = results["transform_names"][transform] + (" (MambaQuant)" if transform == chosen else "")
+        top, bottom = axes[0, column], axes[1, column]
+        kept = stats["kept_rows_channel_absmax"]
+        top.bar(np.arange(len(kept)), kept, width=1.0, color="tab:orange")
+        top.set_title(f"{title}\n|x| max, largest/median {stats['kept_rows_channel_max_ratio']:.1f}x")
+        bottom.bar(np.arange(len(kept)), stats["channel_variance"], width=1.0, color="tab:green")
+        bottom.set_yscale("log")
+        bottom.set_title(f"variance max/min {stats['variance_max_min']:.3g}, CV {stats['variance_cv']:.2f}")
+        bottom.set_xlabel("channel")
+    axes[0, 0].set_ylabel("|x| max (rows of largest norm)")
+    axes[1, 0].set_ylabel("channel variance (log)")
+    figure.suptitle(f"{results['model']}: {label(key)} ({key}), layer {layer}, before and after each transform")
+    return save(figure, directory, f"transforms_{key}_layer{layer}.png",
+                f"{label(key)}, layer {layer}: per-channel |x| max and variance under each transform")
+
+
+def variance_spread(results, directory):
+    by_key: dict[str, dict[int, dict]] = {}
+    for name, stats in results["transforms"].items():
+        by_key.setdefault(site_key(name), {})[results["sites"][name]["layer"]] = stats
+    figure = Figure(figsize=(4.2 * len(by_key), 4), layout="constrained")
+    for ax, (key, layers) in zip(figure.subplots(1, len(by_key), squeeze=False)[0], by_key.items()):
+        for transform, title in results["transform_names"].items():
+            ax.plot(list(layers), [s[transform]["variance_max_min"] for s in layers.values()], marker="o", label=title)
+        ax.set_yscale("log")
+        ax.set_title(label(key))
+        ax.set_xlabel("layer")
+    figure.axes[0].set_ylabel("channel variance max / min (log)")
+    figure.axes[0].legend()
+    figure.suptitle(f"{results['model']}: spread of the channel variances after each transform, per layer")
+    return save(figure, directory, "variance_spread.png", "Channel variance max/min per layer under each transform")
+
+
+def kurtosis(results, directory):
+    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = figure.subplots()
+    series: dict[str, dict[int, float]] = {}
+    for name, site in results["sites"].items():
+        if site["layer"] is not None and site["kind"] in KURTOSIS_KINDS:
+            series.setdefault(site_key(name), {})[site["layer"]] = site["kurtosis"]
+    for key, layers in series.items():
+        ax.plot(list(layers), list(layers.values()), marker="o", label=label(key))
+    ax.axhline(3, color="gray", linestyle="--", label="normal distribution (3)")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("kurtosis (Pearson, log)")
+    ax.legend(fontsize="small")
+    ax.set_title(f"{results['model']}: kurtosis per layer at the key sites")
+    return save(figure, directory, "kurtosis.png", "Kurtosis per layer (Pearson, normal = 3)")
+
+
+def sqnr_layers(results, directory):
+    bits = sorted({b for per_bits in results["sqnr"].values() for b in per_bits})
+    figure = Figure(figsize=(6 * len(bits), 4.5), layout="constrained")
+    axes = figure.subplots(1, len(bits), squeeze=False)[0]
+    for ax, width in zip(axes, bits):
+        for method, per_bits in results["sqnr"].items():
+            layers = per_bits[width]["layers_db"]
+            ax.plot(list(layers), list(layers.values()), marker="o",
+                    label=f"{method} (output {per_bits[width]['output_db']:.1f} dB)")
+        ax.set_title(width.upper())
+        ax.set_xlabel("layer")
+        ax.set_ylabel("activation SQNR (dB)")
+        ax.legend(fontsize="small")
+    figure.suptitle(f"{results['model']}: activation quantization SQNR per layer and method (higher is better)")
+    return save(figure, directory, "sqnr_layers.png", "Activation SQNR per layer per method")
+
+
+def write_plots(results: dict, directory: Path) -> list[tuple[str, str]]:
+    """Every plot into `directory`; (relative path, caption) for each, in reading order."""
+    directory.mkdir()
+    figures = [kurtosis(results, directory), variance_spread(results, directory)]
+    if results["sqnr"]:
+        figures.append(sqnr_layers(results, directory))
+    keys = key_sites(results)
+    figures += [channel_profiles(results, directory, key, names) for key, names in keys.items()]
+    figures += [histograms(results, directory, key, names) for key, names in keys.items()]
+    figures += [transforms(results, directory, key, layer, name)
+                for key, names in keys.items() for layer, name in names.items()]
+    return figures
