@@ -60,7 +60,10 @@ def histograms(results, directory, key, names):
         site = results["sites"][name]
         counts = np.array(site["histogram"])[1:-1]  # the bins between 1e-8 and 1e8
         ax.stairs(np.maximum(counts, 0.5), edges, label=f"layer {layer} (kurtosis {site['kurtosis']:.3g})")
+    occupied = np.flatnonzero(sum(np.array(results["sites"][n]["histogram"])[1:-1] for n in names.values()))
     ax.set_xscale("log")
+    if occupied.size:
+        ax.set_xlim(edges[max(occupied[0] - 1, 0)], edges[min(occupied[-1] + 2, len(edges) - 1)])
     ax.set_yscale("log")
     ax.set_ylim(bottom=0.5)
     ax.set_xlabel("|x|")
@@ -71,21 +74,28 @@ def histograms(results, directory, key, names):
 
 
 def transforms(results, directory, key, layer, name):
-    figure = Figure(figsize=(14, 5.5), layout="constrained")
-    axes = figure.subplots(2, 4, sharex=True)
+    """Top: per-channel |x| max over the RMS value; bottom: channel variance over its mean. Both are scale-free, so
+    the columns share their axes and a flat profile at 1 is what a per-tensor scale wants."""
+    figure = Figure(figsize=(15, 6), layout="constrained")
+    axes = figure.subplots(2, 4, sharex=True, sharey="row")
     chosen = results["mambaquant_transform"][name.rsplit(".", 1)[1]]
     for column, (transform, stats) in enumerate(results["transforms"][name].items()):
-        title = results["transform_names"][transform] + (" (MambaQuant)" if transform == chosen else "")
+        title = results["transform_names"][transform] + (" (MambaQuant's)" if transform == chosen else "")
         top, bottom = axes[0, column], axes[1, column]
-        kept = stats["kept_rows_channel_absmax"]
-        top.bar(np.arange(len(kept)), kept, width=1.0, color="tab:orange")
-        top.set_title(f"{title}\n|x| max, largest/median {stats['kept_rows_channel_max_ratio']:.1f}x")
-        bottom.bar(np.arange(len(kept)), stats["channel_variance"], width=1.0, color="tab:green")
+        variance = np.array(stats["channel_variance"])
+        mean = max(variance.mean(), 1e-30)
+        channels = np.arange(len(variance))
+        top.bar(channels, np.array(stats["kept_rows_channel_absmax"]) / np.sqrt(mean), width=1.0, color="tab:orange")
+        top.set_title(f"{title}\nlargest/median channel max {stats['kept_rows_channel_max_ratio']:.1f}x, "
+                      f"crest {stats['crest_factor']:.1f}", fontsize="medium")
+        bottom.plot(channels, np.maximum(variance / mean, 1e-6), color="tab:green", linewidth=0.8)
+        bottom.axhline(1, color="gray", linestyle="--", linewidth=0.8)
         bottom.set_yscale("log")
-        bottom.set_title(f"variance max/min {stats['variance_max_min']:.3g}, CV {stats['variance_cv']:.2f}")
+        bottom.set_title(f"variance max/min {stats['variance_max_min']:.3g}, CV {stats['variance_cv']:.2f}",
+                         fontsize="medium")
         bottom.set_xlabel("channel")
-    axes[0, 0].set_ylabel("|x| max (rows of largest norm)")
-    axes[1, 0].set_ylabel("channel variance (log)")
+    axes[0, 0].set_ylabel("|x| max / RMS\n(rows of largest norm)")
+    axes[1, 0].set_ylabel("channel variance / mean (log)")
     figure.suptitle(f"{results['model']}: {label(key)} ({key}), layer {layer}, before and after each transform")
     return save(figure, directory, f"transforms_{key}_layer{layer}.png",
                 f"{label(key)}, layer {layer}: per-channel |x| max and variance under each transform")
@@ -95,15 +105,21 @@ def variance_spread(results, directory):
     by_key: dict[str, dict[int, dict]] = {}
     for name, stats in results["transforms"].items():
         by_key.setdefault(site_key(name), {})[results["sites"][name]["layer"]] = stats
-    figure = Figure(figsize=(4.2 * len(by_key), 4), layout="constrained")
-    for ax, (key, layers) in zip(figure.subplots(1, len(by_key), squeeze=False)[0], by_key.items()):
+    columns = min(3, len(by_key))
+    rows = -(-len(by_key) // columns)
+    figure = Figure(figsize=(4.5 * columns, 3.6 * rows + 0.5), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).flatten()
+    for ax in axes[len(by_key):]:
+        ax.set_visible(False)
+    for ax, (key, layers) in zip(axes, by_key.items()):
         for transform, title in results["transform_names"].items():
             ax.plot(list(layers), [s[transform]["variance_max_min"] for s in layers.values()], marker="o", label=title)
         ax.set_yscale("log")
         ax.set_title(label(key))
         ax.set_xlabel("layer")
-    figure.axes[0].set_ylabel("channel variance max / min (log)")
-    figure.axes[0].legend()
+        ax.set_xticks(list(layers))
+        ax.set_ylabel("channel variance max / min (log)")
+    axes[0].legend()
     figure.suptitle(f"{results['model']}: spread of the channel variances after each transform, per layer")
     return save(figure, directory, "variance_spread.png", "Channel variance max/min per layer under each transform")
 
@@ -118,6 +134,7 @@ def kurtosis(results, directory):
     for key, layers in series.items():
         ax.plot(list(layers), list(layers.values()), marker="o", label=label(key))
     ax.axhline(3, color="gray", linestyle="--", label="normal distribution (3)")
+    ax.set_xticks(sorted({layer for layers in series.values() for layer in layers}))
     ax.set_yscale("log")
     ax.set_xlabel("layer")
     ax.set_ylabel("kurtosis (Pearson, log)")
@@ -127,7 +144,7 @@ def kurtosis(results, directory):
 
 
 def sqnr_layers(results, directory):
-    bits = sorted({b for per_bits in results["sqnr"].values() for b in per_bits})
+    bits = list(next(iter(results["sqnr"].values())))
     figure = Figure(figsize=(6 * len(bits), 4.5), layout="constrained")
     axes = figure.subplots(1, len(bits), squeeze=False)[0]
     for ax, width in zip(axes, bits):

@@ -28,10 +28,12 @@ def tables(results: dict) -> list[Table]:
     for name, per_transform in results["transforms"].items():
         chosen = results["mambaquant_transform"][name.rsplit(".", 1)[1]]
         transform_rows.append([name] + [
-            f"{number(s['variance_max_min'])} / {s['variance_cv']:.2f}" + (" *" if t == chosen else "")
+            f"{number(s['variance_max_min'])} / {s['variance_cv']:.2f} / {s['crest_factor']:.1f}"
+            + (" *" if t == chosen else "")
             for t, s in per_transform.items()])
     out = [("Key sites (in_proj input, gate, out_proj input, h, C), every layer", SITE_HEADER, key),
-           ("Channel variance after each transform: max / min and CV (* what MambaQuant applies there)",
+           ("After each transform: channel variance max / min, variance CV, crest factor (largest |x| of the kept rows / RMS); "
+            "* what MambaQuant applies there",
             ["site"] + list(names.values()), transform_rows)]
     if results["sqnr"]:
         runs = [(m, b, r) for m, per_bits in results["sqnr"].items() for b, r in per_bits.items()]

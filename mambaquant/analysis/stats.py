@@ -174,7 +174,8 @@ def transform(kind: str, name: str, layer, statistics: dict[str, SiteStatistics]
 
 def transformed_channels(site: SiteStatistics, scale: torch.Tensor | None, rotation: torch.Tensor | None) -> dict:
     """Per-channel variance after x -> (x * scale) R, exactly diag(R^T D S D R) from the covariance S (D = diag(scale)),
-    and the per-channel |x| max of the kept rows after it."""
+    the per-channel |x| max of the kept rows after it, and the crest factor: their largest |x| over the RMS value
+    (the square root of the mean channel variance), what a per-tensor scale pays for."""
     covariance = site.covariance.covariance()
     rows = site.top_rows
     if scale is not None:
@@ -189,6 +190,7 @@ def transformed_channels(site: SiteStatistics, scale: torch.Tensor | None, rotat
     variance = variance.clamp(min=0)
     kept_max = rows.abs().amax(0)
     return {"variance_max_min": spread_ratio(variance), "variance_cv": coefficient_of_variation(variance),
+            "crest_factor": (kept_max.max() / variance.mean().sqrt().clamp(min=1e-30)).item(),
             "channel_variance": rounded(variance), "kept_rows_channel_absmax": rounded(kept_max),
             "kept_rows_channel_max_ratio": spread_ratio(kept_max, median=True)}
 
@@ -203,7 +205,7 @@ def pooled_covariance(observers: list[CovarianceObserver]) -> torch.Tensor:
 
 def transform_statistics(model, statistics: dict[str, SiteStatistics], seed: int) -> dict:
     """Key site name -> transform -> the channel statistics after it."""
-    key = {name: s for name, s in statistics.items() if s.covariance is not None}
+    key = {name: statistics[name] for name in key_site_names(model)}
     residual = [s.covariance for name, s in key.items() if name.endswith(".norm")]
     residual_covariance = pooled_covariance(residual) if residual else None
     results = {}
