@@ -45,6 +45,7 @@ class AnalysisConfig:
     methods: tuple[str, ...] = QUANTIZING_METHODS
     bits: tuple[str, ...] = ("w8a8", "w4a8")
     seed: int = 0
+    batch_size: int = 4  # inputs per forward pass here (quantize calibrates in its own batches)
     sketch: SketchConfig = field(default_factory=SketchConfig)
 
     def __post_init__(self):
@@ -106,7 +107,8 @@ def analyze(source, out_dir: str | Path, config: AnalysisConfig | None = None, o
         raise InputError(f"{out_dir.parent}: directory not found; expected an existing parent for --out")
     name = source if isinstance(source, str) else type(source).__name__
     model = load(source).eval()
-    batches = resolve_calibration(model, name, config.calib, config.calib_samples, config.calib_len, config.seed)
+    batches = resolve_calibration(model, name, config.calib, config.calib_samples, config.calib_len, config.seed,
+                                  batch_size=config.batch_size)
     statistics = capture(model, batches, config.sketch, progress)
     sites = find_sites(model)
     results = {

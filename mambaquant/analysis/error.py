@@ -17,6 +17,7 @@ from ..methods import linear_slots
 from ..quant.linear import QuantizedLinear
 from ..quant.quantizer import ActivationQuantizer
 from ..runtime import find_sites
+from .stats import row_chunks
 
 SQNR = ("10 log10(sum x^2 / sum (x - Q(x))^2) in dB over the calibration inputs: x the tensor an activation "
         "quantizer receives, Q(x) its quantize-dequantize; pooled over a layer's quantizers per layer, over a site "
@@ -37,8 +38,10 @@ class ErrorEnergy:
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, quantized: torch.Tensor) -> None:
-        self.signal += x.double().square().sum().item()
-        self.noise += (x.double() - quantized.double()).square().sum().item()
+        for part, part_quantized in zip(row_chunks(x.reshape(-1, x.shape[-1])),
+                                        row_chunks(quantized.reshape(-1, x.shape[-1]))):
+            self.signal += part.double().square().sum().item()
+            self.noise += (part.double() - part_quantized.double()).square().sum().item()
 
 
 def activation_quantizers(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:

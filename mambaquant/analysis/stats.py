@@ -43,6 +43,11 @@ def rounded(values: torch.Tensor) -> list[float]:
     return [float(f"{v:.5g}") for v in values.tolist()]
 
 
+def row_chunks(flat: torch.Tensor, elements: int = 1 << 22) -> tuple[torch.Tensor, ...]:
+    """Pieces of a (rows, channels) tensor of about `elements` values: temporaries stay small at the logits."""
+    return flat.split(max(1, elements // flat.shape[1]))
+
+
 def strided_rows(flat: torch.Tensor, limit: int) -> torch.Tensor:
     return flat[:: -(-flat.shape[0] // limit)]
 
@@ -63,7 +68,7 @@ class SiteStatistics:
     @torch.no_grad()
     def __call__(self, site, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1, x.shape[-1])
-        absmax = flat.abs().amax(0).double()
+        absmax = torch.stack([part.abs().amax(0) for part in row_chunks(flat)]).amax(0).double()
         self.channel_absmax = absmax if self.channel_absmax is None else torch.maximum(self.channel_absmax, absmax)
         self.rows_seen += flat.shape[0]
         sample = strided_rows(flat, self.sketch.rows_per_call).double()
