@@ -2,9 +2,10 @@
 
 SQNR = 10 log10(sum x^2 / sum (x - Q(x))^2) in dB, where x is the tensor an activation quantizer receives (after the
 method's transforms at that site: an orthogonal rotation leaves both sums unchanged, a smoothing scale does not) and
-Q(x) its quantize-dequantize; the sums run over every value on every calibration input. A layer's SQNR pools the
-sums of all its quantizers; a site kind's, those of that kind over all layers. The model's output SQNR compares the
-quantized model's output with the full-precision model's on the same inputs (weights and activations together).
+Q(x) its quantize-dequantize; the sums run over every value on every calibration input. A layer's SQNR is the mean
+in dB over its quantizers; a site kind's, over the quantizers of that kind in all layers; the model's activation
+SQNR, over all quantizers. The output SQNR compares the quantized model's output with the full-precision model's on
+the same inputs (weights and activations together).
 """
 
 from collections import defaultdict
@@ -20,8 +21,8 @@ from ..runtime import find_sites
 from .stats import row_chunks
 
 SQNR = ("10 log10(sum x^2 / sum (x - Q(x))^2) in dB over the calibration inputs: x the tensor an activation "
-        "quantizer receives, Q(x) its quantize-dequantize; pooled over a layer's quantizers per layer, over a site "
-        "kind's per kind; output: the quantized model's output against the full-precision model's")
+        "quantizer receives, Q(x) its quantize-dequantize; per layer, per site kind and overall: the mean in dB over "
+        "those quantizers; output: the quantized model's output against the full-precision model's, same formula")
 
 
 def sqnr_db(signal: float, noise: float) -> float:
@@ -83,12 +84,13 @@ def kind_of(site_name: str) -> str:
     return ".".join(p for p in site_name.split(".") if not p.isdigit() and p not in ("layers", "mixer"))
 
 
-def pooled(energies: dict[str, ErrorEnergy], group) -> dict[str, float]:
-    sums = defaultdict(lambda: [0.0, 0.0])
-    for name, energy in energies.items():
-        sums[group(name)][0] += energy.signal
-        sums[group(name)][1] += energy.noise
-    return {key: sqnr_db(signal, noise) for key, (signal, noise) in sums.items()}
+def mean_db(sqnr: dict[str, float], group) -> dict[str, float]:
+    """Mean SQNR in dB over the quantizers of each group: every quantizer counts once, whatever the scale of its
+    tensor (smoothing changes the scale, so pooled energies would not compare across methods)."""
+    groups = defaultdict(list)
+    for name, value in sqnr.items():
+        groups[group(name)].append(value)
+    return {key: sum(values) / len(values) for key, values in groups.items()}
 
 
 @torch.no_grad()
@@ -102,10 +104,9 @@ def measure(quantized: nn.Module, reference: nn.Module, batches: list[torch.Tens
     finally:
         for handle in handles:
             handle.remove()
-    total = ErrorEnergy()
-    total.signal, total.noise = sum(e.signal for e in energies.values()), sum(e.noise for e in energies.values())
-    return {"activations_db": sqnr_db(total.signal, total.noise),
+    sites = {name: sqnr_db(e.signal, e.noise) for name, e in energies.items()}
+    return {"activations_db": sum(sites.values()) / len(sites),
             "output_db": sqnr_db(output.signal, output.noise),
-            "layers_db": pooled(energies, layer_of),
-            "kinds_db": pooled(energies, kind_of),
-            "sites_db": {name: sqnr_db(e.signal, e.noise) for name, e in energies.items()}}
+            "layers_db": mean_db(sites, layer_of),
+            "kinds_db": mean_db(sites, kind_of),
+            "sites_db": sites}
