@@ -7,7 +7,7 @@ pair at the scan sites).
 
 Every value enters the per-channel |x| maxima. Moments, the |x| histogram and the covariance come from at most
 `rows_per_call` rows of each tensor (a fixed stride, deterministic), so a scan chunk of 200,000 rows costs what
-4,096 rows do; below that limit they are exact. Memory is a few vectors per site, plus, at the key sites, a
+1,024 rows do; below that limit they are exact. Memory is a few vectors per site, plus, at the key sites, a
 C x C covariance and the `kept_rows` rows of largest norm (for max profiles after a rotation: a row left out
 has norm, hence |value| in any rotated channel, at most the smallest kept norm).
 """
@@ -34,7 +34,7 @@ KURTOSIS = "Pearson kurtosis (fourth central moment / variance^2; 3 for a normal
 
 @dataclass
 class SketchConfig:
-    rows_per_call: int = 4096  # rows of each tensor entering moments, histogram and covariance
+    rows_per_call: int = 1024  # rows of each tensor entering moments, histogram and covariance
     kept_rows: int = 1024  # rows of largest norm kept at the key sites
 
 
