@@ -26,8 +26,8 @@ from .stats import (
     KURTOSIS,
     MAMBAQUANT_TRANSFORM,
     TRANSFORM_NAMES,
-    SketchConfig,
     SiteStatistics,
+    SketchConfig,
     key_site_names,
     transform_statistics,
 )

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-SITE_LABELS = {"norm": "in_proj input", "gate": "gate SiLU(z)", "out_proj_in": "out_proj input",
+SITE_LABELS = {"norm": "in_proj input", "gate": "gate SiLU(z)", "out_proj_in": "out_proj input", "conv": "scan input u",
                "h": "state h (h*C operand)", "C": "C (h*C operand)", "hC": "scan output h*C", "y": "scan output y"}
-KURTOSIS_KINDS = ("norm", "gate", "out_proj_in", "h", "C", "hC", "y")
+KURTOSIS_KINDS = ("norm", "gate", "out_proj_in", "conv", "h", "C", "hC", "y")
 
 
 def site_key(name: str) -> str:
@@ -44,7 +44,8 @@ def channel_profiles(results, directory, key, names):
         site = results["sites"][name]
         values = site["channel_absmax"]
         ax.bar(np.arange(len(values)), values, width=1.0, color="tab:blue")
-        ax.set_title(f"layer {layer}: max {site['absmax']:.3g}, largest/median channel {site['channel_max_ratio']:.1f}x")
+        ax.set_title(f"layer {layer}: max {site['absmax']:.3g}, "
+                     f"largest/median channel {site['channel_max_ratio']:.1f}x")
         ax.set_ylabel("|x| max")
     axes[-1].set_xlabel("channel")
     figure.suptitle(f"{results['model']}: per-channel |x| max at the {label(key)} ({key})")

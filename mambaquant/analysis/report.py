@@ -2,8 +2,6 @@
 
 from html import escape
 
-
-
 Table = tuple[str, list[str], list[list[str]]]  # title, header, rows
 
 
@@ -32,8 +30,9 @@ def tables(results: dict) -> list[Table]:
             + (" *" if t == chosen else "")
             for t, s in per_transform.items()])
     out = [("Key sites (in_proj input, gate, out_proj input, h, C), every layer", SITE_HEADER, key),
-           ("After each transform: channel variance max / min, variance CV, crest factor (largest |x| of the kept rows / RMS); "
-            "* what MambaQuant applies there",
+           scan_table(results),
+           (("After each transform: channel variance max / min, variance CV, crest factor (largest |x| of the kept "
+            "rows / RMS); * what MambaQuant applies there"),
             ["site"] + list(names.values()), transform_rows)]
     if results["sqnr"]:
         runs = [(m, b, r) for m, per_bits in results["sqnr"].items() for b, r in per_bits.items()]
@@ -49,12 +48,33 @@ def tables(results: dict) -> list[Table]:
     return out
 
 
+DEFINITION_LABELS = {"channel": "Channel", "kurtosis": "Kurtosis", "sqnr": "SQNR",
+                     "channel_max_ratio": "Channel max / median", "variance_max_min": "Variance max / min",
+                     "variance_cv": "Variance CV", "sampling": "Sampling"}
+SCAN_KINDS = ("conv", "dBu", "h", "hC", "y")  # the scan's input u, its discretised input, state, outputs
+
+
+def scan_table(results: dict) -> Table:
+    """Kurtosis along the scan of every layer and branch: what the recurrence does to the tails."""
+    sites = results["sites"]
+    rows = []
+    for name, site in sites.items():
+        if site["kind"] == "conv":
+            prefix = name.rsplit(".", 1)[0]
+            kurtosis = [sites[f"{prefix}.{kind}"]["kurtosis"] for kind in SCAN_KINDS]
+            out_proj_in = sites[prefix.rsplit(".", 1)[0] + ".out_proj_in"]["kurtosis"]
+            rows.append([prefix] + [number(k) for k in kurtosis + [out_proj_in]]
+                        + [number(kurtosis[2] / kurtosis[0])])
+    header = ["branch", "u (scan input)", "dt*B*u", "h", "h*C", "y", "out_proj input", "h / u"]
+    return "The scan's heavy tails: kurtosis from its input u to its outputs, per layer", header, rows
+
+
 def preamble(results: dict) -> list[str]:
     c = results["calibration"]
-    return [f"Model: {results['model']} ({results['architecture']}). Calibration: {c['samples']} inputs of shape "
+    return [(f"Model: {results['model']} ({results['architecture']}). Calibration: {c['samples']} inputs of shape "
             f"{tuple(c['input_shape'])} from {c['set']} (training data), seed {c['seed']}; every number here comes "
-            "from these inputs.",
-            *(f"{name.replace('_', ' ').capitalize()}: {text}." for name, text in results["definitions"].items())]
+            "from these inputs."),
+            *(f"{DEFINITION_LABELS.get(name, name)}: {text}." for name, text in results["definitions"].items())]
 
 
 def markdown(results: dict, figures: list[tuple[str, str]]) -> str:
@@ -70,9 +90,9 @@ def markdown(results: dict, figures: list[tuple[str, str]]) -> str:
 def html(results: dict, figures: list[tuple[str, str]]) -> str:
     title = f"Analysis of {escape(results['model'])}"
     parts = [f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{title}</title>",
-             "<style>body{font-family:sans-serif;margin:2em;max-width:1500px}table{border-collapse:collapse;"
+             ("<style>body{font-family:sans-serif;margin:2em;max-width:1500px}table{border-collapse:collapse;"
              "font-size:13px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
-             "td:first-child{text-align:left}img{max-width:100%;border:1px solid #eee}</style></head><body>",
+             "td:first-child{text-align:left}img{max-width:100%;border:1px solid #eee}</style></head><body>"),
              f"<h1>{title}</h1>", *(f"<p>{escape(p)}</p>" for p in preamble(results)), "<h2>Plots</h2>"]
     for path, caption in figures:
         parts.append(f"<figure><img src='{escape(path)}' alt='{escape(caption)}'>"
