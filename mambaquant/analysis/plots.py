@@ -126,7 +126,7 @@ def variance_spread(results, directory):
 
 
 def kurtosis(results, directory):
-    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    figure = Figure(figsize=(10, 4.5), layout="constrained")
     ax = figure.subplots()
     series: dict[str, dict[int, float]] = {}
     for name, site in results["sites"].items():
@@ -139,8 +139,8 @@ def kurtosis(results, directory):
     ax.set_yscale("log")
     ax.set_xlabel("layer")
     ax.set_ylabel("kurtosis (Pearson, log)")
-    ax.legend(fontsize="small")
-    ax.set_title(f"{results['model']}: kurtosis per layer at the key sites")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.set_title(f"{results['model']}: kurtosis per layer at the key sites and along the scan")
     return save(figure, directory, "kurtosis.png", "Kurtosis per layer (Pearson, normal = 3)")
 
 
