@@ -71,18 +71,19 @@ class SiteStatistics:
         absmax = torch.stack([part.abs().amax(0) for part in row_chunks(flat)]).amax(0).double()
         self.channel_absmax = absmax if self.channel_absmax is None else torch.maximum(self.channel_absmax, absmax)
         self.rows_seen += flat.shape[0]
-        sample = strided_rows(flat, self.sketch.rows_per_call).double()
+        sample = strided_rows(flat, self.sketch.rows_per_call)
         if self.shift is None:  # moments about the first sample's channel means: no cancellation for offset data
-            self.shift = sample.mean(0)
+            self.shift = sample.double().mean(0)
             self.sums = torch.zeros(5, flat.shape[1], dtype=torch.float64)
-        centred = sample - self.shift
-        power = torch.ones_like(centred)
-        for k in range(5):
-            self.sums[k] += power.sum(0)
-            power = power * centred
+        for part in row_chunks(sample):
+            centred = part.double() - self.shift
+            power = torch.ones_like(centred)
+            for k in range(5):
+                self.sums[k] += power.sum(0)
+                power = power * centred
+            bins = torch.bucketize(part.abs().flatten().double(), HISTOGRAM_EDGES)
+            self.histogram += torch.bincount(bins, minlength=len(self.histogram)).double()
         self.rows += sample.shape[0]
-        bins = torch.bucketize(sample.abs().flatten(), HISTOGRAM_EDGES)
-        self.histogram += torch.bincount(bins, minlength=len(self.histogram)).double()
         if self.covariance is not None:
             self.covariance(site, sample)
             candidates = flat.float()
