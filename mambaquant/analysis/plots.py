@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 SITE_LABELS = {"norm": "in_proj input", "gate": "gate SiLU(z)", "out_proj_in": "out_proj input", "conv": "scan input u",
                "h": "state h (h*C operand)", "C": "C (h*C operand)", "hC": "scan output h*C", "y": "scan output y"}
@@ -23,7 +24,7 @@ def label(key: str) -> str:
 
 
 def save(figure: Figure, directory: Path, name: str, caption: str) -> tuple[str, str]:
-    figure.savefig(directory / name, dpi=90)
+    figure.savefig(directory / name, dpi=80)
     return f"plots/{name}", caption
 
 
@@ -48,6 +49,8 @@ def channel_profiles(results, directory, key, names):
                      f"largest/median channel {site['channel_max_ratio']:.1f}x")
         ax.set_ylabel("|x| max")
     axes[-1].set_xlabel("channel")
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.suptitle(f"{results['model']}: per-channel |x| max at the {label(key)} ({key})")
     return save(figure, directory, f"profile_{key}.png",
                 f"Per-channel |x| max at the {label(key)}, layers {', '.join(map(str, names))}")
@@ -95,6 +98,7 @@ def transforms(results, directory, key, layer, name):
         bottom.set_title(f"variance max/min {stats['variance_max_min']:.3g}, CV {stats['variance_cv']:.2f}",
                          fontsize="medium")
         bottom.set_xlabel("channel")
+        bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0, 0].set_ylabel("|x| max / RMS\n(rows of largest norm)")
     axes[1, 0].set_ylabel("channel variance / mean (log)")
     figure.suptitle(f"{results['model']}: {label(key)} ({key}), layer {layer}, before and after each transform")
