@@ -122,7 +122,7 @@ def analyze(source, out_dir: str | Path, config: AnalysisConfig | None = None, o
             "variance_max_min": "largest / smallest per-channel variance (smallest floored at 1e-12)",
             "variance_cv": "coefficient of variation of the per-channel variances (std / mean)",
             "sampling": f"|x| maxima over every value; moments, histogram and covariance over at most "
-                        f"{config.sketch.rows_per_call} rows of each tensor (fixed stride); max profiles after a "
+                        f"{config.sketch.rows_per_call} rows of each tensor (uniform, seeded); max profiles after a "
                         f"transform over the {config.sketch.kept_rows} rows of largest norm",
         },
         "transform_names": TRANSFORM_NAMES,

@@ -6,8 +6,8 @@ MambaQuant's h*C smoothing and Hadamard act on. A row is one vector along that d
 pair at the scan sites).
 
 Every value enters the per-channel |x| maxima. Moments, the |x| histogram and the covariance come from at most
-`rows_per_call` rows of each tensor (a fixed stride, deterministic), so a scan chunk of 200,000 rows costs what
-1,024 rows do; below that limit they are exact. Memory is a few vectors per site, plus, at the key sites, a
+`rows_per_call` rows of each tensor (drawn uniformly with a seeded generator), so a scan chunk of 200,000 rows costs
+what 1,024 rows do; below that limit they are exact. Memory is a few vectors per site, plus, at the key sites, a
 C x C covariance and the `kept_rows` rows of largest norm (for max profiles after a rotation: a row left out
 has norm, hence |value| in any rotated channel, at most the smallest kept norm).
 """
@@ -48,8 +48,12 @@ def row_chunks(flat: torch.Tensor, elements: int = 1 << 22) -> tuple[torch.Tenso
     return flat.split(max(1, elements // flat.shape[1]))
 
 
-def strided_rows(flat: torch.Tensor, limit: int) -> torch.Tensor:
-    return flat[:: -(-flat.shape[0] // limit)]
+def sampled_rows(flat: torch.Tensor, limit: int, generator: torch.Generator) -> torch.Tensor:
+    """All rows, or `limit` drawn uniformly (with replacement). Not a stride: at the scan sites the rows run over
+    (token, d_inner channel), and a stride would keep revisiting the same few d_inner channels."""
+    if flat.shape[0] <= limit:
+        return flat
+    return flat[torch.randint(flat.shape[0], (limit,), generator=generator)]
 
 
 class SiteStatistics:
@@ -64,6 +68,7 @@ class SiteStatistics:
         self.histogram = torch.zeros(len(HISTOGRAM_EDGES) + 1, dtype=torch.float64)
         self.covariance = CovarianceObserver() if key else None
         self.top_rows = None
+        self.generator = torch.Generator().manual_seed(0)
 
     @torch.no_grad()
     def __call__(self, site, x: torch.Tensor) -> None:
@@ -71,7 +76,7 @@ class SiteStatistics:
         absmax = torch.stack([part.abs().amax(0) for part in row_chunks(flat)]).amax(0).double()
         self.channel_absmax = absmax if self.channel_absmax is None else torch.maximum(self.channel_absmax, absmax)
         self.rows_seen += flat.shape[0]
-        sample = strided_rows(flat, self.sketch.rows_per_call)
+        sample = sampled_rows(flat, self.sketch.rows_per_call, self.generator)
         if self.shift is None:  # moments about the first sample's channel means: no cancellation for offset data
             self.shift = sample.double().mean(0)
             self.sums = torch.zeros(5, flat.shape[1], dtype=torch.float64)
