@@ -121,9 +121,10 @@ def analyze(source, out_dir: str | Path, config: AnalysisConfig | None = None, o
             "channel_max_ratio": "largest per-channel |x| max / median per-channel |x| max",
             "variance_max_min": "largest / smallest per-channel variance (smallest floored at 1e-12)",
             "variance_cv": "coefficient of variation of the per-channel variances (std / mean)",
-            "sampling": f"|x| maxima over every value; moments, histogram and covariance over at most "
-                        f"{config.sketch.rows_per_call} rows of each tensor (uniform, seeded); max profiles after a "
-                        f"transform over the {config.sketch.kept_rows} rows of largest norm",
+            "sampling": f"maxima, moments and histograms over every value; covariances (variances after a "
+                        f"transform) over at most {config.sketch.covariance_rows} rows of each tensor (uniform, "
+                        f"seeded); max profiles after a transform over the {config.sketch.kept_rows} rows of "
+                        "largest norm",
         },
         "transform_names": TRANSFORM_NAMES,
         "mambaquant_transform": MAMBAQUANT_TRANSFORM,
