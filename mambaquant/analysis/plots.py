@@ -136,9 +136,11 @@ def kurtosis(results, directory):
     for name, site in results["sites"].items():
         if site["layer"] is not None and site["kind"] in KURTOSIS_KINDS:
             series.setdefault(site_key(name), {})[site["layer"]] = site["kurtosis"]
-    for key, layers in series.items():
-        ax.plot(list(layers), list(layers.values()), marker="o", label=label(key))
-    ax.axhline(3, color="gray", linestyle="--", label="normal distribution (3)")
+    for key, layers in series.items():  # a colour per kind; the backward branch of a bidirectional block dashed
+        color = f"C{KURTOSIS_KINDS.index(key.rpartition('.')[2])}"
+        ax.plot(list(layers), list(layers.values()), marker="o", label=label(key), color=color,
+                linestyle="--" if key.startswith("ssm_b.") else "-")
+    ax.axhline(3, color="gray", linestyle=":", label="normal distribution (3)")
     ax.set_xticks(sorted({layer for layers in series.values() for layer in layers}))
     ax.set_yscale("log")
     ax.set_xlabel("layer")
