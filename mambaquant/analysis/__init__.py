@@ -103,6 +103,8 @@ def analyze(source, out_dir: str | Path, config: AnalysisConfig | None = None, o
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise InputError(f"{out_dir}: already exists; pass --overwrite to replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir} is a file; expected a directory path for --out")
     if not out_dir.resolve().parent.is_dir():
         raise InputError(f"{out_dir.parent}: directory not found; expected an existing parent for --out")
     name = source if isinstance(source, str) else type(source).__name__
