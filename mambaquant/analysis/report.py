@@ -37,7 +37,7 @@ def tables(results: dict) -> list[Table]:
     if results["sqnr"]:
         runs = [(m, b, r) for m, per_bits in results["sqnr"].items() for b, r in per_bits.items()]
         kinds = list(runs[0][2]["kinds_db"])
-        out.append(("SQNR (dB) per method: mean over the activation quantizers, the model output, and mean per site kind",
+        out.append(("SQNR (dB) per method: mean over the activation quantizers, the model output, mean per site kind",
                     ["method", "bits", "activations", "output"] + kinds,
                     [[m, b.upper(), number(r["activations_db"]), number(r["output_db"])]
                      + [number(r["kinds_db"].get(k, float("nan"))) for k in kinds] for m, b, r in runs]))
