@@ -75,8 +75,8 @@ class SiteStatistics:
         flat = x.detach().reshape(-1, x.shape[-1])
         absmax = torch.stack([part.abs().amax(0) for part in row_chunks(flat)]).amax(0).double()
         self.channel_absmax = absmax if self.channel_absmax is None else torch.maximum(self.channel_absmax, absmax)
-        if self.shift is None:  # moments about the first tensor's channel means: no cancellation for offset data
-            self.shift = flat.double().mean(0)
+        if self.shift is None:  # moments about the first rows' channel means: no cancellation for offset data
+            self.shift = row_chunks(flat)[0].double().mean(0)
             self.sums = torch.zeros(5, flat.shape[1], dtype=torch.float64)
         for part in row_chunks(flat):
             centred = part.double() - self.shift
