@@ -106,6 +106,19 @@ def cmd_compare(args) -> None:
         write_atomic(args.markdown, to_markdown(rows, command))
 
 
+def cmd_analyze(args) -> None:
+    from .analysis import AnalysisConfig, analyze
+
+    config = AnalysisConfig(calib=args.calib, calib_samples=args.calib_samples, calib_len=args.calib_len,
+                            methods=tuple(args.methods), seed=args.seed)
+    results = analyze(args.source, args.out, config, overwrite=args.overwrite, progress=True)
+    for method, per_bits in results["sqnr"].items():
+        for bits, sqnr in per_bits.items():
+            print(f"{method} {bits.upper()}: activation SQNR {sqnr['activations_db']:.1f} dB, "
+                  f"output SQNR {sqnr['output_db']:.1f} dB")
+    print(f"wrote {args.out}: stats.json, summary.md, plots/, index.html")
+
+
 def cmd_zoo(args) -> None:
     from .zoo import ZOO, card
 
@@ -225,6 +238,21 @@ def build_parser() -> Parser:
     compare.add_argument("--json", help="write the rows as a JSON list to this file")
     compare.add_argument("--markdown", help="write the table as Markdown to this file")
     compare.set_defaults(run=cmd_compare)
+
+    from .analysis import QUANTIZING_METHODS
+
+    analyze = commands.add_parser("analyze", help="outliers, the scan's heavy tails, what each transform does to "
+                                                  "them and each method's SQNR: stats, plots, index.html")
+    analyze.add_argument("source", help="embedded model name, model directory or checkpoint file")
+    analyze.add_argument("--out", required=True, help="directory to write (refused if it exists, see --overwrite)")
+    analyze.add_argument("--calib", help=calib_help)
+    analyze.add_argument("--calib-samples", type=positive_int, default=32)
+    analyze.add_argument("--calib-len", type=positive_int, help="calibration sequence length (text)")
+    analyze.add_argument("--methods", type=comma_list, default=list(QUANTIZING_METHODS),
+                         help="comma-separated methods whose SQNR to measure (default: every quantizing method)")
+    analyze.add_argument("--seed", type=int, default=0)
+    analyze.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    analyze.set_defaults(run=cmd_analyze)
 
     generate = commands.add_parser("generate", help="generate text from a language model")
     generate.add_argument("source", help="embedded model name, model directory or checkpoint file")

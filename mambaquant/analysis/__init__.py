@@ -1,0 +1,162 @@
+"""`analyze`: the outliers at every site of a model, the scan's heavy tails, what each transform does to the channels,
+and the quantization error of each method, as stats.json, summary.md, PNG plots and an index.html.
+
+Everything is measured on the same calibration inputs (training data only, `resolve_calibration`): the statistics in
+one full-precision pass with an observer at every site (`stats.SiteStatistics`, bounded memory), the SQNR with each
+method's quantized model (`quantize`) on those inputs again (`error.measure`).
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..calibration import resolve_calibration
+from ..errors import InputError
+from ..methods import METHODS, PRESETS, Runner, quantize
+from ..runtime import find_sites
+from .error import SQNR, measure
+from .stats import (
+    HISTOGRAM_EDGES,
+    KURTOSIS,
+    MAMBAQUANT_TRANSFORM,
+    TRANSFORM_NAMES,
+    SiteStatistics,
+    SketchConfig,
+    key_site_names,
+    transform_statistics,
+)
+
+QUANTIZING_METHODS = tuple(m for m in METHODS if m != "fp")
+CHANNEL = ("the last dimension of the site's tensor: d_model or d_inner at the (B, L, C) sites, the state dimension "
+           "N at the scan sites dA, dBu and h (B, T, E, N)")
+
+
+@dataclass
+class AnalysisConfig:
+    calib: str | None = None  # calibration set or training text file; None: the model's default set
+    calib_samples: int = 32
+    calib_len: int | None = None
+    methods: tuple[str, ...] = QUANTIZING_METHODS
+    bits: tuple[str, ...] = ("w8a8", "w4a8")
+    seed: int = 0
+    batch_size: int = 4  # inputs per forward pass here (quantize calibrates in its own batches)
+    sketch: SketchConfig = field(default_factory=SketchConfig)
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in QUANTIZING_METHODS]
+        if unknown or not self.methods:
+            raise InputError(f"unknown method(s) {', '.join(unknown) or '(none)'}; expected a comma-separated list "
+                             f"from {','.join(QUANTIZING_METHODS)}")
+        unknown = [b for b in self.bits if b.lower() not in PRESETS]
+        if unknown:
+            raise InputError(f"unknown bit widths {', '.join(unknown)}; expected presets from {','.join(PRESETS)}")
+
+
+def capture(model, batches: list[torch.Tensor], sketch: SketchConfig, progress: bool) -> dict[str, SiteStatistics]:
+    """Statistics at every site over the calibration inputs, in one full-precision pass."""
+    key = set(key_site_names(model))
+    sites = find_sites(model)
+    statistics = {name: SiteStatistics(sketch, key=name in key) for name in sites}
+    bar = tqdm(batches, desc="statistics", unit="batch", disable=not progress, leave=False)
+    Runner(model, bar).observe({sites[name]: observer for name, observer in statistics.items()})
+    return statistics
+
+
+def quantization_error(model, batches: list[torch.Tensor], config: AnalysisConfig, progress: bool) -> dict:
+    """method -> bits -> SQNR (see `error`), each method with its own defaults (granularity, rounding)."""
+    runs = [(method, bits) for method in config.methods for bits in config.bits]
+    inputs = torch.cat(batches)
+    results = {}
+    for method, bits in tqdm(runs, desc="methods", unit="run", disable=not progress, leave=False):
+        w_bits, a_bits = PRESETS[bits.lower()]
+        quantized = quantize(model, method=method, w_bits=w_bits, a_bits=a_bits, calib=inputs,
+                             calib_samples=len(inputs), seed=config.seed)
+        results.setdefault(method, {})[bits.lower()] = measure(quantized, model, batches)
+    return results
+
+
+def site_record(name: str, site, statistics: SiteStatistics) -> dict:
+    parts = name.split(".")
+    layer = int(parts[1]) if parts[0] == "layers" else None
+    return {"kind": site.kind, "layer": layer, **statistics.summary()}
+
+
+def plot_layers(n_layer: int) -> list[int]:
+    return sorted({0, n_layer // 2, n_layer - 1})
+
+
+def analyze(source, out_dir: str | Path, config: AnalysisConfig | None = None, overwrite: bool = False,
+            progress: bool = False, **options) -> dict:
+    """Analyze `source` (a model, an embedded model name, a directory or a checkpoint) and write `out_dir`:
+    stats.json, summary.md, plots/*.png and index.html (atomically: a temporary directory renamed at the end).
+    `options` are `AnalysisConfig` fields. Returns what stats.json holds."""
+    from ..loaders import load
+    from . import plots, report
+
+    config = config or AnalysisConfig(**options)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise InputError(f"{out_dir}: already exists; pass --overwrite to replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir} is a file; expected a directory path for --out")
+    if not out_dir.resolve().parent.is_dir():
+        raise InputError(f"{out_dir.parent}: directory not found; expected an existing parent for --out")
+    name = source if isinstance(source, str) else type(source).__name__
+    model = load(source).eval()
+    batches = resolve_calibration(model, name, config.calib, config.calib_samples, config.calib_len, config.seed,
+                                  batch_size=config.batch_size)
+    statistics = capture(model, batches, config.sketch, progress)
+    sites = find_sites(model)
+    results = {
+        "model": name,
+        "architecture": type(model).__name__,
+        "calibration": {"set": config.calib or "the model's default training set", "samples": sum(map(len, batches)),
+                        "input_shape": list(batches[0].shape[1:]), "seed": config.seed},
+        "definitions": {
+            "channel": CHANNEL, "kurtosis": KURTOSIS, "sqnr": SQNR,
+            "channel_max_ratio": "largest per-channel |x| max / median per-channel |x| max",
+            "variance_max_min": "largest / smallest per-channel variance (smallest floored at 1e-12)",
+            "variance_cv": "coefficient of variation of the per-channel variances (std / mean)",
+            "sampling": f"maxima, moments and histograms over every value; covariances (variances after a "
+                        f"transform) over at most {config.sketch.covariance_rows} rows of each tensor (uniform, "
+                        f"seeded); max profiles after a transform over the {config.sketch.kept_rows} rows of "
+                        "largest norm",
+        },
+        "transform_names": TRANSFORM_NAMES,
+        "mambaquant_transform": MAMBAQUANT_TRANSFORM,
+        "histogram_edges": HISTOGRAM_EDGES.tolist(),
+        "plot_layers": plot_layers(len(model.layers)),
+        "sites": {n: site_record(n, sites[n], s) for n, s in statistics.items()},
+        "transforms": transform_statistics(model, statistics, config.seed),
+    }
+    del statistics
+    results["sqnr"] = quantization_error(model, batches, config, progress)
+    write_atomic_dir(out_dir, lambda staging: write_outputs(results, staging, plots, report))
+    return results
+
+
+def write_outputs(results: dict, directory: Path, plots, report) -> None:
+    (directory / "stats.json").write_text(json.dumps(results, indent=1, allow_nan=True) + "\n")
+    figures = plots.write_plots(results, directory / "plots")
+    (directory / "summary.md").write_text(report.markdown(results, figures))
+    (directory / "index.html").write_text(report.html(results, figures))
+
+
+def write_atomic_dir(directory: Path, write) -> None:
+    """`write(staging)` into a temporary directory beside `directory`, renamed into place at the end."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.resolve().parent))
+    try:
+        write(staging)
+        staging.chmod(0o755)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

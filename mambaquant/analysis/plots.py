@@ -1,0 +1,181 @@
+"""The analysis plots, drawn from the results dictionary (what stats.json holds) with matplotlib's object API (Agg,
+no display needed). Each returns the file name and a one-line caption."""
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+SITE_LABELS = {"norm": "in_proj input", "gate": "gate SiLU(z)", "out_proj_in": "out_proj input", "conv": "scan input u",
+               "h": "state h (h*C operand)", "C": "C (h*C operand)", "hC": "scan output h*C", "y": "scan output y"}
+KURTOSIS_KINDS = ("norm", "gate", "out_proj_in", "conv", "h", "C", "hC", "y")
+
+
+def site_key(name: str) -> str:
+    """`layers.3.mixer.ssm_b.h` -> `ssm_b.h`; `layers.3.norm` -> `norm`."""
+    return ".".join(p for p in name.split(".")[2:] if p != "mixer") or name
+
+
+def label(key: str) -> str:
+    branch, _, kind = key.rpartition(".")
+    text = SITE_LABELS.get(kind, kind)
+    return f"{text}, backward branch" if branch == "ssm_b" else text
+
+
+def save(figure: Figure, directory: Path, name: str, caption: str) -> tuple[str, str]:
+    figure.savefig(directory / name, dpi=80)
+    return f"plots/{name}", caption
+
+
+def key_sites(results: dict) -> dict[str, dict[int, str]]:
+    """Key site (e.g. `ssm.h`) -> layer -> full site name, for the plotted layers."""
+    keys: dict[str, dict[int, str]] = {}
+    for name in results["transforms"]:
+        layer = results["sites"][name]["layer"]
+        if layer in results["plot_layers"]:
+            keys.setdefault(site_key(name), {})[layer] = name
+    return keys
+
+
+def channel_profiles(results, directory, key, names):
+    figure = Figure(figsize=(10, 2.3 * len(names) + 0.8), layout="constrained")
+    axes = figure.subplots(len(names), 1, squeeze=False)[:, 0]
+    for ax, (layer, name) in zip(axes, names.items()):
+        site = results["sites"][name]
+        values = site["channel_absmax"]
+        ax.bar(np.arange(len(values)), values, width=1.0, color="tab:blue")
+        ax.set_title(f"layer {layer}: max {site['absmax']:.3g}, "
+                     f"largest/median channel {site['channel_max_ratio']:.1f}x")
+        ax.set_ylabel("|x| max")
+    axes[-1].set_xlabel("channel")
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    figure.suptitle(f"{results['model']}: per-channel |x| max at the {label(key)} ({key})")
+    return save(figure, directory, f"profile_{key}.png",
+                f"Per-channel |x| max at the {label(key)}, layers {', '.join(map(str, names))}")
+
+
+def histograms(results, directory, key, names):
+    edges = np.array(results["histogram_edges"])
+    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = figure.subplots()
+    for layer, name in names.items():
+        site = results["sites"][name]
+        counts = np.array(site["histogram"])[1:-1]  # the bins between 1e-8 and 1e8
+        ax.stairs(np.maximum(counts, 0.5), edges, label=f"layer {layer} (kurtosis {site['kurtosis']:.3g})")
+    occupied = np.flatnonzero(sum(np.array(results["sites"][n]["histogram"])[1:-1] for n in names.values()))
+    ax.set_xscale("log")
+    if occupied.size:
+        ax.set_xlim(edges[max(occupied[0] - 1, 0)], edges[min(occupied[-1] + 2, len(edges) - 1)])
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=0.5)
+    ax.set_xlabel("|x|")
+    ax.set_ylabel("count (log)")
+    ax.legend()
+    ax.set_title(f"{results['model']}: histogram of |x| at the {label(key)} ({key})")
+    return save(figure, directory, f"histogram_{key}.png", f"Histogram of |x| at the {label(key)} (log counts)")
+
+
+def transforms(results, directory, key, layer, name):
+    """Top: per-channel |x| max over the RMS value; bottom: channel variance over its mean. Both are scale-free, so
+    the columns share their axes and a flat profile at 1 is what a per-tensor scale wants."""
+    figure = Figure(figsize=(15, 6), layout="constrained")
+    axes = figure.subplots(2, 4, sharex=True, sharey="row")
+    chosen = results["mambaquant_transform"][name.rsplit(".", 1)[1]]
+    for column, (transform, stats) in enumerate(results["transforms"][name].items()):
+        title = results["transform_names"][transform] + (" (MambaQuant's)" if transform == chosen else "")
+        top, bottom = axes[0, column], axes[1, column]
+        variance = np.array(stats["channel_variance"])
+        mean = max(variance.mean(), 1e-30)
+        channels = np.arange(len(variance))
+        top.bar(channels, np.array(stats["kept_rows_channel_absmax"]) / np.sqrt(mean), width=1.0, color="tab:orange")
+        top.set_title(f"{title}\nlargest/median channel max {stats['kept_rows_channel_max_ratio']:.1f}x, "
+                      f"crest {stats['crest_factor']:.1f}", fontsize="medium")
+        bottom.plot(channels, np.maximum(variance / mean, 1e-6), color="tab:green", linewidth=0.8)
+        bottom.axhline(1, color="gray", linestyle="--", linewidth=0.8)
+        bottom.set_yscale("log")
+        bottom.set_title(f"variance max/min {stats['variance_max_min']:.3g}, CV {stats['variance_cv']:.2f}",
+                         fontsize="medium")
+        bottom.set_xlabel("channel")
+        bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0, 0].set_ylabel("|x| max / RMS\n(rows of largest norm)")
+    axes[1, 0].set_ylabel("channel variance / mean (log)")
+    figure.suptitle(f"{results['model']}: {label(key)} ({key}), layer {layer}, before and after each transform")
+    return save(figure, directory, f"transforms_{key}_layer{layer}.png",
+                f"{label(key)}, layer {layer}: per-channel |x| max and variance under each transform")
+
+
+def variance_spread(results, directory):
+    by_key: dict[str, dict[int, dict]] = {}
+    for name, stats in results["transforms"].items():
+        by_key.setdefault(site_key(name), {})[results["sites"][name]["layer"]] = stats
+    columns = min(3, len(by_key))
+    rows = -(-len(by_key) // columns)
+    figure = Figure(figsize=(4.5 * columns, 3.6 * rows + 0.5), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).flatten()
+    for ax in axes[len(by_key):]:
+        ax.set_visible(False)
+    for ax, (key, layers) in zip(axes, by_key.items()):
+        for transform, title in results["transform_names"].items():
+            ax.plot(list(layers), [s[transform]["variance_max_min"] for s in layers.values()], marker="o", label=title)
+        ax.set_yscale("log")
+        ax.set_title(label(key))
+        ax.set_xlabel("layer")
+        ax.set_xticks(list(layers))
+        ax.set_ylabel("channel variance max / min (log)")
+    axes[0].legend()
+    figure.suptitle(f"{results['model']}: spread of the channel variances after each transform, per layer")
+    return save(figure, directory, "variance_spread.png", "Channel variance max/min per layer under each transform")
+
+
+def kurtosis(results, directory):
+    figure = Figure(figsize=(10, 4.5), layout="constrained")
+    ax = figure.subplots()
+    series: dict[str, dict[int, float]] = {}
+    for name, site in results["sites"].items():
+        if site["layer"] is not None and site["kind"] in KURTOSIS_KINDS:
+            series.setdefault(site_key(name), {})[site["layer"]] = site["kurtosis"]
+    for key, layers in series.items():  # a colour per kind; the backward branch of a bidirectional block dashed
+        color = f"C{KURTOSIS_KINDS.index(key.rpartition('.')[2])}"
+        ax.plot(list(layers), list(layers.values()), marker="o", label=label(key), color=color,
+                linestyle="--" if key.startswith("ssm_b.") else "-")
+    ax.axhline(3, color="gray", linestyle=":", label="normal distribution (3)")
+    ax.set_xticks(sorted({layer for layers in series.values() for layer in layers}))
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("kurtosis (Pearson, log)")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.set_title(f"{results['model']}: kurtosis per layer at the key sites and along the scan")
+    return save(figure, directory, "kurtosis.png", "Kurtosis per layer (Pearson, normal = 3)")
+
+
+def sqnr_layers(results, directory):
+    bits = list(next(iter(results["sqnr"].values())))
+    figure = Figure(figsize=(6 * len(bits), 4.5), layout="constrained")
+    axes = figure.subplots(1, len(bits), squeeze=False)[0]
+    for ax, width in zip(axes, bits):
+        for method, per_bits in results["sqnr"].items():
+            layers = per_bits[width]["layers_db"]
+            ax.plot(list(layers), list(layers.values()), marker="o",
+                    label=f"{method} (output {per_bits[width]['output_db']:.1f} dB)")
+        ax.set_title(width.upper())
+        ax.set_xlabel("layer")
+        ax.set_ylabel("activation SQNR (dB)")
+        ax.legend(fontsize="small")
+    figure.suptitle(f"{results['model']}: activation quantization SQNR per layer and method (higher is better)")
+    return save(figure, directory, "sqnr_layers.png", "Activation SQNR per layer per method")
+
+
+def write_plots(results: dict, directory: Path) -> list[tuple[str, str]]:
+    """Every plot into `directory`; (relative path, caption) for each, in reading order."""
+    directory.mkdir()
+    figures = [kurtosis(results, directory), variance_spread(results, directory)]
+    if results["sqnr"]:
+        figures.append(sqnr_layers(results, directory))
+    keys = key_sites(results)
+    figures += [channel_profiles(results, directory, key, names) for key, names in keys.items()]
+    figures += [histograms(results, directory, key, names) for key, names in keys.items()]
+    figures += [transforms(results, directory, key, layer, name)
+                for key, names in keys.items() for layer, name in names.items()]
+    return figures

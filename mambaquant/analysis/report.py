@@ -1,0 +1,106 @@
+"""summary.md and index.html: the same tables, in Markdown and in static HTML beside the plots."""
+
+from html import escape
+
+Table = tuple[str, list[str], list[list[str]]]  # title, header, rows
+
+
+def number(value: float) -> str:
+    return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.2e}"
+
+
+def site_row(name: str, site: dict) -> list[str]:
+    return [name, str(site["channels"]), number(site["absmax"]), number(site["channel_max_ratio"]),
+            number(site["kurtosis"]), number(site["variance_max_min"]), f"{site['variance_cv']:.2f}"]
+
+
+SITE_HEADER = ["site", "channels", "abs max", "channel max / median", "kurtosis", "variance max / min", "variance CV"]
+
+
+def tables(results: dict) -> list[Table]:
+    sites = results["sites"]
+    key = [site_row(name, sites[name]) for name in results["transforms"]]
+    every = [site_row(name, site) for name, site in sites.items()]
+    names = results["transform_names"]
+    transform_rows = []
+    for name, per_transform in results["transforms"].items():
+        chosen = results["mambaquant_transform"][name.rsplit(".", 1)[1]]
+        transform_rows.append([name] + [
+            f"{number(s['variance_max_min'])} / {s['variance_cv']:.2f} / {s['crest_factor']:.1f}"
+            + (" *" if t == chosen else "")
+            for t, s in per_transform.items()])
+    out = [("Key sites (in_proj input, gate, out_proj input, h, C), every layer", SITE_HEADER, key),
+           scan_table(results),
+           (("After each transform: channel variance max / min, variance CV, crest factor (largest |x| of the kept "
+            "rows / RMS); * what MambaQuant applies there"),
+            ["site"] + list(names.values()), transform_rows)]
+    if results["sqnr"]:
+        runs = [(m, b, r) for m, per_bits in results["sqnr"].items() for b, r in per_bits.items()]
+        kinds = list(runs[0][2]["kinds_db"])
+        out.append(("SQNR (dB) per method: mean over the activation quantizers, the model output, mean per site kind",
+                    ["method", "bits", "activations", "output"] + kinds,
+                    [[m, b.upper(), number(r["activations_db"]), number(r["output_db"])]
+                     + [number(r["kinds_db"].get(k, float("nan"))) for k in kinds] for m, b, r in runs]))
+        layers = list(runs[0][2]["layers_db"])
+        out.append(("Activation SQNR (dB) per layer", ["layer"] + [f"{m} {b.upper()}" for m, b, _ in runs],
+                    [[layer] + [number(r["layers_db"][layer]) for _, _, r in runs] for layer in layers]))
+    out.append(("Every site", SITE_HEADER, every))
+    return out
+
+
+DEFINITION_LABELS = {"channel": "Channel", "kurtosis": "Kurtosis", "sqnr": "SQNR",
+                     "channel_max_ratio": "Channel max / median", "variance_max_min": "Variance max / min",
+                     "variance_cv": "Variance CV", "sampling": "Sampling"}
+SCAN_KINDS = ("conv", "dBu", "h", "hC", "y")  # the scan's input u, its discretised input, state, outputs
+
+
+def scan_table(results: dict) -> Table:
+    """Kurtosis along the scan of every layer and branch: what the recurrence does to the tails."""
+    sites = results["sites"]
+    rows = []
+    for name, site in sites.items():
+        if site["kind"] == "conv":
+            prefix = name.rsplit(".", 1)[0]
+            kurtosis = [sites[f"{prefix}.{kind}"]["kurtosis"] for kind in SCAN_KINDS]
+            out_proj_in = sites[prefix.rsplit(".", 1)[0] + ".out_proj_in"]["kurtosis"]
+            rows.append([prefix] + [number(k) for k in kurtosis + [out_proj_in]]
+                        + [number(kurtosis[2] / kurtosis[0])])
+    header = ["branch", "u (scan input)", "dt*B*u", "h", "h*C", "y", "out_proj input", "h / u"]
+    return "The scan's heavy tails: kurtosis from its input u to its outputs, per layer", header, rows
+
+
+def preamble(results: dict) -> list[str]:
+    c = results["calibration"]
+    return [(f"Model: {results['model']} ({results['architecture']}). Calibration: {c['samples']} inputs of shape "
+            f"{tuple(c['input_shape'])} from {c['set']} (training data), seed {c['seed']}; every number here comes "
+            "from these inputs."),
+            *(f"{DEFINITION_LABELS.get(name, name)}: {text}." for name, text in results["definitions"].items())]
+
+
+def markdown(results: dict, figures: list[tuple[str, str]]) -> str:
+    lines = [f"# Analysis of {results['model']}", "", *preamble(results), ""]
+    for title, header, rows in tables(results):
+        lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        lines.append("")
+    lines += ["## Plots", ""] + [f"- [{caption}]({path})" for path, caption in figures]
+    return "\n".join(lines) + "\n"
+
+
+def html(results: dict, figures: list[tuple[str, str]]) -> str:
+    title = f"Analysis of {escape(results['model'])}"
+    parts = [f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{title}</title>",
+             ("<style>body{font-family:sans-serif;margin:2em;max-width:1500px}table{border-collapse:collapse;"
+             "font-size:13px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
+             "td:first-child{text-align:left}img{max-width:100%;border:1px solid #eee}</style></head><body>"),
+             f"<h1>{title}</h1>", *(f"<p>{escape(p)}</p>" for p in preamble(results)), "<h2>Plots</h2>"]
+    for path, caption in figures:
+        parts.append(f"<figure><img src='{escape(path)}' alt='{escape(caption)}'>"
+                     f"<figcaption>{escape(caption)}</figcaption></figure>")
+    for name, header, rows in tables(results):
+        parts += [f"<h2>{escape(name)}</h2><table>",
+                  "<tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>"]
+        parts += ["<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in row) + "</tr>" for row in rows]
+        parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,234 @@
+"""Streaming statistics of the tensors at a model's sites, and what each transform does to their channels.
+
+Channel = the last dimension of a site's tensor, everywhere (as the library's observers read it): d_model or d_inner
+for the (B, L, C) sites, the state dimension N for the scan sites dA, dBu and h (B, T, E, N), which is the dimension
+MambaQuant's h*C smoothing and Hadamard act on. A row is one vector along that dimension (a token, or a (token, E)
+pair at the scan sites).
+
+Every value enters the per-channel |x| maxima, the moments and the |x| histogram (kurtosis and tails are decided by
+rare values: a sample of rows underestimated the kurtosis of h by 40 %). The covariance at the key sites comes from at
+most `covariance_rows` rows of each tensor, drawn uniformly with a seeded generator (a 1536-wide covariance of every
+row would dominate the run). Memory is a few vectors per site, plus, at the key sites, the C x C covariance and the
+`kept_rows` rows of largest norm (for max profiles after a rotation: a row left out has norm, hence |value| in any
+rotated channel, at most the smallest kept norm).
+"""
+
+from dataclasses import dataclass
+from math import comb
+
+import torch
+
+from ..transforms.klt import CovarianceObserver, klt_hadamard
+from ..transforms.rotation import Rotate, branches, random_hadamard
+from ..transforms.smoothing import smoothing_scales
+
+KEY_SITES = ("norm", "gate", "out_proj_in", "h", "C")  # in_proj input, gate, out_proj input, h*C operands
+TRANSFORMS = ("none", "hadamard", "klt_hadamard", "smooth_hadamard")
+TRANSFORM_NAMES = {"none": "none", "hadamard": "Hadamard", "klt_hadamard": "KLT + Hadamard",
+                   "smooth_hadamard": "smoothing + Hadamard"}
+# What `mambaquant` (methods.py) applies at each key site
+MAMBAQUANT_TRANSFORM = {"norm": "klt_hadamard", "gate": "smooth_hadamard", "out_proj_in": "smooth_hadamard",
+                        "h": "smooth_hadamard", "C": "smooth_hadamard"}
+HISTOGRAM_EDGES = torch.logspace(-8, 8, 65, dtype=torch.float64)  # |x| bins, 4 a decade; below and above: 2 more
+KURTOSIS = "Pearson kurtosis (fourth central moment / variance^2; 3 for a normal distribution) of all values pooled"
+
+
+@dataclass
+class SketchConfig:
+    covariance_rows: int = 1024  # rows of each tensor entering the covariance
+    kept_rows: int = 1024  # rows of largest norm kept at the key sites
+
+
+def rounded(values: torch.Tensor) -> list[float]:
+    """Per-channel values for the JSON: 5 significant digits."""
+    return [float(f"{v:.5g}") for v in values.tolist()]
+
+
+def row_chunks(flat: torch.Tensor, elements: int = 1 << 22) -> tuple[torch.Tensor, ...]:
+    """Pieces of a (rows, channels) tensor of about `elements` values: temporaries stay small at the logits."""
+    return flat.split(max(1, elements // flat.shape[1]))
+
+
+def sampled_rows(flat: torch.Tensor, limit: int, generator: torch.Generator) -> torch.Tensor:
+    """All rows, or `limit` drawn uniformly (with replacement). Not a stride: at the scan sites the rows run over
+    (token, d_inner channel), and a stride would keep visiting the same few d_inner channels."""
+    if flat.shape[0] <= limit:
+        return flat
+    return flat[torch.randint(flat.shape[0], (limit,), generator=generator)]
+
+
+class SiteStatistics:
+    """A site observer: per-channel |x| max, per-channel power sums about a shift (float64), an |x| histogram; at key
+    sites also the covariance (`CovarianceObserver`) and the rows of largest norm."""
+
+    def __init__(self, sketch: SketchConfig, key: bool = False):
+        self.sketch = sketch
+        self.rows = 0
+        self.channel_absmax = self.shift = self.sums = None
+        self.histogram = torch.zeros(len(HISTOGRAM_EDGES) + 1, dtype=torch.float64)
+        self.covariance = CovarianceObserver() if key else None
+        self.top_rows = None
+        self.generator = torch.Generator().manual_seed(0)
+
+    @torch.no_grad()
+    def __call__(self, site, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1])
+        absmax = torch.stack([part.abs().amax(0) for part in row_chunks(flat)]).amax(0).double()
+        self.channel_absmax = absmax if self.channel_absmax is None else torch.maximum(self.channel_absmax, absmax)
+        if self.shift is None:  # moments about the first rows' channel means: no cancellation for offset data
+            self.shift = row_chunks(flat)[0].double().mean(0)
+            self.sums = torch.zeros(5, flat.shape[1], dtype=torch.float64)
+        for part in row_chunks(flat):
+            centred = part.double() - self.shift
+            power = torch.ones_like(centred)
+            for k in range(5):
+                self.sums[k] += power.sum(0)
+                power = power * centred
+            bins = torch.bucketize(part.abs().flatten().double(), HISTOGRAM_EDGES)
+            self.histogram += torch.bincount(bins, minlength=len(self.histogram)).double()
+        self.rows += flat.shape[0]
+        if self.covariance is not None:
+            self.covariance(site, sampled_rows(flat, self.sketch.covariance_rows, self.generator))
+            candidates = flat.float()
+            if candidates.shape[0] > self.sketch.kept_rows:
+                candidates = candidates[candidates.norm(dim=1).topk(self.sketch.kept_rows).indices]
+            rows = candidates if self.top_rows is None else torch.cat([self.top_rows, candidates])
+            if rows.shape[0] > self.sketch.kept_rows:
+                rows = rows[rows.norm(dim=1).topk(self.sketch.kept_rows).indices]
+            self.top_rows = rows
+
+    def central_moment(self, order: int, center: torch.Tensor) -> torch.Tensor:
+        """Per channel E[(x - center)^order], from the power sums about the shift."""
+        d = self.shift - center
+        return sum(comb(order, k) * self.sums[k] / self.rows * d ** (order - k) for k in range(order + 1))
+
+    def mean(self) -> torch.Tensor:
+        return self.shift + self.sums[1] / self.rows
+
+    def variance(self) -> torch.Tensor:
+        return self.central_moment(2, self.mean())
+
+    def kurtosis(self) -> float:
+        pooled = self.mean().mean()
+        m2, m4 = self.central_moment(2, pooled).mean(), self.central_moment(4, pooled).mean()
+        return (m4 / m2.clamp(min=1e-300) ** 2).item()
+
+    def summary(self) -> dict:
+        variance = self.variance()
+        channel_absmax = self.channel_absmax
+        return {
+            "channels": len(channel_absmax),
+            "rows": self.rows,
+            "absmax": channel_absmax.max().item(),
+            "channel_absmax": rounded(channel_absmax),
+            "channel_max_ratio": spread_ratio(channel_absmax, median=True),
+            "kurtosis": self.kurtosis(),
+            "std": variance.mean().sqrt().item(),
+            "variance_max_min": spread_ratio(variance),
+            "variance_cv": coefficient_of_variation(variance),
+            "histogram": self.histogram.tolist(),
+        }
+
+
+def spread_ratio(values: torch.Tensor, median: bool = False) -> float:
+    """max / min (or max / median) of non-negative per-channel values; the floor keeps dead channels finite."""
+    bottom = values.median() if median else values.min()
+    return (values.max() / bottom.clamp(min=1e-12)).item()
+
+
+def coefficient_of_variation(values: torch.Tensor) -> float:
+    return (values.std(unbiased=False) / values.mean().clamp(min=1e-300)).item()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Transforms at the key sites: x -> (x * scale) R, as the methods apply them
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def state_scales(h: SiteStatistics, c: SiteStatistics, alpha: float) -> torch.Tensor:
+    """MambaQuant's h*C smoothing per state channel: h' = h / s, C' = C s."""
+    return ((h.channel_absmax.clamp(min=1e-5) / c.channel_absmax.clamp(min=1e-5)) ** alpha).float()
+
+
+def transform(kind: str, name: str, layer, statistics: dict[str, SiteStatistics], residual_covariance: torch.Tensor,
+              seed: int, alpha: float = 0.5) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """For one key site: transform name -> (channel scale or None, rotation or None).
+
+    Hadamard: QuaRot's randomised one on the residual stream (norm), the online Hadamard at out_proj's input (gate,
+    out_proj_in), a randomised one on the state dimension (h, C). KLT + Hadamard: from this site's covariance, except
+    on the residual stream, which MambaQuant rotates once for all blocks (covariance pooled over the layers).
+    Smoothing: SmoothQuant's scale against the consumer weight (in_proj; out_proj, the S-SiLU for the gate); h / s and
+    C s for the state (`state_scales`)."""
+    site = statistics[name]
+    n = len(site.channel_absmax)
+    prefix = name.rsplit(".", 1)[0]
+    if kind == "norm":
+        hadamard = random_hadamard(n, seed)
+        covariance = residual_covariance
+        scale = 1 / smoothing_scales(site.channel_absmax.float(), layer.mixer.in_proj.weight, alpha)
+    elif kind in ("gate", "out_proj_in"):
+        hadamard = Rotate(n).as_matrix()
+        covariance = site.covariance.covariance()
+        out_proj_in = statistics[f"{prefix}.out_proj_in"].channel_absmax.float()
+        scale = 1 / smoothing_scales(out_proj_in, layer.mixer.out_proj.weight, alpha)
+    else:  # h, C
+        hadamard = random_hadamard(n, seed + 2)
+        covariance = site.covariance.covariance()
+        s = state_scales(statistics[f"{prefix}.h"], statistics[f"{prefix}.C"], alpha)
+        scale = 1 / s if kind == "h" else s
+    return {"none": (None, None), "hadamard": (None, hadamard), "klt_hadamard": (None, klt_hadamard(covariance)),
+            "smooth_hadamard": (scale, hadamard)}
+
+
+def transformed_channels(site: SiteStatistics, scale: torch.Tensor | None, rotation: torch.Tensor | None) -> dict:
+    """Per-channel variance after x -> (x * scale) R, exactly diag(R^T D S D R) from the covariance S (D = diag(scale)),
+    the per-channel |x| max of the kept rows after it, and the crest factor: their largest |x| over the RMS value
+    (the square root of the mean channel variance), what a per-tensor scale pays for."""
+    covariance = site.covariance.covariance()
+    rows = site.top_rows
+    if scale is not None:
+        covariance = covariance * torch.outer(scale, scale).double()
+        rows = rows * scale
+    if rotation is not None:
+        rotation = rotation.double()
+        variance = ((covariance @ rotation) * rotation).sum(0)
+        rows = rows @ rotation.float()
+    else:
+        variance = covariance.diagonal()
+    variance = variance.clamp(min=0)
+    kept_max = rows.abs().amax(0)
+    return {"variance_max_min": spread_ratio(variance), "variance_cv": coefficient_of_variation(variance),
+            "crest_factor": (kept_max.max() / variance.mean().sqrt().clamp(min=1e-30)).item(),
+            "channel_variance": rounded(variance), "kept_rows_channel_absmax": rounded(kept_max),
+            "kept_rows_channel_max_ratio": spread_ratio(kept_max, median=True)}
+
+
+def pooled_covariance(observers: list[CovarianceObserver]) -> torch.Tensor:
+    pooled = CovarianceObserver()
+    pooled.total = sum(o.total for o in observers)
+    pooled.outer = sum(o.outer for o in observers)
+    pooled.count = sum(o.count for o in observers)
+    return pooled.covariance()
+
+
+def transform_statistics(model, statistics: dict[str, SiteStatistics], seed: int) -> dict:
+    """Key site name -> transform -> the channel statistics after it."""
+    key = {name: statistics[name] for name in key_site_names(model)}
+    residual = [s.covariance for name, s in key.items() if name.endswith(".norm")]
+    residual_covariance = pooled_covariance(residual) if residual else None
+    results = {}
+    for name, site in key.items():
+        kind, layer = name.rsplit(".", 1)[1], model.layers[int(name.split(".")[1])]
+        results[name] = {t: transformed_channels(site, scale, rotation) for t, (scale, rotation)
+                         in transform(kind, name, layer, statistics, residual_covariance, seed).items()}
+    return results
+
+
+def key_site_names(model) -> list[str]:
+    """The key sites of every layer (both branches of a bidirectional block)."""
+    names = []
+    for layer in model.layers:
+        names += [layer.sites["norm"].name, layer.mixer.sites["gate"].name, layer.mixer.sites["out_proj_in"].name]
+        for ssm in branches(layer.mixer):
+            names += [ssm.sites["h"].name, ssm.sites["C"].name]
+    return names
