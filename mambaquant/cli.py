@@ -78,8 +78,9 @@ def comma_list(text: str) -> list[str]:
 def cmd_compare(args) -> None:
     from pathlib import Path
 
-    from .compare import compare, format_table, plan, to_markdown, write_atomic, write_json
+    from .compare import compare, format_table, plan, to_markdown, write_json
     from .loaders import check_source
+    from .outputs import write_atomic
     from .zoo import ZOO
 
     runs = plan(args.methods, args.bits, args.granularity)  # bad options fail before any model is loaded

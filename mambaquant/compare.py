@@ -3,11 +3,8 @@ and one evaluation for all, as rows of a table."""
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -15,6 +12,7 @@ from tqdm import tqdm
 
 from .errors import InputError
 from .methods import FULL_PRECISION, GRANULARITIES, METHODS, PRESETS, QuantConfig, run_recipe
+from .outputs import write_atomic
 
 DEFAULT_BITS = ("w8a8", "w4a8", "w4a16")
 AUTO_METHODS = ("mambaquant",)  # the per-site granularity choice is part of MambaQuant's recipe
@@ -170,23 +168,6 @@ def to_markdown(rows: list[Row], command: str | None = None) -> str:
     if command:
         lines.append(f"Command: `{command}`")
     return "\n".join(lines) + "\n"
-
-
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write a whole file or nothing: into a temporary file beside it, renamed at the end."""
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{path} is a directory; expected a file path")
-    if not path.parent.is_dir():
-        raise InputError(f"{path.parent}: directory not found")
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def write_json(path, rows: list[Row]) -> None:

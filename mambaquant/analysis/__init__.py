@@ -7,9 +7,6 @@ method's quantized model (`quantize`) on those inputs again (`error.measure`).
 """
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +16,7 @@ from tqdm import tqdm
 from ..calibration import resolve_calibration
 from ..errors import InputError
 from ..methods import METHODS, PRESETS, Runner, quantize
+from ..outputs import write_atomic_dir
 from ..runtime import find_sites
 from .error import SQNR, measure
 from .stats import (
@@ -146,17 +144,3 @@ def write_outputs(results: dict, directory: Path, plots, report) -> None:
     figures = plots.write_plots(results, directory / "plots")
     (directory / "summary.md").write_text(report.markdown(results, figures))
     (directory / "index.html").write_text(report.html(results, figures))
-
-
-def write_atomic_dir(directory: Path, write) -> None:
-    """`write(staging)` into a temporary directory beside `directory`, renamed into place at the end."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.resolve().parent))
-    try:
-        write(staging)
-        staging.chmod(0o755)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

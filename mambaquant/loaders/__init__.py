@@ -1,15 +1,13 @@
 """`load(source)`: an embedded model name, a directory, a checkpoint file or an in-memory model -> our runtime."""
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import InputError
+from ..outputs import write_atomic_dir
 from ..runtime import MambaLM, MambaTagger, TaggerConfig, VisionConfig, VisionMamba
 from . import hf, quantized, typeseg, vim
 from .weights import assign_weights, find_weight_file, read_tensors, rename
@@ -105,15 +103,6 @@ def load_checkpoint_file(path: Path, vision_options: dict) -> nn.Module:
     raise InputError(f"{path}: unrecognised checkpoint; supported: {SUPPORTED}")
 
 
-def make_readable(directory: Path) -> None:
-    """mkdtemp makes a private directory; give the result the permissions of any new directory and file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
-    for path in directory.iterdir():
-        os.chmod(path, 0o666 & ~umask)
-
-
 def save(model: nn.Module, directory: str | Path, overwrite: bool = False, notes: tuple[str, ...] = ()) -> Path:
     """Write a model as config.json + model.safetensors (+ MODEL_CARD.md with `notes` for a quantized model).
     Full precision: the Hugging Face Mamba layout for language models (transformers can read it), the official
@@ -138,19 +127,12 @@ def save(model: nn.Module, directory: str | Path, overwrite: bool = False, notes
         tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
     else:
         raise InputError(f"cannot save a {type(model).__name__}; expected MambaLM, VisionMamba or MambaTagger")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    def write(staging: Path) -> None:
         save_file({k: v.detach().cpu() for k, v in tensors.items()}, staging / "model.safetensors")
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if card:
             (staging / "MODEL_CARD.md").write_text(card)
-        make_readable(staging)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    write_atomic_dir(directory, write)
     return directory
 
