@@ -45,6 +45,7 @@ from .transforms.smoothing import (
     smooth_norm_output,
     smooth_state,
     smoothing_scales,
+    state_smoothing_scales,
 )
 
 METHODS = ("fp", "rtn", "smoothquant", "quarot", "gptq", "quamba", "mambaquant")
@@ -281,8 +282,8 @@ def mambaquant_block(layer, runner: Runner, config: QuantConfig, report: QuantRe
     for ssm in ssms:
         rotate_linear_input(ssm.sites["x_proj_in"], ssm.x_proj, Rotate(ssm.x_proj.in_features))
         smooth_dt_input(ssm, smoothing_scales(absmax[ssm.sites["dt_low"]].absmax, ssm.dt_proj.weight, config.alpha))
-        h_max, c_max = absmax[ssm.sites["h"]].absmax, absmax[ssm.sites["C"]].absmax
-        smooth_state(ssm, (h_max.clamp(min=1e-5) / c_max.clamp(min=1e-5)) ** config.alpha)
+        smooth_state(ssm, state_smoothing_scales(absmax[ssm.sites["h"]].absmax, absmax[ssm.sites["C"]].absmax,
+                                                 config.alpha))
     covariances = {ssm.sites["dt_low"]: CovarianceObserver() for ssm in ssms}
     runner.observe(covariances)
     for ssm in ssms:

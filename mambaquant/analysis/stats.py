@@ -20,7 +20,7 @@ import torch
 
 from ..transforms.klt import CovarianceObserver, klt_hadamard
 from ..transforms.rotation import Rotate, branches, random_hadamard
-from ..transforms.smoothing import smoothing_scales
+from ..transforms.smoothing import smoothing_scales, state_smoothing_scales
 
 KEY_SITES = ("norm", "gate", "out_proj_in", "h", "C")  # in_proj input, gate, out_proj input, h*C operands
 TRANSFORMS = ("none", "hadamard", "klt_hadamard", "smooth_hadamard")
@@ -145,11 +145,6 @@ def coefficient_of_variation(values: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def state_scales(h: SiteStatistics, c: SiteStatistics, alpha: float) -> torch.Tensor:
-    """MambaQuant's h*C smoothing per state channel: h' = h / s, C' = C s."""
-    return ((h.channel_absmax.clamp(min=1e-5) / c.channel_absmax.clamp(min=1e-5)) ** alpha).float()
-
-
 def transform(kind: str, name: str, layer, statistics: dict[str, SiteStatistics], residual_covariance: torch.Tensor,
               seed: int, alpha: float = 0.5) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
     """For one key site: transform name -> (channel scale or None, rotation or None).
@@ -158,7 +153,7 @@ def transform(kind: str, name: str, layer, statistics: dict[str, SiteStatistics]
     out_proj_in), a randomised one on the state dimension (h, C). KLT + Hadamard: from this site's covariance, except
     on the residual stream, which MambaQuant rotates once for all blocks (covariance pooled over the layers).
     Smoothing: SmoothQuant's scale against the consumer weight (in_proj; out_proj, the S-SiLU for the gate); h / s and
-    C s for the state (`state_scales`)."""
+    C s for the state (`state_smoothing_scales`)."""
     site = statistics[name]
     n = len(site.channel_absmax)
     prefix = name.rsplit(".", 1)[0]
@@ -174,7 +169,8 @@ def transform(kind: str, name: str, layer, statistics: dict[str, SiteStatistics]
     else:  # h, C
         hadamard = random_hadamard(n, seed + 2)
         covariance = site.covariance.covariance()
-        s = state_scales(statistics[f"{prefix}.h"], statistics[f"{prefix}.C"], alpha)
+        s = state_smoothing_scales(statistics[f"{prefix}.h"].channel_absmax, statistics[f"{prefix}.C"].channel_absmax,
+                                   alpha).float()
         scale = 1 / s if kind == "h" else s
     return {"none": (None, None), "hadamard": (None, hadamard), "klt_hadamard": (None, klt_hadamard(covariance)),
             "smooth_hadamard": (scale, hadamard)}

@@ -24,6 +24,12 @@ def smoothing_scales(act_absmax: torch.Tensor, weight: torch.Tensor | None, alph
     return s.clamp(min=minimum)
 
 
+def state_smoothing_scales(h_absmax: torch.Tensor, c_absmax: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """Per state channel s = (max|h| / max|C|)^alpha, for h' = h / s and C' = C s: both operands of h*C are
+    activations, so the range is shared between them."""
+    return (h_absmax.clamp(min=1e-5) / c_absmax.clamp(min=1e-5)) ** alpha
+
+
 @torch.no_grad()
 def smooth_norm_output(norm: nn.Module, linear: nn.Linear, s: torch.Tensor) -> None:
     norm.weight.div_(s)
