@@ -200,8 +200,8 @@ def test_klt_hadamard_is_orthogonal_and_equalises_variances(n, rank, seed):
     R = klt_hadamard(covariance).double()
     assert torch.allclose(R @ R.T, torch.eye(n, dtype=torch.float64), atol=1e-6)
     variances = torch.diagonal(R.T @ covariance @ R)
-    if n in (1, 2, 8, 12, 16, 20, 24, 28, 40, 48, 64, 72, 96):  # orders with a Hadamard matrix: all equal
-        assert torch.allclose(variances, variances.mean().expand(n), rtol=1e-6, atol=1e-9)
+    if n in (1, 2, 8, 12, 16, 20, 24, 28, 40, 48, 64, 72, 96):  # orders with a Hadamard matrix: all equal, up to
+        assert torch.allclose(variances, variances.mean().expand(n), rtol=1e-4, atol=1e-9)  # R's float32 rounding
 
 
 def perturbed(model, seed):
