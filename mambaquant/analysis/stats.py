@@ -199,19 +199,11 @@ def transformed_channels(site: SiteStatistics, scale: torch.Tensor | None, rotat
             "kept_rows_channel_max_ratio": spread_ratio(kept_max, median=True)}
 
 
-def pooled_covariance(observers: list[CovarianceObserver]) -> torch.Tensor:
-    pooled = CovarianceObserver()
-    pooled.total = sum(o.total for o in observers)
-    pooled.outer = sum(o.outer for o in observers)
-    pooled.count = sum(o.count for o in observers)
-    return pooled.covariance()
-
-
 def transform_statistics(model, statistics: dict[str, SiteStatistics], seed: int) -> dict:
     """Key site name -> transform -> the channel statistics after it."""
     key = {name: statistics[name] for name in key_site_names(model)}
     residual = [s.covariance for name, s in key.items() if name.endswith(".norm")]
-    residual_covariance = pooled_covariance(residual) if residual else None
+    residual_covariance = CovarianceObserver.pooled(residual).covariance() if residual else None
     results = {}
     for name, site in key.items():
         kind, layer = name.rsplit(".", 1)[1], model.layers[int(name.split(".")[1])]

@@ -127,6 +127,7 @@ def save(model: nn.Module, directory: str | Path, overwrite: bool = False, notes
         tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
     else:
         raise InputError(f"cannot save a {type(model).__name__}; expected MambaLM, VisionMamba or MambaTagger")
+
     def write(staging: Path) -> None:
         save_file({k: v.detach().cpu() for k, v in tensors.items()}, staging / "model.safetensors")
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -27,6 +27,15 @@ class CovarianceObserver:
         self.outer += flat.T @ flat
         self.count += flat.shape[0]
 
+    @classmethod
+    def pooled(cls, observers: list["CovarianceObserver"]) -> "CovarianceObserver":
+        """One observer holding what all of `observers` saw, as if it had watched their sites itself."""
+        pooled = cls()
+        pooled.total = sum(o.total for o in observers)
+        pooled.outer = sum(o.outer for o in observers)
+        pooled.count = sum(o.count for o in observers)
+        return pooled
+
     def covariance(self) -> torch.Tensor:
         mean = self.total / self.count
         covariance = self.outer / self.count - torch.outer(mean, mean)
