@@ -2,12 +2,19 @@
 
 import argparse
 import json
+import math
+import os
+import signal
 import sys
+import warnings
 
 import torch
 
 from . import __version__
 from .errors import InputError
+
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+MAX_SEED = 2**63 - 1
 
 
 class Parser(argparse.ArgumentParser):
@@ -25,6 +32,44 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_value(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed from 0 to {MAX_SEED}, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"seed {value} is out of range; expected 0 to {MAX_SEED}")
+    return value
+
+
+def temperature_value(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite temperature > 0, or 0 for greedy decoding; got {text!r}")
+    return value
+
+
+def path_value(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return text
+
+
+def source_bytes(source: str) -> int:
+    """The size of a source on disk: what its quantized output will need at most."""
+    from pathlib import Path
+
+    from .zoo import MODELS_DIR, ZOO
+
+    name = source.removeprefix("zoo:")
+    path = MODELS_DIR / name if name in ZOO and not Path(source).exists() else Path(source)
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    return sum(p.stat().st_size for p in files if p.exists())
+
+
 def bit_width(text: str) -> int:
     try:
         value = int(text)
@@ -36,13 +81,14 @@ def bit_width(text: str) -> int:
 
 
 def cmd_quantize(args) -> None:
-    from pathlib import Path
-
     from . import load, quantize, save
     from .evaluation import evaluate
+    from .loaders import check_source
+    from .outputs import check_output_dir
 
-    if args.out and Path(args.out).exists() and not args.overwrite:
-        raise InputError(f"{args.out}: already exists; pass --overwrite to replace it")
+    check_source(args.source)
+    if args.out is not None:
+        check_output_dir(args.out, args.overwrite, [args.source], source_bytes(args.source))
     model = load(args.source)
     quantized = quantize(model, method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, calib=args.calib,
                          act_granularity=args.act_granularity, seed=args.seed, calib_samples=args.calib_samples,
@@ -61,7 +107,8 @@ def cmd_quantize(args) -> None:
         lines.append(f"{result.metric}: {result.value:.4f} quantized, {fp.value:.4f} full precision{agreement} "
                      f"({result.protocol}; {result.samples} samples; backend {args.backend})")
         card_notes.append(lines[-1])
-    if args.out:
+    if args.out is not None:
+        check_output_dir(args.out, args.overwrite, [args.source])
         save(quantized, args.out, overwrite=args.overwrite, notes=card_notes)
         output["out"] = args.out
         lines.append(f"wrote {args.out}")
@@ -80,31 +127,40 @@ def cmd_compare(args) -> None:
 
     from .compare import compare, format_table, plan, to_markdown, write_json
     from .loaders import check_source
-    from .outputs import write_atomic
+    from .outputs import check_output_file, write_atomic
     from .zoo import ZOO
 
     runs = plan(args.methods, args.bits, args.granularity)  # bad options fail before any model is loaded
     for path in (args.json, args.markdown):
-        if path and not Path(path).resolve().parent.is_dir():
-            raise InputError(f"{path}: its directory does not exist")
+        if path is not None:
+            check_output_file(path)
+    if args.json is not None and args.json == args.markdown:
+        raise InputError(f"{args.json}: given for both --json and --markdown; expected two different files")
     sources = args.sources or list(ZOO)
     for source in sources:
         check_source(source)
     data = {"wikitext2": args.wikitext, "lambada": args.lambada}
     if args.eval_samples:
-        print(f"quick look: every evaluation uses a fixed subset of {args.eval_samples} samples, not the full set",
-              file=sys.stderr)
-    print(f"{len(runs)} runs x {len(sources)} model(s): {', '.join(sources)}", file=sys.stderr)
-    rows = []
+        print(f"quick look: every evaluation uses a fixed subset of {args.eval_samples} samples, not the full set")
+    print(f"{len(runs)} runs x {len(sources)} model(s): {', '.join(sources)}", flush=True)
+    rows, failure = [], None
     for source in sources:
-        rows += compare(source, args.methods, args.bits, args.granularity, args.tasks, args.eval_samples, args.calib,
-                        args.calib_samples, args.calib_len, args.seed, data, args.tokenizer, progress=True)
-    print(format_table(rows))
-    command = "mambaquant " + " ".join(sys.argv[1:])
-    if args.json:
-        write_json(args.json, rows)
-    if args.markdown:
-        write_atomic(args.markdown, to_markdown(rows, command))
+        try:
+            rows += compare(source, args.methods, args.bits, args.granularity, args.tasks, args.eval_samples,
+                            args.calib, args.calib_samples, args.calib_len, args.seed, data, args.tokenizer,
+                            progress=True)
+        except InputError as e:
+            failure = e
+            break
+    if rows:  # what finished is kept, even when a later source fails
+        print(format_table(rows))
+        if args.json:
+            write_json(args.json, rows)
+        if args.markdown:
+            write_atomic(args.markdown, to_markdown(rows, "mambaquant " + " ".join(sys.argv[1:])))
+    if failure is not None:
+        kept = f" (the results of {', '.join(dict.fromkeys(row.model for row in rows))} are kept above)" if rows else ""
+        raise InputError(f"{failure}{kept}")
 
 
 def cmd_analyze(args) -> None:
@@ -164,7 +220,7 @@ def cmd_generate(args) -> None:
         raise InputError("the prompt is empty; expected some text after --prompt")
     generator = torch.Generator().manual_seed(args.seed)
     new = model.generate(torch.tensor([prompt]), args.max_new_tokens, args.temperature, args.top_k, generator)
-    print(args.prompt + tokenizer.decode(new[0].tolist()))
+    sys.stdout.buffer.write(os.fsencode(args.prompt) + tokenizer.decode(new[0].tolist()).encode() + b"\n")
 
 
 def build_parser() -> Parser:
@@ -205,14 +261,14 @@ def build_parser() -> Parser:
     quantize.add_argument("--calib", help=calib_help)
     quantize.add_argument("--calib-samples", type=positive_int, default=32)
     quantize.add_argument("--calib-len", type=positive_int, help="calibration sequence length (text)")
-    quantize.add_argument("--seed", type=int, default=0)
+    quantize.add_argument("--seed", type=seed_value, default=0)
     quantize.add_argument("--eval-samples", type=positive_int, help="evaluate on a fixed subset only")
     quantize.add_argument("--no-eval", action="store_true", help="print the summary only")
     quantize.add_argument("--json", action="store_true", help="print one JSON object")
     quantize.add_argument("--tokenizer", help="tokenizer.json for text calibration of a BPE model (default GPT-NeoX)")
     quantize.add_argument("--backend", choices=BACKENDS, default="fake",
                           help="run the quantized linears simulated in float32 (fake) or as int8 matrix products")
-    quantize.add_argument("--out", help="write the quantized model to this directory (reload with mambaquant.load)")
+    quantize.add_argument("--out", type=path_value, help="write the quantized model to this directory (reload with mambaquant.load)")
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     quantize.set_defaults(run=cmd_quantize)
 
@@ -232,12 +288,12 @@ def build_parser() -> Parser:
     compare.add_argument("--calib", help=calib_help)
     compare.add_argument("--calib-samples", type=positive_int, default=32)
     compare.add_argument("--calib-len", type=positive_int, help="calibration sequence length (text)")
-    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--seed", type=seed_value, default=0)
     compare.add_argument("--wikitext", help="WikiText-2 raw test file (default: the data directory's)")
     compare.add_argument("--lambada", help="LAMBADA OpenAI test jsonl (default: the data directory's)")
     compare.add_argument("--tokenizer", help="tokenizer.json for BPE models (default: GPT-NeoX's)")
-    compare.add_argument("--json", help="write the rows as a JSON list to this file")
-    compare.add_argument("--markdown", help="write the table as Markdown to this file")
+    compare.add_argument("--json", type=path_value, help="write the rows as a JSON list to this file")
+    compare.add_argument("--markdown", type=path_value, help="write the table as Markdown to this file")
     compare.set_defaults(run=cmd_compare)
 
     from .analysis import QUANTIZING_METHODS
@@ -245,13 +301,13 @@ def build_parser() -> Parser:
     analyze = commands.add_parser("analyze", help="outliers, the scan's heavy tails, what each transform does to "
                                                   "them and each method's SQNR: stats, plots, index.html")
     analyze.add_argument("source", help="embedded model name, model directory or checkpoint file")
-    analyze.add_argument("--out", required=True, help="directory to write (refused if it exists, see --overwrite)")
+    analyze.add_argument("--out", type=path_value, required=True, help="directory to write (refused if it exists, see --overwrite)")
     analyze.add_argument("--calib", help=calib_help)
     analyze.add_argument("--calib-samples", type=positive_int, default=32)
     analyze.add_argument("--calib-len", type=positive_int, help="calibration sequence length (text)")
     analyze.add_argument("--methods", type=comma_list, default=list(QUANTIZING_METHODS),
                          help="comma-separated methods whose SQNR to measure (default: every quantizing method)")
-    analyze.add_argument("--seed", type=int, default=0)
+    analyze.add_argument("--seed", type=seed_value, default=0)
     analyze.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     analyze.set_defaults(run=cmd_analyze)
 
@@ -259,25 +315,59 @@ def build_parser() -> Parser:
     generate.add_argument("source", help="embedded model name, model directory or checkpoint file")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=positive_int, default=200)
-    generate.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    generate.add_argument("--temperature", type=temperature_value, default=0.8, help="0 for greedy decoding")
     generate.add_argument("--top-k", type=positive_int)
-    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--seed", type=seed_value, default=0)
     generate.add_argument("--tokenizer", help="tokenizer.json for non-byte vocabularies")
     generate.set_defaults(run=cmd_generate)
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised like KeyboardInterrupt so that every clean-up on the way out runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def on_signal(signum, frame) -> None:
+    for handled in HANDLED_SIGNALS:
+        signal.signal(handled, signal.SIG_IGN)  # a second signal must not cut the clean-up short
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A bad input is one line on stderr and exit 2; a signal, one line and 128 + its number.
+    Warnings from dependencies are held back: shown as single lines after a success, dropped after a failure."""
+    for handled in HANDLED_SIGNALS:
+        signal.signal(handled, on_signal)
     args = build_parser().parse_args(argv)
-    try:
-        args.run(args)
-    except InputError as e:
-        print(f"mambaquant: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("mambaquant: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings(record=True) as caught:
+        try:
+            args.run(args)
+        except InputError as e:
+            return fail(f"error: {one_line(e)}", 2)
+        except OSError as e:
+            return fail(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or one_line(e)}", 2)
+        except MemoryError:
+            return fail("error: out of memory; expected a smaller model, batch or calibration set", 2)
+        except KeyboardInterrupt:
+            return fail("interrupted", 128 + signal.SIGINT)
+        except Terminated as e:
+            return fail(f"terminated by {signal.Signals(e.signum).name}", 128 + e.signum)
+    for message in dict.fromkeys(one_line(w.message) for w in caught):
+        print(f"mambaquant: warning: {message}", file=sys.stderr)
     return 0
+
+
+def fail(message: str, code: int) -> int:
+    print(f"mambaquant: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

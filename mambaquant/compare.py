@@ -8,11 +8,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .errors import InputError
 from .methods import FULL_PRECISION, GRANULARITIES, METHODS, PRESETS, QuantConfig, run_recipe
 from .outputs import write_atomic
+from .progress import progress as progress_of
 
 DEFAULT_BITS = ("w8a8", "w4a8", "w4a16")
 AUTO_METHODS = ("mambaquant",)  # the per-site granularity choice is part of MambaQuant's recipe
@@ -110,7 +110,7 @@ def compare(source, methods=METHODS, bits=DEFAULT_BITS, granularities=GRANULARIT
                  for task in tasks}
     memo = Memo(model)
     rows = []
-    for method, preset, granularity in tqdm(runs, desc=name, unit="run", disable=None if progress else True):
+    for method, preset, granularity in progress_of(runs, name, "run", progress, label=" ".join):
         started = time.perf_counter()
         if method == "fp":
             quantized = model

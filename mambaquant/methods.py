@@ -17,9 +17,9 @@ from functools import partial
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .errors import InputError
+from .progress import progress as progress_of
 from .quant.gptq import gptq_quantize
 from .quant.linear import BACKENDS, QuantizedLinear
 from .quant.quantizer import ActivationQuantizer, QuantSpec, quantize_weight
@@ -91,8 +91,12 @@ class QuantConfig:
             raise InputError(f"unknown activation granularity {self.act_granularity!r}; "
                              f"expected one of {', '.join(GRANULARITIES)}")
         for bits in (self.w_bits, self.a_bits):
+            if isinstance(bits, bool) or not isinstance(bits, int):
+                raise InputError(f"bit widths must be integers from 2 to 8, or 16 for none; got {bits!r}")
             if bits != FULL_PRECISION:
                 QuantSpec(bits)  # raises for anything outside 2..8
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise InputError(f"the seed must be an integer from 0 to {2**63 - 1}, got {self.seed!r}")
 
     @classmethod
     def preset(cls, bits: str, **kwargs) -> "QuantConfig":
@@ -414,8 +418,7 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
     pending = []
     with torch.no_grad():
         hidden = check_finite_activations([model.embed(batch) for batch in batches], "the embedding's output")
-    bar = tqdm(model.layers, desc=f"{config.method} w{config.w_bits}a{config.a_bits}", unit="block",
-               disable=None if progress else True, leave=False)  # None: off when not a terminal
+    bar = progress_of(model.layers, f"{config.method} w{config.w_bits}a{config.a_bits}", "block", progress)
     for index, layer in enumerate(bar):
         runner = Runner(layer, hidden)
         block_transform(layer, runner, config, report)
@@ -449,14 +452,18 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
     """Run the quantized linear layers as a float32 simulation of their integer arithmetic ("fake") or as int8 x
     int8 -> int32 products ("int8"). The other quantization points (conv1d input, h, C) are simulated in both."""
-    if backend not in BACKENDS:
-        raise InputError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     linears = [module for module in model.modules() if isinstance(module, QuantizedLinear)]
-    if backend == "int8" and not linears:
-        raise InputError("the int8 backend needs a model with quantized weights (w_bits <= 8)")
+    check_backend(backend, bool(linears))
     for linear in linears:
         linear.set_backend(backend)
     return model
+
+
+def check_backend(backend: str, quantized_weights: bool) -> None:
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend == "int8" and not quantized_weights:
+        raise InputError("the int8 backend needs a model with quantized weights (w_bits <= 8)")
 
 
 def check_finite_activations(tensors: list[torch.Tensor], where: str) -> list[torch.Tensor]:
@@ -489,9 +496,10 @@ def quantize(model, method: str = "mambaquant", w_bits: int = 8, a_bits: int = 8
     from .loaders import load
 
     source = model if isinstance(model, str) else type(model).__name__
-    model = load(model)
     config = QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, act_granularity=act_granularity, seed=seed,
                          **options)
+    check_backend(backend, config.w_bits != FULL_PRECISION)  # before any work
+    model = load(model)
     batches = resolve_calibration(model, source, calib, calib_samples, calib_len, seed, tokenizer=tokenizer)
     quantized, report = run_recipe(model, config, batches, progress)
     quantized.quantization_report = report

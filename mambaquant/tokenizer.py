@@ -9,7 +9,7 @@ from .errors import InputError
 
 class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        return list(text.encode("utf-8", errors="surrogateescape"))  # bytes that are not UTF-8 come back as given
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
@@ -25,6 +25,10 @@ class BPETokenizer:
             raise InputError(f"{path}: not a tokenizer.json file ({e})") from None
 
     def encode(self, text: str) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError("the text is not valid UTF-8; expected UTF-8 text for a BPE tokenizer") from None
         return self.tokenizer.encode(text).ids
 
     def decode(self, ids: list[int]) -> str:

@@ -19,3 +19,13 @@ def small_vim() -> VisionMamba:
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn(p.shape))
     return model
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """The real CLI, each command in its own forked process (tests/cli_server.py): `cli.run(*argv, cwd=, env=)`."""
+    from .cli_cases import CliServer
+
+    server = CliServer()
+    yield server
+    server.close()

@@ -51,7 +51,7 @@ def test_cli_compare_writes_json_and_markdown(tmp_path, capsys):
     code = main(["compare", "typeseg", "--methods", "fp,rtn", "--bits", "w8a8", "--granularity", "tensor",
                  "--eval-samples", "2", "--calib-samples", "2", "--json", str(out_json), "--markdown", str(out_md)])
     captured = capsys.readouterr()
-    assert code == 0 and "fixed subset of 2" in captured.err and "byte_accuracy" in captured.out
+    assert code == 0 and "fixed subset of 2" in captured.out and "byte_accuracy" in captured.out
     rows = json.loads(out_json.read_text())
     assert [(r["method"], r["granularity"]) for r in rows] == [("fp", "none"), ("rtn", "tensor")]
     assert rows[1]["agreement"] <= 100 and rows[0]["value"] == rows[0]["fp_value"]
@@ -61,7 +61,7 @@ def test_cli_compare_writes_json_and_markdown(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--methods", "rtn,nope"], "unknown method 'nope'"),
     (["--bits", "w8a4"], "unknown bit widths 'w8a4'"),
-    (["--json", "/no/such/dir/rows.json"], "directory does not exist"),
+    (["--json", "/no/such/dir/rows.json"], "is not an existing directory"),
     (["no-such-model"], "no-such-model"),
 ])
 def test_cli_compare_bad_input(args, message, capsys, tmp_path):

@@ -174,7 +174,7 @@ def test_same_command_same_seed_gives_a_bit_identical_checkpoint(tmp_path):
         assert code == 0, err
         runs.append((file_hashes(tmp_path / name), json.loads(stdout)["value"]))
     assert runs[0] == runs[1]
-    assert set(runs[0][0]) == {"config.json", "model.safetensors", "MODEL_CARD.md"}
+    assert set(runs[0][0]) == {"config.json", "model.safetensors", "MODEL_CARD.md", ".mambaquant-output.json"}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ..calibration import resolve_calibration
 from ..errors import InputError
 from ..methods import METHODS, PRESETS, Runner, quantize
-from ..outputs import write_atomic_dir
+from ..outputs import check_output_dir, write_atomic_dir
+from ..progress import progress as progress_of
 from ..runtime import find_sites
 from .error import SQNR, measure
 from .stats import (
@@ -61,7 +61,7 @@ def capture(model, batches: list[torch.Tensor], sketch: SketchConfig, progress: 
     key = set(key_site_names(model))
     sites = find_sites(model)
     statistics = {name: SiteStatistics(sketch, key=name in key) for name in sites}
-    bar = tqdm(batches, desc="statistics", unit="batch", disable=not progress, leave=False)
+    bar = progress_of(batches, "statistics", "batch", progress)
     Runner(model, bar).observe({sites[name]: observer for name, observer in statistics.items()})
     return statistics
 
@@ -71,7 +71,7 @@ def quantization_error(model, batches: list[torch.Tensor], config: AnalysisConfi
     runs = [(method, bits) for method in config.methods for bits in config.bits]
     inputs = torch.cat(batches)
     results = {}
-    for method, bits in tqdm(runs, desc="methods", unit="run", disable=not progress, leave=False):
+    for method, bits in progress_of(runs, "methods", "run", progress, label=" ".join):
         w_bits, a_bits = PRESETS[bits.lower()]
         quantized = quantize(model, method=method, w_bits=w_bits, a_bits=a_bits, calib=inputs,
                              calib_samples=len(inputs), seed=config.seed)
@@ -98,13 +98,7 @@ def analyze(source, out_dir: str | Path, config: AnalysisConfig | None = None, o
     from . import plots, report
 
     config = config or AnalysisConfig(**options)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise InputError(f"{out_dir}: already exists; pass --overwrite to replace it")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"{out_dir} is a file; expected a directory path for --out")
-    if not out_dir.resolve().parent.is_dir():
-        raise InputError(f"{out_dir.parent}: directory not found; expected an existing parent for --out")
+    out_dir = check_output_dir(out_dir, overwrite, sources=[source])
     name = source if isinstance(source, str) else type(source).__name__
     model = load(source).eval()
     batches = resolve_calibration(model, name, config.calib, config.calib_samples, config.calib_len, config.seed,
@@ -135,7 +129,8 @@ def analyze(source, out_dir: str | Path, config: AnalysisConfig | None = None, o
     }
     del statistics
     results["sqnr"] = quantization_error(model, batches, config, progress)
-    write_atomic_dir(out_dir, lambda staging: write_outputs(results, staging, plots, report))
+    write_atomic_dir(out_dir, lambda staging: write_outputs(results, staging, plots, report), overwrite,
+                     kind="analysis", sources=[source])
     return results
 
 

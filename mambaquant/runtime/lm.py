@@ -1,12 +1,18 @@
 """Mamba causal language model with a recurrent state cache for generation."""
 
+import math
+
 import torch
 from torch import nn
 
+from ..errors import InputError
 from .block import MambaBlock, make_norm
 from .config import LMConfig
 from .mixer import SSMState
 from .sites import make_sites, name_sites
+
+
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
 class MambaLM(nn.Module):
@@ -59,6 +65,7 @@ class MambaLM(nn.Module):
     ) -> torch.Tensor:
         """Prefill the prompt in one pass, then decode one token per step from the recurrent state.
         temperature 0 is greedy. Returns the new tokens (B, max_new_tokens)."""
+        check_generation(input_ids, max_new_tokens, temperature, top_k, self.config.vocab_size)
         cache = self.new_cache(input_ids.shape[0])
         logits = self(input_ids, cache)[:, -1]
         new_tokens = []
@@ -67,6 +74,22 @@ class MambaLM(nn.Module):
             new_tokens.append(token)
             logits = self(token[:, None], cache)[:, -1]
         return torch.stack(new_tokens, dim=1)
+
+
+def check_generation(input_ids, max_new_tokens, temperature, top_k, vocab_size: int) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in INDEX_DTYPES:
+        raise InputError("the prompt must be an integer tensor of token ids of shape (batch, length)")
+    if input_ids.numel() == 0:
+        raise InputError("the prompt is empty; expected at least one token")
+    if input_ids.min() < 0 or input_ids.max() >= vocab_size:
+        raise InputError(f"the prompt holds token ids outside 0..{vocab_size - 1}, the model's vocabulary")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise InputError(f"temperature must be a finite number > 0, or 0 for greedy decoding; got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise InputError(f"top_k must be a positive integer or None, got {top_k!r}")
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None):
