@@ -62,10 +62,11 @@ def source_bytes(source: str) -> int:
     """The size of a source on disk: what its quantized output will need at most."""
     from pathlib import Path
 
-    from .zoo import MODELS_DIR, ZOO
+    from .loaders import resolve_source
+    from .zoo import MODELS_DIR
 
-    name = source.removeprefix("zoo:")
-    path = MODELS_DIR / name if name in ZOO and not Path(source).exists() else Path(source)
+    kind, value = resolve_source(source)
+    path = MODELS_DIR / value if kind == "zoo" else value
     files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
     return sum(p.stat().st_size for p in files if p.exists())
 
@@ -128,7 +129,7 @@ def cmd_compare(args) -> None:
     from .compare import compare, format_table, plan, to_markdown, write_json
     from .loaders import check_source
     from .outputs import check_output_file, write_atomic
-    from .zoo import ZOO
+    from .zoo import ZOO, ZOO_PREFIX
 
     runs = plan(args.methods, args.bits, args.granularity)  # bad options fail before any model is loaded
     for path in (args.json, args.markdown):
@@ -136,7 +137,7 @@ def cmd_compare(args) -> None:
             check_output_file(path)
     if args.json is not None and args.json == args.markdown:
         raise InputError(f"{args.json}: given for both --json and --markdown; expected two different files")
-    sources = args.sources or list(ZOO)
+    sources = args.sources or [f"{ZOO_PREFIX}{name}" for name in ZOO]
     for source in sources:
         check_source(source)
     data = {"wikitext2": args.wikitext, "lambada": args.lambada}

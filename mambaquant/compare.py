@@ -99,8 +99,9 @@ def compare(source, methods=METHODS, bits=DEFAULT_BITS, granularities=GRANULARIT
     from .calibration import resolve_calibration
     from .evaluation import evaluate, tasks_for
     from .loaders import load
+    from .zoo import embedded_name
 
-    name = source if isinstance(source, str) else type(source).__name__
+    name = (embedded_name(source) or source) if isinstance(source, str) else type(source).__name__
     runs = plan(methods, bits, granularities)
     model = load(source).eval()
     tasks = list(tasks or tasks_for(model, name))

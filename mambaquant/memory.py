@@ -2,6 +2,7 @@
 with one line saying how much was asked for and how much there is."""
 
 import os
+from pathlib import Path
 
 from .errors import InputError
 
@@ -26,13 +27,13 @@ def available_bytes() -> int:
             available = 1 << 62
     for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         try:
-            limit = open(path).read().strip()
+            limit = Path(path).read_text().strip()
         except OSError:
             continue
         if limit.isdigit():
             used_path = path.replace("memory.max", "memory.current").replace("limit_in_bytes", "usage_in_bytes")
             try:
-                used = int(open(used_path).read().strip())
+                used = int(Path(used_path).read_text().strip())
             except (OSError, ValueError):
                 used = 0
             available = min(available, max(int(limit) - used, 0))

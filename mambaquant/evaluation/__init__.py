@@ -41,10 +41,10 @@ def tasks_for(model: nn.Module, source: str) -> list[str]:
 
 def task_for(model: nn.Module, source: str) -> str:
     """The protocol a model is measured with: from the zoo card, else from the model's shape."""
-    from ..zoo import ZOO
+    from ..zoo import ZOO, embedded_name
 
-    if source in ZOO:
-        return ZOO[source].task
+    if embedded_name(source):
+        return ZOO[embedded_name(source)].task
     if isinstance(model, MambaLM) and 256 <= model.config.vocab_size < 512:
         return "bytes"
     if isinstance(model, MambaLM) and model.config.vocab_size >= NEOX_VOCAB:

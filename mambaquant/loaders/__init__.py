@@ -1,6 +1,7 @@
 """`load(source)`: an embedded model name, a directory, a checkpoint file or an in-memory model -> our runtime."""
 
 import json
+import os
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -10,7 +11,8 @@ from ..errors import InputError
 from ..outputs import write_atomic_dir
 from ..runtime import MambaLM, MambaTagger, TaggerConfig, VisionConfig, VisionMamba
 from . import hf, quantized, typeseg, vim
-from .weights import assign_weights, find_weight_file, read_tensors, rename
+from .schema import describe, display, read_json
+from .weights import find_weight_file, load_checked, open_checkpoint, read_tensors
 
 SUPPORTED = (
     "Mamba-1 language models (Hugging Face MambaForCausalLM or the original state-spaces layout), "
@@ -21,86 +23,137 @@ TAGGER_ARCHITECTURE = "mamba-tagger"
 
 
 def load(source, **vision_options) -> nn.Module:
-    """Return a `MambaLM` or `VisionMamba` in eval mode. `vision_options` (img_size, stride) complete a bare Vim
-    checkpoint, whose state dict does not record them."""
+    """Return a `MambaLM`, `VisionMamba` or `MambaTagger` in eval mode. `source`: an embedded model name (or
+    `zoo:NAME`), a model directory, a checkpoint file or a model object. `vision_options` (img_size, stride)
+    complete a bare Vim checkpoint, whose state dict does not record them."""
     if isinstance(source, (MambaLM, VisionMamba, MambaTagger)):
         return source
     if isinstance(source, nn.Module):
         if type(source).__name__ == "MambaForCausalLM":
             return hf.from_transformers(source)
         raise InputError(f"unsupported model object {type(source).__name__}; supported: {SUPPORTED}")
-    from ..zoo import ZOO, load_zoo_model
+    from ..zoo import load_zoo_model
 
-    name = str(source)
-    check_source(name)
-    if name in ZOO:
-        return load_zoo_model(name)
-    path = Path(name)
-    if path.is_dir():
-        return load_directory(path)
-    return load_checkpoint_file(path, vision_options)
+    kind, value = resolve_source(source)
+    if kind == "zoo":
+        return load_zoo_model(value)
+    if value.is_dir():
+        return load_directory(value)
+    return load_checkpoint_file(value, vision_options)
 
 
-def check_source(name: str) -> None:
-    """Raise the one-line error for a source that is neither an embedded model nor an existing path."""
-    from ..zoo import ZOO
+def resolve_source(source) -> tuple[str, object]:
+    """("zoo", NAME) for an embedded model, ("path", Path) for a file or directory; one line for anything else.
+    A string that names both an embedded model and an existing path is refused: `./NAME` is the path,
+    `zoo:NAME` the embedded model. A `Path` is always a path."""
+    from ..zoo import ZOO, ZOO_PREFIX
 
-    if name not in ZOO and not Path(name).exists():
-        raise InputError(
-            f"{name}: no such file or directory, and not an embedded model "
-            f"(expected one of {', '.join(ZOO)}, a model directory or a checkpoint file)"
-        )
+    expected = f"an embedded model name ({', '.join(ZOO)}), a model directory or a checkpoint file"
+    if isinstance(source, os.PathLike):
+        path = Path(source)
+        if not path_exists(path):
+            raise InputError(f"{display(path)}: no such file or directory (expected a model directory or a "
+                             "checkpoint file)")
+        return "path", path
+    if not isinstance(source, str):
+        raise InputError(f"expected a model source: {expected} or a model object; got a {type(source).__name__}")
+    if not source.strip():
+        raise InputError(f"empty model source; expected {expected}")
+    if source.startswith(ZOO_PREFIX):
+        name = source[len(ZOO_PREFIX):]
+        if name not in ZOO:
+            raise InputError(f"{display(source)}: no embedded model {display(name)}; expected one of "
+                             f"{', '.join(ZOO_PREFIX + n for n in ZOO)}")
+        return "zoo", name
+    exists = path_exists(Path(source))
+    if source in ZOO:
+        if exists:
+            raise InputError(f"{source}: both an embedded model and a path here; write ./{source} for the path or "
+                             f"{ZOO_PREFIX}{source} for the embedded model")
+        return "zoo", source
+    if not exists:
+        raise InputError(f"{display(source)}: no such file or directory, and not an embedded model (expected one of "
+                         f"{', '.join(ZOO)}, a model directory or a checkpoint file)")
+    return "path", Path(source)
+
+
+def path_exists(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except (OSError, ValueError):  # ValueError: a NUL byte in the name
+        return False
+    return True
+
+
+def check_source(name) -> None:
+    """Raise the one-line error for a source that is not an embedded model (NAME or zoo:NAME) nor an existing
+    path, or that is ambiguous between the two."""
+    resolve_source(name)
 
 
 def read_config(directory: Path) -> dict:
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise InputError(
-            f"{directory}: no config.json; expected a model directory (config.json + model.safetensors) "
+            f"{display(directory)}: no config.json; expected a model directory (config.json + model.safetensors) "
             "or a checkpoint file"
         )
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{config_path}: not valid JSON ({e})") from None
+    config = read_json(config_path, "a JSON object describing the model")
     if not isinstance(config, dict):
-        raise InputError(f"{config_path}: expected a JSON object")
+        raise InputError(f"{display(config_path)}: expected a JSON object, got {describe(config)}")
     return config
+
+
+def architecture_of(config: dict) -> str:
+    """What a config says it is, for the unsupported-architecture message."""
+    for key in ("architectures", "model_type", "architecture"):
+        value = config.get(key)
+        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            return display(", ".join(value))
+        if isinstance(value, str) and value:
+            return display(value)
+    return "unknown"
 
 
 def load_directory(directory: Path) -> nn.Module:
     config = read_config(directory)
-    source = str(directory)
-    if hf.is_hf_config(config):
-        lm_config = hf.lm_config_from_hf(config, source)
-    elif hf.is_state_spaces_config(config):
-        lm_config = hf.lm_config_from_state_spaces(config, source)
-    elif config.get("architecture") == VISION_ARCHITECTURE:
-        tensors = read_tensors(find_weight_file(directory))
-        return vim.build_vim(VisionConfig.from_dict(config), tensors, source)
-    elif quantized.is_quantized_config(config):
+    source, where = display(directory), display(directory / "config.json")
+    architecture = config.get("architecture")
+    if architecture == VISION_ARCHITECTURE:
+        vision_config = VisionConfig.from_dict(config, where=where)
+        return vim.load_vim(vision_config, open_checkpoint(find_weight_file(directory)), source)
+    if architecture == TAGGER_ARCHITECTURE:
+        tagger_config = TaggerConfig.from_dict(config, where=where)
+        return load_checked(lambda: MambaTagger(tagger_config), open_checkpoint(find_weight_file(directory)), [],
+                            source)
+    if quantized.is_quantized_config(config):
         return quantized.build_quantized(config, read_tensors(find_weight_file(directory)), source)
-    elif config.get("architecture") == TAGGER_ARCHITECTURE:
-        tensors = rename(read_tensors(find_weight_file(directory)), [])
-        return assign_weights(MambaTagger(TaggerConfig.from_dict(config)), tensors, source).eval()
+    if architecture is None and hf.is_hf_config(config):
+        lm_config = hf.lm_config_from_hf(config, where)
+    elif architecture is None and hf.is_state_spaces_config(config):
+        lm_config = hf.lm_config_from_state_spaces(config, where)
     else:
-        found = config.get("architectures") or config.get("model_type") or config.get("architecture") or "unknown"
-        raise InputError(f"{directory}: unsupported architecture {found}; supported: {SUPPORTED}")
-    return hf.build_lm(lm_config, read_tensors(find_weight_file(directory)), source)
+        raise InputError(f"{source}: unsupported architecture {architecture_of(config)}; supported: {SUPPORTED}")
+    return hf.load_lm(lm_config, open_checkpoint(find_weight_file(directory)), source)
 
 
 def load_checkpoint_file(path: Path, vision_options: dict) -> nn.Module:
+    source = display(path)
     if path.suffix == ".npz":
-        tensors = typeseg.read_npz(path)
-        if typeseg.is_typeseg_npz(tensors):
-            return typeseg.build_typeseg(tensors, str(path))
-        raise InputError(f"{path}: unrecognised npz checkpoint; supported: {SUPPORTED}")
-    tensors = read_tensors(path)
-    if vim.is_vim_state_dict(tensors):
-        return vim.build_vim(vim.vision_config_from_weights(tensors, vision_options), tensors, str(path))
-    if any(k.startswith("backbone.layers.0.mixer.") for k in tensors):
-        return hf.build_lm(hf.lm_config_from_weights(tensors), tensors, str(path))
-    raise InputError(f"{path}: unrecognised checkpoint; supported: {SUPPORTED}")
+        checkpoint = typeseg.open_npz(path)
+        if typeseg.is_typeseg_npz(checkpoint.infos):
+            return typeseg.load_typeseg(checkpoint, source)
+        raise InputError(f"{source}: unrecognised npz checkpoint; supported: {SUPPORTED}")
+    if path.name.endswith(".json") and not path.name.endswith(".index.json"):
+        raise InputError(f"{source}: a JSON file is not a checkpoint; expected a model directory, a checkpoint file "
+                         "or a sharded index (*.index.json)")
+    checkpoint = open_checkpoint(path)
+    if vim.is_vim_state_dict(checkpoint.infos):
+        config = vim.vision_config_from_weights(checkpoint.infos, vision_options, source)
+        return vim.load_vim(config, checkpoint, source)
+    if hf.is_lm_state_dict(checkpoint.infos):
+        return hf.load_lm_file(checkpoint, source)
+    raise InputError(f"{source}: unrecognised checkpoint; supported: {SUPPORTED}")
 
 
 def save(model: nn.Module, directory: str | Path, overwrite: bool = False, notes: tuple[str, ...] = ()) -> Path:
@@ -109,9 +162,6 @@ def save(model: nn.Module, directory: str | Path, overwrite: bool = False, notes
     Vim names for vision models. Quantized (`mambaquant.quantize`'s output): integer codes and everything
     that rebuilds the quantized model (see `loaders.quantized`). Atomic: written to a temporary directory that is
     renamed into place at the end, so an interrupted save leaves nothing that looks complete."""
-    directory = Path(directory)
-    if directory.exists() and not overwrite:
-        raise InputError(f"{directory}: already exists; pass overwrite=True (--overwrite) to replace it")
     card = None
     if hasattr(model, "quantization_report"):
         tensors, layout = quantized.quantized_tensors_and_layout(model)
@@ -134,6 +184,5 @@ def save(model: nn.Module, directory: str | Path, overwrite: bool = False, notes
         if card:
             (staging / "MODEL_CARD.md").write_text(card)
 
-    write_atomic_dir(directory, write)
-    return directory
+    return write_atomic_dir(directory, write, overwrite=overwrite)
 

@@ -1,13 +1,16 @@
 """Mamba-1 language models in the Hugging Face layout (`MambaForCausalLM`, state-spaces/mamba-*-hf) and in the
 original state-spaces layout (config.json with d_model / n_layer / ssm_cfg, `backbone.embedding.weight`)."""
 
+import dataclasses
 import math
 
 import torch
 
 from ..errors import InputError
 from ..runtime import LMConfig, MambaLM
-from .weights import assign_weights, rename
+from .schema import boolean, display, integer, list_of, number, obj, string, validate
+from .weights import (Checkpoint, any_named, assign_weights, check_before_loading, layer_count, load_checked, rename,
+                      require)
 
 # checkpoint name -> runtime name
 TO_RUNTIME = [
@@ -24,78 +27,173 @@ TO_HF = [
 ]
 
 
+SIZE = 65536  # the largest d_model / d_inner / dt_rank accepted (the memory check still applies below it)
+MAX_LAYERS = 1024
+MAX_VOCAB = 2**24
+
+# transformers' MambaConfig (config.json of MambaForCausalLM); defaults are transformers' own
+HF_SCHEMA = {
+    "model_type": string(default="mamba"),
+    "architectures": list_of(string(), default=None, nullable=True, max_items=64),
+    "hidden_size": integer(1, SIZE, default=768),
+    "num_hidden_layers": integer(1, MAX_LAYERS, default=32),
+    "state_size": integer(1, 1024, default=16),
+    "expand": integer(1, 16, default=2),
+    "intermediate_size": integer(1, 16 * SIZE, default=None, nullable=True),  # must be expand * hidden_size
+    "conv_kernel": integer(1, 64, default=4),
+    "time_step_rank": integer(1, SIZE, default="auto", special=("auto",)),
+    "use_conv_bias": boolean(True),
+    "use_bias": boolean(False),
+    "layer_norm_epsilon": number(0, 1, default=1e-5, above=True),
+    "vocab_size": integer(1, MAX_VOCAB, default=50280),
+    "tie_word_embeddings": boolean(True),
+    "hidden_act": string("silu", "swish", default="silu"),
+    "residual_in_fp32": boolean(True),
+}
+
+# the original state-spaces/mamba config (mamba_ssm's MambaConfig)
+SSM_CFG_SCHEMA = {
+    "layer": string(default="Mamba1"),
+    "d_state": integer(1, 1024, default=16),
+    "d_conv": integer(1, 64, default=4),
+    "expand": integer(1, 16, default=2),
+    "dt_rank": integer(1, SIZE, default="auto", special=("auto",)),
+    "conv_bias": boolean(True),
+    "bias": boolean(False),
+    "use_fast_path": boolean(True),
+}
+STATE_SPACES_SCHEMA = {
+    "d_model": integer(1, SIZE),
+    "n_layer": integer(1, MAX_LAYERS),
+    "vocab_size": integer(1, MAX_VOCAB),
+    "ssm_cfg": obj(SSM_CFG_SCHEMA, default={}),
+    "d_intermediate": integer(0, 16 * SIZE, default=0),  # an MLP after each mixer (mamba_ssm >= 2): not supported
+    "attn_layer_idx": list_of(integer(0, MAX_LAYERS - 1), default=[]),  # hybrid attention layers: not supported
+    "attn_cfg": obj(default={}),
+    "rms_norm": boolean(True),
+    "residual_in_fp32": boolean(True),
+    "fused_add_norm": boolean(True),
+    "pad_vocab_size_multiple": integer(1, SIZE, default=1),
+    "tie_embeddings": boolean(True),
+}
+
+
 def is_hf_config(config: dict) -> bool:
-    return config.get("model_type") == "mamba" or "MambaForCausalLM" in config.get("architectures", [])
+    architectures = config.get("architectures")
+    return config.get("model_type") == "mamba" or (
+        isinstance(architectures, list) and "MambaForCausalLM" in architectures)
 
 
 def is_state_spaces_config(config: dict) -> bool:
-    return {"d_model", "n_layer", "vocab_size"} <= config.keys() and "ssm_cfg" in config
+    return "ssm_cfg" in config or {"d_model", "n_layer", "vocab_size"} <= config.keys()
 
 
-def lm_config_from_hf(config: dict, source: str) -> LMConfig:
-    if config.get("hidden_act", "silu") != "silu":
-        raise InputError(f"{source}: hidden_act {config['hidden_act']!r} is not supported; expected 'silu'")
-    hidden = config.get("hidden_size", 768)
-    rank = config.get("time_step_rank", "auto")
+def lm_config_from_hf(config: dict, where: str) -> LMConfig:
+    """transformers' MambaConfig dict -> LMConfig, every field checked; `where` (the config file) starts errors."""
+    c = validate(config, HF_SCHEMA, where)
+    hidden, rank = c["hidden_size"], c["time_step_rank"]
+    if c["intermediate_size"] is not None and c["intermediate_size"] != c["expand"] * hidden:
+        raise InputError(f"{where}: intermediate_size {c['intermediate_size']} is not expand x hidden_size = "
+                         f"{c['expand']} x {hidden} = {c['expand'] * hidden}")
     return LMConfig(
         d_model=hidden,
-        n_layer=config.get("num_hidden_layers", 32),
-        d_state=config.get("state_size", 16),
-        expand=config.get("expand", 2),
-        d_conv=config.get("conv_kernel", 4),
-        dt_rank=math.ceil(hidden / 16) if rank == "auto" else int(rank),
-        conv_bias=config.get("use_conv_bias", True),
-        bias=config.get("use_bias", False),
-        norm_eps=config.get("layer_norm_epsilon", 1e-5),
-        vocab_size=config.get("vocab_size", 50280),
-        tie_embeddings=config.get("tie_word_embeddings", True),
+        n_layer=c["num_hidden_layers"],
+        d_state=c["state_size"],
+        expand=c["expand"],
+        d_conv=c["conv_kernel"],
+        dt_rank=math.ceil(hidden / 16) if rank == "auto" else rank,
+        conv_bias=c["use_conv_bias"],
+        bias=c["use_bias"],
+        norm_eps=c["layer_norm_epsilon"],
+        vocab_size=c["vocab_size"],
+        tie_embeddings=c["tie_word_embeddings"],
     )
 
 
-def lm_config_from_state_spaces(config: dict, source: str) -> LMConfig:
-    ssm = config.get("ssm_cfg") or {}
-    if ssm.get("layer", "Mamba1") != "Mamba1":
-        raise InputError(f"{source}: {ssm['layer']} layers are not supported; expected Mamba-1 blocks")
-    if not config.get("rms_norm", True):
-        raise InputError(f"{source}: LayerNorm language models are not supported; expected rms_norm true")
-    vocab, multiple = config["vocab_size"], config.get("pad_vocab_size_multiple", 1)
+def lm_config_from_state_spaces(config: dict, where: str) -> LMConfig:
+    c = validate(config, STATE_SPACES_SCHEMA, where)
+    ssm = c["ssm_cfg"]
+    if ssm["layer"] != "Mamba1":
+        raise InputError(f"{where}: {display(ssm['layer'])} layers are not supported; expected Mamba-1 blocks")
+    if not c["rms_norm"]:
+        raise InputError(f"{where}: LayerNorm language models are not supported; expected rms_norm true")
+    if c["attn_layer_idx"]:
+        raise InputError(f"{where}: hybrid models with attention layers (attn_layer_idx) are not supported; "
+                         "expected Mamba blocks only")
+    if c["d_intermediate"]:
+        raise InputError(f"{where}: blocks with an MLP (d_intermediate {c['d_intermediate']}) are not supported; "
+                         "expected d_intermediate 0")
+    vocab, multiple = c["vocab_size"], c["pad_vocab_size_multiple"]
+    padded = -(-vocab // multiple) * multiple
+    if padded > MAX_VOCAB:
+        raise InputError(f"{where}: vocab_size {vocab} padded to a multiple of {multiple} is {padded}, more than "
+                         f"{MAX_VOCAB}")
     return LMConfig(
-        d_model=config["d_model"],
-        n_layer=config["n_layer"],
-        d_state=ssm.get("d_state", 16),
-        expand=ssm.get("expand", 2),
-        d_conv=ssm.get("d_conv", 4),
-        dt_rank=0 if ssm.get("dt_rank", "auto") == "auto" else int(ssm["dt_rank"]),
-        conv_bias=ssm.get("conv_bias", True),
-        bias=ssm.get("bias", False),
-        vocab_size=math.ceil(vocab / multiple) * multiple,
-        tie_embeddings=config.get("tie_embeddings", True),
+        d_model=c["d_model"],
+        n_layer=c["n_layer"],
+        d_state=ssm["d_state"],
+        expand=ssm["expand"],
+        d_conv=ssm["d_conv"],
+        dt_rank=0 if ssm["dt_rank"] == "auto" else ssm["dt_rank"],
+        conv_bias=ssm["conv_bias"],
+        bias=ssm["bias"],
+        vocab_size=padded,
+        tie_embeddings=c["tie_embeddings"],
     )
 
 
-def lm_config_from_weights(tensors: dict[str, torch.Tensor]) -> LMConfig:
-    """Infer the configuration of a bare Mamba LM state dict from its tensor shapes."""
-    embed = next(t for k, t in tensors.items() if k.endswith(("embeddings.weight", "embedding.weight")))
-    n_layer = 1 + max(int(k.split(".")[2]) for k in tensors if k.startswith("backbone.layers."))
+EMBEDDINGS = ("backbone.embeddings.weight", "backbone.embedding.weight")
+LAYER = r"backbone\.layers\.(\d+)\."
+
+
+def is_lm_state_dict(tensors: dict) -> bool:
+    return any(name.startswith("backbone.") for name in tensors)
+
+
+def lm_config_from_weights(tensors: dict, source: str) -> LMConfig:
+    """Infer the configuration of a bare Mamba LM state dict from its tensor shapes (tensors or TensorInfos).
+    The head is taken as untied when present (see `load_lm_file`)."""
+    embed_name = next((name for name in EMBEDDINGS if name in tensors), EMBEDDINGS[0])
+    vocab, d_model = require(tensors, embed_name, 2, source)
     prefix = "backbone.layers.0.mixer."
-    in_proj, dt_proj = tensors[prefix + "in_proj.weight"], tensors[prefix + "dt_proj.weight"]
-    head = tensors.get("lm_head.weight")
-    return LMConfig(
-        d_model=embed.shape[1],
-        n_layer=n_layer,
-        d_state=tensors[prefix + "A_log"].shape[1],
-        expand=in_proj.shape[0] // 2 // embed.shape[1],
-        d_conv=tensors[prefix + "conv1d.weight"].shape[2],
-        dt_rank=dt_proj.shape[1],
-        conv_bias=prefix + "conv1d.bias" in tensors,
-        bias=prefix + "in_proj.bias" in tensors,
-        vocab_size=embed.shape[0],
-        tie_embeddings=head is None or head is embed or torch.equal(head, embed),
+    in_proj = require(tensors, prefix + "in_proj.weight", 2, source)
+    if in_proj[0] == 0 or in_proj[0] % (2 * d_model) or in_proj[1] != d_model:
+        raise InputError(f"{source}: weight {prefix}in_proj.weight has shape {tuple(in_proj)}, expected "
+                         f"(2 x expand x {d_model}, {d_model}) for the embedding's width {d_model}")
+    values = dict(
+        d_model=d_model,
+        n_layer=layer_count(tensors, LAYER, source),
+        d_state=require(tensors, prefix + "A_log", 2, source)[1],
+        expand=in_proj[0] // 2 // d_model,
+        d_conv=require(tensors, prefix + "conv1d.weight", 3, source)[2],
+        dt_rank=require(tensors, prefix + "dt_proj.weight", 2, source)[1],
+        conv_bias=any_named(tensors, LAYER + r"mixer\.conv1d\.bias"),
+        bias=any_named(tensors, LAYER + r"mixer\.(in|out)_proj\.bias"),
+        vocab_size=vocab,
+        tie_embeddings="lm_head.weight" not in tensors,
     )
+    return LMConfig.from_dict(values, where=f"{source} (the configuration its tensors imply)")
+
+
+def load_lm_file(checkpoint: Checkpoint, source: str) -> MambaLM:
+    """A bare LM state dict: configuration from the tensor shapes; a head equal to the embedding is tied."""
+    config = lm_config_from_weights(checkpoint.infos, source)
+    check_before_loading(lambda: MambaLM(config), rename(checkpoint.infos, TO_RUNTIME), checkpoint.nbytes, source,
+                         TO_HF)
+    tensors = checkpoint.read()
+    head = tensors.get("lm_head.weight")
+    embed = next(tensors[name] for name in EMBEDDINGS if name in tensors)
+    if head is not None and (head is embed or (head.dtype == embed.dtype and torch.equal(head, embed))):
+        config = dataclasses.replace(config, tie_embeddings=True)
+    return assign_weights(MambaLM(config), rename(tensors, TO_RUNTIME), source).eval()
 
 
 def build_lm(config: LMConfig, tensors: dict[str, torch.Tensor], source: str) -> MambaLM:
     return assign_weights(MambaLM(config), rename(tensors, TO_RUNTIME), source).eval()
+
+
+def load_lm(config: LMConfig, checkpoint: Checkpoint, source: str) -> MambaLM:
+    return load_checked(lambda: MambaLM(config), checkpoint, TO_RUNTIME, source, TO_HF)
 
 
 def from_transformers(hf_model) -> MambaLM:

@@ -6,7 +6,8 @@ import torch
 
 from ..errors import InputError
 from ..runtime import VisionConfig, VisionMamba
-from .weights import assign_weights, rename
+from .schema import integer, validate
+from .weights import Checkpoint, any_named, assign_weights, layer_count, load_checked, rename, require
 
 MIXER = r"layers\.(\d+)\.mixer\."
 TO_RUNTIME = [
@@ -24,52 +25,71 @@ TO_VIM = [
 COMMON_IMAGE_SIZES = (224, 384, 448, 512, 256, 128, 96, 64, 32, 28)
 
 
+VIM_TOP_LEVEL = ("patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed", "cls_token")
+LAYER = r"layers\.(\d+)\."
+OPTIONS_SCHEMA = {"img_size": integer(1, 8192, default=None), "stride": integer(1, 1024, default=None)}
+
+
 def is_vim_state_dict(tensors: dict) -> bool:
-    return "patch_embed.proj.weight" in tensors and "layers.0.mixer.in_proj.weight" in tensors
+    return any(name in tensors for name in VIM_TOP_LEVEL)
 
 
-def vision_config_from_weights(tensors: dict[str, torch.Tensor], overrides: dict | None = None) -> VisionConfig:
-    """Infer a Vim configuration from tensor shapes. The stride and image size are not stored in a state dict:
-    they come from `overrides` when given, else the first of stride = patch or patch / 2 that yields a common
-    image size (Vim-T/S/B use stride 16 at 224, the "+" fine-tuned models stride 8)."""
-    patch_weight = tensors["patch_embed.proj.weight"]
-    d_model, in_chans, patch = patch_weight.shape[0], patch_weight.shape[1], patch_weight.shape[2]
-    grid = math.isqrt(tensors["pos_embed"].shape[1] - 1)
-    if grid * grid != tensors["pos_embed"].shape[1] - 1:
-        raise InputError(f"pos_embed holds {tensors['pos_embed'].shape[1]} positions; expected a square grid plus one class token")
+def vision_config_from_weights(tensors: dict, overrides: dict | None = None,
+                               source: str = "checkpoint") -> VisionConfig:
+    """Infer a Vim configuration from tensor shapes (tensors or TensorInfos). The stride and image size are not
+    stored in a state dict: they come from `overrides` when given, else the first of stride = patch or patch / 2
+    that yields a common image size (Vim-T/S/B use stride 16 at 224, the "+" fine-tuned models stride 8)."""
     overrides = dict(overrides or {})
-    if "stride" not in overrides or "img_size" not in overrides:
+    unknown = sorted(set(overrides) - set(OPTIONS_SCHEMA))
+    if unknown:
+        raise InputError(f"{source}: unknown option(s) {', '.join(map(repr, unknown))} for a Vim checkpoint; "
+                         f"expected {' and '.join(OPTIONS_SCHEMA)}")
+    options = {k: v for k, v in validate(overrides, OPTIONS_SCHEMA, source).items() if k in overrides}
+    d_model, in_chans, patch, _ = require(tensors, "patch_embed.proj.weight", 4, source)
+    positions = require(tensors, "pos_embed", 3, source)[1] - 1
+    grid = math.isqrt(max(positions, 0))
+    if positions < 1 or grid * grid != positions:
+        raise InputError(f"{source}: pos_embed holds {positions + 1} positions; expected a square grid plus one class "
+                         "token")
+    if "stride" not in options or "img_size" not in options:
         candidates = [s for s in (patch, patch // 2) if s > 0]
-        if "stride" in overrides:
-            candidates = [overrides["stride"]]
+        if "stride" in options:
+            candidates = [options["stride"]]
         sizes = {s: (grid - 1) * s + patch for s in candidates}
         stride = next((s for s, size in sizes.items() if size in COMMON_IMAGE_SIZES), candidates[0])
-        overrides.setdefault("stride", stride)
-        overrides.setdefault("img_size", sizes[stride])
+        options.setdefault("stride", stride)
+        options.setdefault("img_size", sizes[stride])
     prefix = "layers.0.mixer."
-    in_proj = tensors[prefix + "in_proj.weight"]
+    in_proj = require(tensors, prefix + "in_proj.weight", 2, source)
+    if in_proj[0] == 0 or in_proj[0] % (2 * d_model) or in_proj[1] != d_model:
+        raise InputError(f"{source}: weight {prefix}in_proj.weight has shape {tuple(in_proj)}, expected "
+                         f"(2 x expand x {d_model}, {d_model}) for the patch embedding's width {d_model}")
     values = dict(
         d_model=d_model,
-        n_layer=1 + max(int(k.split(".")[1]) for k in tensors if k.startswith("layers.")),
-        d_state=tensors[prefix + "A_log"].shape[1],
-        expand=in_proj.shape[0] // 2 // d_model,
-        d_conv=tensors[prefix + "conv1d.weight"].shape[2],
-        dt_rank=tensors[prefix + "dt_proj.weight"].shape[1],
-        conv_bias=prefix + "conv1d.bias" in tensors,
-        bias=prefix + "in_proj.bias" in tensors,
-        norm="layer" if "norm_f.bias" in tensors else "rms",
-        bidirectional="separate" if prefix + "A_b_log" in tensors else "none",
+        n_layer=layer_count(tensors, LAYER, source),
+        d_state=require(tensors, prefix + "A_log", 2, source)[1],
+        expand=in_proj[0] // 2 // d_model,
+        d_conv=require(tensors, prefix + "conv1d.weight", 3, source)[2],
+        dt_rank=require(tensors, prefix + "dt_proj.weight", 2, source)[1],
+        conv_bias=any_named(tensors, MIXER + r"conv1d\.bias"),
+        bias=any_named(tensors, MIXER + r"(in|out)_proj\.bias"),
+        norm="layer" if "norm_f.bias" in tensors or any_named(tensors, r"layers\.\d+\.norm\.bias") else "rms",
+        bidirectional="separate" if any_named(tensors, MIXER + r"((conv1d_b|x_proj_b|dt_proj_b)\.\w+|A_b_log|D_b)")
+        else "none",
         patch_size=patch,
         in_chans=in_chans,
-        num_classes=tensors["head.weight"].shape[0],
+        num_classes=require(tensors, "head.weight", 2, source)[0],
     )
-    values.update(overrides)
-    return VisionConfig(**values)
+    values.update(options)
+    return VisionConfig.from_dict(values, where=f"{source} (the configuration its tensors imply)")
 
 
 def build_vim(config: VisionConfig, tensors: dict[str, torch.Tensor], source: str) -> VisionMamba:
-    model = VisionMamba(config)
-    return assign_weights(model, rename(tensors, TO_RUNTIME), source).eval()
+    return assign_weights(VisionMamba(config), rename(tensors, TO_RUNTIME), source).eval()
+
+
+def load_vim(config: VisionConfig, checkpoint: Checkpoint, source: str) -> VisionMamba:
+    return load_checked(lambda: VisionMamba(config), checkpoint, TO_RUNTIME, source, TO_VIM)
 
 
 def vim_state_dict(model: VisionMamba) -> dict[str, torch.Tensor]:

@@ -1,58 +1,226 @@
-"""Reading tensors from checkpoint files and assigning them to a model, with one clear error for every mismatch."""
+"""Reading tensors from checkpoint files and assigning them to a model, with one clear error for every mismatch.
 
-import json
+Sizes are checked before anything is allocated: a checkpoint is first opened for its tensor names, shapes and dtypes
+only (the safetensors header, a memory-mapped torch state dict, the npy headers of an npz); the model is built on
+torch's meta device to know the shapes it expects and how much memory it needs; only when both agree, and the
+memory is there, is the data read and the model built for real (`check_before_loading`, then `assign_weights`)."""
+
+import contextlib
+import math
 import re
-from pathlib import Path
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..errors import InputError
+from ..memory import check_allocation
+from .schema import describe, display, read_json
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+SHARD_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # converted to float32 on loading
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class TensorInfo:
+    """A stored tensor's shape and dtype, read from a file header without its data. `.T` and `.permute` give the
+    info of the transformed tensor, so a name mapping can be applied to infos and tensors alike."""
+
+    def __init__(self, shape, dtype):
+        self.shape = torch.Size(shape)
+        self.dtype = dtype  # a torch.dtype, or the file's own name for a dtype torch does not have
+
+    @property
+    def T(self) -> "TensorInfo":  # noqa: N802 (torch's name)
+        return TensorInfo(self.shape[::-1], self.dtype)
+
+    def permute(self, *dims: int) -> "TensorInfo":
+        return TensorInfo([self.shape[d] for d in dims], self.dtype)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def nbytes(tensor) -> int:
+    """Bytes of a tensor or a TensorInfo (of its data as stored)."""
+    itemsize = tensor.dtype.itemsize if isinstance(tensor.dtype, torch.dtype) else 8
+    return math.prod(tensor.shape) * itemsize
+
+
+@dataclass
+class Checkpoint:
+    """An opened checkpoint: its tensors' names, shapes and dtypes (`infos`), and `read` for the data."""
+
+    path: Path
+    infos: dict  # name -> TensorInfo, or a memory-mapped tensor
+    read: Callable[[], dict[str, torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(nbytes(info) for info in self.infos.values())
+
+
+def open_checkpoint(path: Path) -> Checkpoint:
+    """A .safetensors, .bin/.pt/.pth file or a sharded index.json, opened for its tensor infos; nothing is read that
+    the header does not describe. Nested `model`/`state_dict` entries (as in Vim's released checkpoints) are
+    unwrapped."""
+    if path.name.endswith(".index.json"):
+        return open_index(path)
+    if not path.is_file():
+        raise InputError(f"{display(path)}: weight file not found")
+    if path.suffix == ".safetensors":
+        return open_safetensors(path)
+    return open_torch(path)
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """A .safetensors, .bin/.pt/.pth file or a sharded index.json -> {name: tensor}. Nested `model`/`state_dict`
-    entries (as in Vim's released checkpoints) are unwrapped."""
-    if path.name.endswith(".index.json"):
-        try:
-            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise InputError(f"{path}: not a valid weight index (expected JSON with a 'weight_map'): {e}") from None
-        tensors = {}
-        for shard in shards:
-            tensors.update(read_tensors(path.parent / shard))
-        return tensors
-    if not path.is_file():
-        raise InputError(f"{path}: weight file not found")
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(path)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise InputError(f"{path}: unreadable safetensors file ({e}); expected a complete safetensors file") from None
+    """A checkpoint file (see `open_checkpoint`) -> {name: tensor}."""
+    return open_checkpoint(path).read()
+
+
+def open_safetensors(path: Path, names: list[str] | None = None) -> Checkpoint:
+    where = display(path)
+
+    def unreadable(e: Exception) -> InputError:
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        return InputError(f"{where}: unreadable safetensors file ({reason}); expected a complete safetensors file")
+
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch.load raises many types for a corrupt or foreign file
-        raise InputError(f"{path}: unreadable checkpoint ({type(e).__name__}); expected a torch state dict") from None
+        with safe_open(path, "pt") as f:
+            infos = {}
+            for name in f.keys():
+                part = f.get_slice(name)
+                dtype = part.get_dtype()
+                infos[name] = TensorInfo(part.get_shape(), SAFETENSORS_DTYPES.get(dtype, dtype))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise unreadable(e) from None
+
+    def read() -> dict[str, torch.Tensor]:
+        try:
+            with safe_open(path, "pt") as f:
+                return {name: f.get_tensor(name) for name in (infos if names is None else names)}
+        except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
+            raise unreadable(e) from None
+
+    return Checkpoint(path, infos, read)
+
+
+def open_torch(path: Path) -> Checkpoint:
+    """A torch.save'd state dict, loaded with weights_only (no code runs) and memory-mapped where the format
+    allows, so its tensors cost no memory until they are read."""
+    where = display(path)
+    with warnings.catch_warnings():  # torch warns about foreign pickles on stderr: the error line says it all
+        warnings.simplefilter("ignore")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # an old non-zip format cannot be mapped; a corrupt or foreign file raises many types
+            size = path.stat().st_size
+            check_allocation(size, f"{where}: reading this checkpoint ({size / 1024**2:.0f} MiB, not memory-mappable)")
+            try:
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001
+                raise InputError(f"{where}: unreadable checkpoint ({type(e).__name__}); expected a torch state "
+                                 "dict") from None
     for key in ("model", "state_dict", "model_state"):
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
-    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise InputError(f"{path}: expected a state dict of tensors (optionally under the key 'model')")
-    return checkpoint
+    if not isinstance(checkpoint, dict) or not checkpoint or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in checkpoint.items()):
+        raise InputError(f"{where}: expected a non-empty state dict of named tensors (optionally under the key "
+                         "'model')")
+    return Checkpoint(path, checkpoint, lambda: checkpoint)
+
+
+def check_shard_name(index: Path, shard, tensor: str) -> Path:
+    """A shard named by an index -> its path, which must be a checkpoint file inside the index's directory."""
+    where = display(index)
+    if not isinstance(shard, str) or not shard:
+        raise InputError(f"{where}: weight_map[{tensor!r}] must be a shard file name (a non-empty string), "
+                         f"got {describe(shard)}")
+    shown = display(shard)
+    if PurePosixPath(shard).is_absolute() or PureWindowsPath(shard).is_absolute() or PureWindowsPath(shard).drive:
+        raise InputError(f"{where}: shard {shown} is an absolute path; shards are read only from inside the model "
+                         "directory (expected a file name relative to it)")
+    if ".." in re.split(r"[/\\]", shard):
+        raise InputError(f"{where}: shard {shown} goes up a directory ('..'); shards are read only from inside the "
+                         "model directory")
+    if shard.endswith(".index.json"):
+        raise InputError(f"{where}: shard {shown} is an index, not a weight file; expected "
+                         f"{' or '.join(SHARD_SUFFIXES)} files")
+    if not shard.endswith(SHARD_SUFFIXES):
+        raise InputError(f"{where}: shard {shown} is not a weight file; expected {' or '.join(SHARD_SUFFIXES)} files")
+    directory = index.parent.resolve()
+    try:
+        path = (index.parent / shard).resolve()
+    except (OSError, RuntimeError, ValueError):
+        raise InputError(f"{where}: shard {shown} cannot be resolved (a symlink loop?)") from None
+    if not path.is_relative_to(directory):
+        raise InputError(f"{where}: shard {shown} resolves outside the model directory ({display(path)}); shards "
+                         "are read only from inside it")
+    if path == index.resolve():
+        raise InputError(f"{where}: shard {shown} is the index itself")
+    if not path.is_file():
+        raise InputError(f"{where}: shard {shown} not found in {display(index.parent)}")
+    return path
+
+
+def open_index(path: Path) -> Checkpoint:
+    """A sharded checkpoint: `{"weight_map": {tensor: shard file}}`, shards inside the index's directory, each
+    tensor in the shard the index names."""
+    where = display(path)
+    index = read_json(path, "a weight index (JSON with a 'weight_map')")
+    if not isinstance(index, dict) or "weight_map" not in index:
+        raise InputError(f"{where}: not a weight index; expected a JSON object with a 'weight_map'")
+    weight_map = index["weight_map"]
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InputError(f"{where}: weight_map must be a non-empty object {{tensor name: shard file}}, got "
+                         f"{describe(weight_map)}")
+    by_shard: dict[str, list[str]] = {}
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str):
+            check_shard_name(path, shard, tensor)  # refuses it
+        by_shard.setdefault(shard, []).append(tensor)
+    shards = []
+    for shard, names in by_shard.items():
+        shard_path = check_shard_name(path, shard, names[0])
+        opened = (open_safetensors(shard_path, names) if shard_path.suffix == ".safetensors"
+                  else open_torch(shard_path))
+        absent = [name for name in names if name not in opened.infos]
+        if absent:
+            raise InputError(f"{where}: tensor {display(absent[0])} is not in shard {display(shard)}, where the index "
+                             f"says it is{f' (and {len(absent) - 1} more)' if len(absent) > 1 else ''}")
+        shards.append((opened, names))
+    infos = {name: opened.infos[name] for opened, names in shards for name in names}
+
+    def read() -> dict[str, torch.Tensor]:
+        tensors = {}
+        for opened, names in shards:
+            data = opened.read()
+            tensors.update({name: data[name] for name in names})
+        return tensors
+
+    return Checkpoint(path, infos, read)
 
 
 def find_weight_file(directory: Path) -> Path:
     for name in WEIGHT_FILES:
         if (directory / name).is_file():
             return directory / name
-    raise InputError(f"{directory}: no weights found; expected one of {', '.join(WEIGHT_FILES)}")
+    raise InputError(f"{display(directory)}: no weights found; expected one of {', '.join(WEIGHT_FILES)}")
 
 
-def rename(tensors: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, tuple[str, torch.Tensor]]:
+def rename(tensors: dict, rules: list[tuple[str, str]]) -> dict[str, tuple[str, object]]:
     """Map checkpoint names to runtime names with regex rules (first match wins; no match keeps the name).
     Returns {runtime name: (checkpoint name, tensor)} so errors can speak the checkpoint's language."""
     renamed = {}
@@ -67,34 +235,139 @@ def rename(tensors: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> di
     return renamed
 
 
-def assign_weights(model: nn.Module, weights: dict[str, tuple[str, torch.Tensor]], source: str) -> nn.Module:
-    """Copy weights into the model as float32. Missing, unexpected, misshapen or non-finite tensors are errors."""
+def require(tensors: dict, name: str, rank: int, source: str) -> torch.Size:
+    """The shape of a tensor a loader needs, which must be present with `rank` dimensions."""
+    if name not in tensors:
+        raise InputError(f"{source}: missing weight {name}")
+    shape = tensors[name].shape
+    if len(shape) != rank:
+        raise InputError(f"{source}: weight {name} has shape {tuple(shape)}, expected {rank} dimensions")
+    if 0 in shape:
+        raise InputError(f"{source}: weight {name} has shape {tuple(shape)}, with an empty dimension")
+    return shape
+
+
+def any_named(tensors: dict, pattern: str) -> bool:
+    """Whether some tensor's name matches `pattern` (a regex for the whole name)."""
+    return any(re.fullmatch(pattern, name) for name in tensors)
+
+
+def layer_count(names, pattern: str, source: str) -> int:
+    """The number of layers of a checkpoint whose names hold layer indices (`pattern`'s group 1): they must be
+    0..n-1, none missing."""
+    indices = set()
+    for name in names:
+        match = re.match(pattern, name)
+        if match and len(match.group(1)) <= 6:
+            indices.add(int(match.group(1)))
+    if not indices:
+        raise InputError(f"{source}: no layers found (expected weights named like {pattern.replace(chr(92), '')})")
+    count = max(indices) + 1
+    if len(indices) != count:
+        absent = next(i for i in range(count) if i not in indices)
+        raise InputError(f"{source}: layer {absent} is missing; layer indices must run from 0 to {count - 1} "
+                         "without gaps")
+    return count
+
+
+@contextlib.contextmanager
+def skip_meta_normal_init():
+    """`nn.init.normal_` as a no-op on meta tensors (which hold no values to initialise): torch's meta `normal_`
+    imports its decompositions on first use, seconds of start-up for nothing."""
+    original = nn.init.normal_
+
+    def normal_(tensor, *args, **kwargs):
+        return tensor if tensor.is_meta else original(tensor, *args, **kwargs)
+
+    nn.init.normal_ = normal_
+    try:
+        yield
+    finally:
+        nn.init.normal_ = original
+
+
+def expected_state(make_model: Callable[[], nn.Module]) -> tuple[dict[str, torch.Tensor], set[str], int, int]:
+    """Build the model on the meta device (no memory): its state dict (meta tensors: shapes and dtypes), the names
+    tied to another parameter, its parameter count and bytes."""
+    with torch.device("meta"), skip_meta_normal_init():
+        model = make_model()
     expected = model.state_dict()
-    tied = {name for name, p in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
-    missing = [name for name in expected if name not in weights and name not in tied]
+    tied = tied_names(model)
+    count = sum(p.numel() for p in model.parameters())
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    size += sum(b.numel() * b.element_size() for b in model.buffers())
+    return expected, tied, count, size
+
+
+def tied_names(model: nn.Module) -> set[str]:
+    return {name for name, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+
+
+def translate(name: str, rules: list[tuple[str, str]] | None) -> str:
+    """A runtime name in the checkpoint's language (`rules`: runtime -> checkpoint, as for `rename`)."""
+    return next(iter(rename({name: None}, rules))) if rules else name
+
+
+def check_weights(expected: dict, tied: set[str], weights: dict[str, tuple[str, object]], source: str,
+                  names: list[tuple[str, str]] | None = None) -> None:
+    """Names, shapes and dtypes of `weights` ({runtime name: (checkpoint name, tensor or TensorInfo)}) against the
+    model's `expected` state dict. Missing, unexpected, misshapen or wrongly typed tensors are errors; missing ones
+    are named in the checkpoint's language with the rules `names` (runtime -> checkpoint names)."""
+    missing = [translate(name, names) for name in expected if name not in weights and name not in tied]
     if missing:
         raise InputError(f"{source}: missing weight(s) {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
-    unexpected = [original for name, (original, _) in weights.items() if name not in expected]
+    unexpected = [display(original) for name, (original, _) in weights.items() if name not in expected]
     if unexpected:
         raise InputError(
             f"{source}: unexpected weight(s) {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''} "
             "for this architecture"
         )
-    state = {}
     for name, (original, tensor) in weights.items():
         if name in tied:
             continue
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise InputError(
-                f"{source}: weight {original} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}"
-            )
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise InputError(f"{source}: weight {original} contains NaN or Inf")
-        if expected[name].is_floating_point():
-            state[name] = tensor.float()
-        elif tensor.dtype == expected[name].dtype:
-            state[name] = tensor
-        else:
-            raise InputError(f"{source}: weight {original} has dtype {tensor.dtype}, expected {expected[name].dtype}")
-    model.load_state_dict(state, strict=False)
+        want = expected[name]
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise InputError(f"{source}: weight {original} has shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(want.shape)}")
+        if want.dtype.is_floating_point:
+            if tensor.dtype not in FLOAT_DTYPES:
+                raise InputError(f"{source}: weight {original} has dtype {dtype_name(tensor.dtype)}, expected a "
+                                 "floating-point tensor (float32, float16, bfloat16 or float64)")
+        elif tensor.dtype != want.dtype:
+            raise InputError(f"{source}: weight {original} has dtype {dtype_name(tensor.dtype)}, expected "
+                             f"{dtype_name(want.dtype)}")
+
+
+def check_before_loading(make_model: Callable[[], nn.Module], weights: dict[str, tuple[str, object]],
+                         data_bytes: int, source: str, names: list[tuple[str, str]] | None = None) -> None:
+    """Before any data is read or the model allocated: the memory the model and the checkpoint's data need must be
+    available, and the checkpoint's tensor infos must be the model's (see `check_weights`)."""
+    expected, tied, count, size = expected_state(make_model)
+    check_allocation(size + data_bytes, f"{source}: loading this model ({count:,} parameters)")
+    check_weights(expected, tied, weights, source, names)
+
+
+def assign_weights(model: nn.Module, weights: dict[str, tuple[str, torch.Tensor]], source: str) -> nn.Module:
+    """Copy weights into the model, floating-point ones as float32. Missing, unexpected, misshapen, wrongly typed
+    (an integer tensor where a float one goes) or non-finite tensors are errors."""
+    tied = tied_names(model)
+    check_weights(model.state_dict(), tied, weights, source)
+    targets = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, (original, tensor) in weights.items():
+            if name in tied:
+                continue
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise InputError(f"{source}: weight {original} contains NaN or Inf")
+            targets[name].copy_(tensor)
     return model
+
+
+def load_checked(make_model: Callable[[], nn.Module], checkpoint: Checkpoint, rules: list[tuple[str, str]],
+                 source: str, names: list[tuple[str, str]] | None = None) -> nn.Module:
+    """The model `make_model` builds, with the checkpoint's weights (renamed by `rules`; `names` the other way),
+    every size checked first."""
+    check_before_loading(make_model, rename(checkpoint.infos, rules), checkpoint.nbytes, source, names)
+    tensors = checkpoint.read()
+    return assign_weights(make_model(), rename(tensors, rules), source).eval()
+

@@ -7,6 +7,26 @@ from dataclasses import dataclass
 NORMS = ("rms", "layer")
 CONVS = ("causal", "same")
 BIDIRECTIONAL = ("none", "separate", "shared")
+CHOICES = {"norm": NORMS, "conv": CONVS, "bidirectional": BIDIRECTIONAL}
+# field -> (lowest, highest) accepted by `from_dict`: sizes are bounded so that no config asks for an absurd
+# allocation or divides by zero (a larger model still has to fit the memory check before it is built)
+LIMITS = {
+    "d_model": (1, 65536),
+    "n_layer": (1, 1024),
+    "d_state": (1, 1024),
+    "expand": (1, 16),
+    "d_conv": (1, 64),
+    "dt_rank": (0, 65536),  # 0: ceil(d_model / 16)
+    "dt_offset": (0.0, 1.0),
+    "norm_eps": (0.0, 1.0),  # excluded: 0
+    "vocab_size": (1, 2**24),
+    "num_classes": (1, 2**20),
+    "img_size": (1, 8192),
+    "patch_size": (1, 1024),
+    "stride": (1, 1024),
+    "in_chans": (1, 64),
+}
+POSITIVE = {"norm_eps"}  # the lower bound itself is excluded
 
 
 @dataclass
@@ -46,9 +66,39 @@ class MambaConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict):
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+    def from_dict(cls, values: dict, *, where: str = "model config"):
+        """A config from its JSON dict, every field checked (JSON type, range, allowed values; `InputError` with one
+        line starting with `where` otherwise). Missing fields take their defaults; unknown keys are ignored."""
+        from ..loaders.schema import validate
+
+        checked = validate(values, cls.schema(), where)
+        cls.check_consistency(checked, where)
+        return cls(**checked)
+
+    @classmethod
+    def schema(cls) -> dict:
+        """The `loaders.schema` schema of this dataclass: one field per dataclass field, from its type, `LIMITS`
+        and `CHOICES`."""
+        from ..loaders.schema import boolean, integer, number, string
+
+        schema = {}
+        for f in dataclasses.fields(cls):
+            kind = f.type if isinstance(f.type, str) else f.type.__name__
+            if f.name in CHOICES:
+                schema[f.name] = string(*CHOICES[f.name], default=f.default)
+            elif kind == "bool":
+                schema[f.name] = boolean(f.default)
+            elif kind == "int":
+                schema[f.name] = integer(*LIMITS[f.name], default=f.default)
+            elif kind == "float":
+                schema[f.name] = number(*LIMITS[f.name], default=f.default, above=f.name in POSITIVE)
+            else:
+                raise TypeError(f"{cls.__name__}.{f.name}: no schema for type {kind}")
+        return schema
+
+    @classmethod
+    def check_consistency(cls, values: dict, where: str) -> None:
+        """Constraints between fields, after each field is checked on its own."""
 
 
 @dataclass
@@ -57,6 +107,14 @@ class LMConfig(MambaConfig):
 
     vocab_size: int = 50280
     tie_embeddings: bool = True
+
+    @classmethod
+    def check_consistency(cls, values: dict, where: str) -> None:
+        if values["bidirectional"] != "none" or values["conv"] != "causal":
+            from ..errors import InputError
+
+            raise InputError(f"{where}: a causal language model needs bidirectional 'none' and conv 'causal', got "
+                             f"{values['bidirectional']!r} and {values['conv']!r}")
 
 
 @dataclass
@@ -69,6 +127,13 @@ class VisionConfig(MambaConfig):
     in_chans: int = 3
     num_classes: int = 1000
     bidirectional: str = "separate"
+
+    @classmethod
+    def check_consistency(cls, values: dict, where: str) -> None:
+        if values["patch_size"] > values["img_size"]:
+            from ..errors import InputError
+
+            raise InputError(f"{where}: patch_size {values['patch_size']} is larger than img_size {values['img_size']}")
 
     @property
     def grid_size(self) -> int:

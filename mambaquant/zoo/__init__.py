@@ -30,11 +30,23 @@ ZOO: dict[str, ZooEntry] = {
 }
 
 
+ZOO_PREFIX = "zoo:"  # `zoo:NAME` is always the embedded model, even where a path NAME exists
+
+
+def embedded_name(source) -> str | None:
+    """The embedded model a source string names (`NAME` or `zoo:NAME`), else None. Whether a bare NAME is shadowed
+    by a path of that name is `loaders.resolve_source`'s business."""
+    if not isinstance(source, str):
+        return None
+    name = source[len(ZOO_PREFIX):] if source.startswith(ZOO_PREFIX) else source
+    return name if name in ZOO else None
+
+
 def card(name: str) -> dict:
-    return json.loads((MODELS_DIR / name / "card.json").read_text())
+    return json.loads((MODELS_DIR / (embedded_name(name) or name) / "card.json").read_text())
 
 
 def load_zoo_model(name: str) -> nn.Module:
     from ..loaders import load_directory
 
-    return load_directory(MODELS_DIR / name)
+    return load_directory(MODELS_DIR / (embedded_name(name) or name))
