@@ -64,6 +64,8 @@ def calibration_inputs(name: str, samples: int, length: int | None = None, seed:
         path = TRAIN_TEXT
     elif Path(name).is_file():
         path = Path(name)
+    elif Path(name).exists():
+        raise InputError(f"{name}: not a regular file; expected a calibration set name or a training text file")
     else:
         raise InputError(f"unknown calibration set {name!r}; expected one of {', '.join(CALIBRATION_SETS)} "
                          "or the path of a text file")

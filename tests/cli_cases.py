@@ -27,6 +27,7 @@ class CliServer:
         self.process = subprocess.Popen([sys.executable, "-m", "tests.cli_server"], cwd=ROOT, stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True, bufsize=1)
         self.baseline_kib = self._request(["--version"], None, None, 60)["max_rss_kib"]
+        self.exit_codes: list[int] = []  # of every command run, for the session's summary
 
     def _request(self, argv, cwd, env, timeout, umask=None) -> dict:
         request = {"argv": [str(a) for a in argv], "cwd": str(cwd) if cwd else None, "env": env or {}, "umask": umask,
@@ -36,6 +37,7 @@ class CliServer:
 
     def run(self, *argv, cwd=None, env=None, timeout=120, umask=None) -> Result:
         reply = self._request(argv, cwd, env, timeout, umask)
+        self.exit_codes.append(reply["code"])
         read = lambda name: (self.scratch / name).read_text(errors="replace")  # noqa: E731
         return Result(reply["code"], read("stdout"), read("stderr"),
                       (reply["max_rss_kib"] - self.baseline_kib) / 1024, reply["timed_out"])

@@ -29,3 +29,13 @@ def cli():
     server = CliServer()
     yield server
     server.close()
+    SUMMARY.append(f"{len(server.exit_codes)} CLI commands run in forked processes, "
+                   f"{sum(code == 2 for code in server.exit_codes)} of them refused with exit 2")
+
+
+SUMMARY: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in SUMMARY:
+        terminalreporter.write_line(line)

@@ -568,3 +568,12 @@ def test_compare_progress_lines_name_each_run(cli, compare_args, tmp_path):
     result = cli.run(*compare_args, cwd=tmp_path)
     assert result.code == 0, result.stderr
     assert "run 2/2 done (rtn w8a8 tensor)" in result.stderr
+
+
+def test_evaluation_buffers_are_checked_before_the_model_runs():
+    """A model that fits whose logits over one WikiText-2 window would not (2,048 x 3,000,000 x 4 bytes x 3)."""
+    from mambaquant.evaluation.text import perplexity
+
+    model = MambaLM(LMConfig(d_model=8, n_layer=1, d_state=4, vocab_size=3_000_000, tie_embeddings=True))
+    with pytest.raises(InputError, match="evaluating a WikiText-2 window .* needs .* of memory"):
+        perplexity(model, list(range(4096)))

@@ -10,6 +10,15 @@ import torch.nn.functional as F
 
 from ..data import shared_data_dir
 from ..errors import InputError
+from ..memory import check_allocation
+
+LOGIT_COPIES = 3  # the logits, their float32 copy and cross_entropy's log-softmax
+
+
+def check_logits(model, positions: int, what: str) -> None:
+    """Refuse an evaluation whose logits would not fit in memory, before the model runs."""
+    vocab = model.config.vocab_size
+    check_allocation(positions * vocab * 4 * LOGIT_COPIES, f"{what} ({positions:,} positions x {vocab:,} logits)")
 
 
 @torch.no_grad()
@@ -22,6 +31,7 @@ def bits_per_byte(model, text: bytes, window: int = 256, batch_size: int = 16, m
         count = min(count, max_windows)
     if count == 0:
         raise ValueError(f"text of {len(data)} bytes is shorter than one window of {window + 1}")
+    check_logits(model, min(batch_size, count) * window, "evaluating a batch of byte windows")
     windows = torch.stack([data[i * window : i * window + window + 1] for i in range(count)])
     total_nll = 0.0
     for batch in windows.split(batch_size):
@@ -61,6 +71,7 @@ def perplexity(model, tokens: list[int], window: int = 2048, max_windows: int | 
         count = min(count, max_windows)
     if count == 0:
         raise InputError(f"the text has {len(data)} tokens, fewer than one window of {window}")
+    check_logits(model, window, "evaluating a WikiText-2 window")
     total_nll = 0.0
     for i in range(count):
         chunk = data[i * window : (i + 1) * window][None]
@@ -82,6 +93,7 @@ def lambada(model, tokenizer, passages: list[str], max_samples: int | None = Non
     """LAMBADA (OpenAI): a passage is right when every token of its last word (with its leading space) is the
     greedy prediction given the text before it. Returns (accuracy %, perplexity of the last word, passages)."""
     passages = passages[:max_samples]
+    check_logits(model, 1024, "evaluating a LAMBADA passage")
     correct, total_nll = 0, 0.0
     for passage in passages:
         context, word = passage.rsplit(" ", 1)
