@@ -11,8 +11,9 @@ from ..errors import InputError
 from ..outputs import write_atomic_dir
 from ..runtime import MambaLM, MambaTagger, TaggerConfig, VisionConfig, VisionMamba
 from . import hf, quantized, typeseg, vim
-from .schema import describe, display, read_json
-from .weights import find_weight_file, load_checked, open_checkpoint, read_tensors
+from ..schema import describe, display, read_json
+from .weights import find_weight_file, load_checked, open_checkpoint
+from .weights import read_tensors  # noqa: F401 (mambaquant.loaders.read_tensors)
 
 SUPPORTED = (
     "Mamba-1 language models (Hugging Face MambaForCausalLM or the original state-spaces layout), "
@@ -127,7 +128,7 @@ def load_directory(directory: Path) -> nn.Module:
         return load_checked(lambda: MambaTagger(tagger_config), open_checkpoint(find_weight_file(directory)), [],
                             source)
     if quantized.is_quantized_config(config):
-        return quantized.build_quantized(config, read_tensors(find_weight_file(directory)), source)
+        return quantized.build_quantized(config, open_checkpoint(find_weight_file(directory)), source)
     if architecture is None and hf.is_hf_config(config):
         lm_config = hf.lm_config_from_hf(config, where)
     elif architecture is None and hf.is_state_spaces_config(config):

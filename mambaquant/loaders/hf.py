@@ -8,7 +8,7 @@ import torch
 
 from ..errors import InputError
 from ..runtime import LMConfig, MambaLM
-from .schema import boolean, display, integer, list_of, number, obj, string, validate
+from ..schema import boolean, display, integer, list_of, number, obj, string, validate
 from .weights import (Checkpoint, any_named, assign_weights, check_before_loading, layer_count, load_checked, rename,
                       require)
 

@@ -4,14 +4,15 @@ smoothing vectors), written atomically; and their reloading into a model that ru
 
 A checkpoint is verified, not trusted. Loading checks, in this order, and refuses with one line at the first problem:
 1. the format version;
-2. every field of config.json against a schema (`QUANT_CONFIG`, `QUANT_SPEC`, the layout's tables, the model
-   config's dataclass): JSON types (a boolean is a bool, an integer is not a bool, a float or a string), allowed
-   values and ranges, no field missing, none unknown;
-3. each tensor's bytes against the sha256 recorded for it at save (`tensor_sha256`: dtype, shape and raw data), and
-   the tensors present against those recorded: a flipped bit, a swap or a rename is caught here;
-4. the layout against the model that `model_config` builds (on the meta device, allocating nothing): every linear
-   and site it names exists, with the shapes and widths the config gives; then every tensor's name, dtype and
-   shape against that model;
+2. every field of config.json against a schema (`CHECKPOINT`, `QUANT_CONFIG`, `LAYOUT`, `QUANT_SPEC`, the model
+   config dataclass's own `schema`): JSON types (a boolean is a bool, an integer is not a bool, a float or a
+   string), allowed values and ranges, no field missing, none unknown; then what the fields say of each other;
+3. from the file's header, before any data is read: the tensors present against those whose sha256 config.json
+   records (a rename is caught here), the layout against the model that `model_config` builds (on the meta device,
+   allocating nothing): every linear and site it names exists, with the shapes and widths the config gives; then
+   every tensor's name, dtype and shape against that model, and the memory to load it;
+4. each tensor's bytes against the sha256 recorded for it at save (`tensor_sha256`: dtype, shape and raw data): a
+   flipped bit or a swap is caught here;
 5. the values: codes within their bit width's range, weight scales finite and positive, activation ranges finite
    and ordered, rotation matrices orthogonal, smoothing scales finite and positive, everything else finite.
 
@@ -20,29 +21,27 @@ Format version 2 (version 1 had no hashes and is refused): `quantization_config.
 (the mixers with an S-SiLU smoothing vector) and `sha256` ({tensor: hex digest}). A tied language model stores its
 shared matrix once: as the head's codes when the head is quantized, as `embedding.weight` when it is not."""
 
-import dataclasses
 import hashlib
-import json
-import math
 import re
-from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from ..errors import InputError
+from ..methods import FULL_PRECISION, GRANULARITIES, METHODS, QuantReport
 from ..quant.linear import QuantizedLinear
 from ..quant.quantizer import ACTIVATION_GRANULARITIES, OBSERVERS, ActivationQuantizer, QuantSpec, dequantize_weight
 from ..runtime import LMConfig, MambaLM, MambaMixer, MambaTagger, Site, TaggerConfig, VisionConfig, VisionMamba
-from ..runtime.config import BIDIRECTIONAL, CONVS, NORMS
+from ..runtime.config import LIMITS
 from ..transforms.rotation import Rotate, append_op
+from ..schema import (EXACT, Field, boolean, constant, display, integer, item, json_text, list_of, map_of, number, obj,
+                     string, validate)
+from .weights import Checkpoint, assign_weights, check_memory, dtype_name, on_meta_device
 
 ARCHITECTURE = "mambaquant-quantized"
 FORMAT_VERSION = 2
 MODELS = {"MambaLM": (MambaLM, LMConfig), "VisionMamba": (VisionMamba, VisionConfig),
           "MambaTagger": (MambaTagger, TaggerConfig)}
-FULL_PRECISION = 16  # bits meaning "not quantized" (methods.FULL_PRECISION)
 WEIGHT_ROUNDINGS = ("rtn", "gptq")
 ORTHOGONALITY_TOLERANCE = 1e-3  # max |R R^T - I| of a stored rotation (float32 rounding is ~1e-6)
 # Channel width of the tensor at each site kind (runtime/sites.py): D d_model, E d_inner, N d_state, R dt_rank,
@@ -160,111 +159,51 @@ def is_quantized_config(config: dict) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The config.json schema: field -> (accepts(value), what is expected)
+# The config.json schema (mambaquant.schema)
 # ---------------------------------------------------------------------------------------------------------------
 
-Check = tuple[Callable[[object], bool], str]
-
-
-def integer(low: int | None = None, high: int | None = None, also: tuple[int, ...] = ()) -> Check:
-    def accepts(v):
-        return type(v) is int and ((low is None or v >= low) and (high is None or v <= high) or v in also)
-
-    text = ("an integer" if low is None else f"an integer from {low} to {high}" if high is not None
-            else f"an integer >= {low}") + "".join(f" or {a}" for a in also)
-    return accepts, text
-
-
-def number(low: float = -math.inf, high: float = math.inf, low_open: bool = False) -> Check:
-    def accepts(v):
-        finite = type(v) is int or type(v) is float and math.isfinite(v)  # (a huge int has no float)
-        return finite and (v > low if low_open else v >= low) and v <= high
-
-    bounds = [f"{'>' if low_open else '>='} {low:g}"] if low > -math.inf else []
-    bounds += [f"<= {high:g}"] if high < math.inf else []
-    return accepts, "a finite number" + (f" {' and '.join(bounds)}" if bounds else "")
-
-
-def one_of(values) -> Check:
-    return (lambda v: type(v) is str and v in values), f"one of {', '.join(map(repr, values))}"
-
-
-def constant(value) -> Check:
-    return (lambda v: type(v) is type(value) and v == value), json.dumps(value)
-
-
-BOOLEAN: Check = (lambda v: type(v) is bool, "true or false")
-TEXT: Check = (lambda v: type(v) is str, "a string")
-OBJECT: Check = (lambda v: type(v) is dict, "a JSON object")
-SCALAR: Check = (lambda v: v is None or type(v) in (bool, int, str) or type(v) is float and math.isfinite(v),
-                 "a JSON scalar")
-TEXTS: Check = (lambda v: type(v) is list and all(type(x) is str for x in v), "a list of strings")
-TEXT_VALUES: Check = (lambda v: type(v) is dict and all(type(x) is str for x in v.values()), "an object of strings")
-SHAPE: Check = (lambda v: type(v) is list and len(v) == 2 and all(type(x) is int and x >= 1 for x in v),
-                "[out_features, in_features], two positive integers")
-SHA256: Check = (lambda v: type(v) is str and re.fullmatch(r"[0-9a-f]{64}", v) is not None,
-                 "a sha256 digest (64 lowercase hex digits)")
-BITS: Check = integer(2, 8)
-
-
-def dataclass_schema(cls, **overrides: Check) -> dict[str, Check]:
-    """A dataclass's fields as a schema: the given checks, else one from the field's default (its JSON type)."""
-    by_type = {bool: BOOLEAN, int: integer(1), float: number(), str: TEXT}
-    return {f.name: overrides.get(f.name) or by_type.get(type(f.default), SCALAR) for f in dataclasses.fields(cls)}
-
-
-QUANT_SPEC = dataclass_schema(QuantSpec, bits=BITS, symmetric=BOOLEAN, granularity=one_of(ACTIVATION_GRANULARITIES),
-                              group_size=integer(1), dynamic=BOOLEAN, observer=one_of(OBSERVERS),
-                              percentile=number(50, 100, low_open=True))
-MODEL_CONFIG_CHECKS = dict(n_layer=integer(0), dt_rank=integer(0), norm=one_of(NORMS), conv=one_of(CONVS),
-                           bidirectional=one_of(BIDIRECTIONAL), dt_offset=number(), norm_eps=number(0, low_open=True))
-QUANTIZED_LINEAR = {"shape": SHAPE, "bits": BITS, "bias": BOOLEAN,
-                    "input": (lambda v: v is None or type(v) is dict, "null or a quantizer spec object")}
+BITS = integer(2, 8)
+PERCENTILE = number(50, 100, above=True)
+QUANT_SPEC = {"bits": BITS, "symmetric": boolean(), "granularity": string(*ACTIVATION_GRANULARITIES),
+              "group_size": integer(1), "dynamic": boolean(), "observer": string(*OBSERVERS), "percentile": PERCENTILE}
+QUANTIZED_LINEAR = {"shape": list_of(integer(1), min_items=2, max_items=2,
+                                     text="[out_features, in_features], two positive integers"),
+                    "bits": BITS, "bias": boolean(),
+                    "input": Field("object", fields=QUANT_SPEC, nullable=True, text="a quantizer spec object")}
 FLOAT_LINEAR = {"float": constant(True), "bias": constant(True)}
-SITE_OPS = {"rotate": {"op": constant("rotate"), "size": integer(1), "matrix": BOOLEAN},
-            "quantize": {"op": constant("quantize"), "spec": OBJECT}}
-LAYOUT = {"linears": OBJECT, "sites": OBJECT, "gate_scales": TEXTS, "sha256": OBJECT}
-CHECKPOINT = {"architecture": constant(ARCHITECTURE), "model_class": one_of(tuple(MODELS)), "model_config": OBJECT,
-              "quantization_config": OBJECT}
+SITE_OPS = {"rotate": {"op": constant("rotate"), "size": integer(1), "matrix": boolean()},
+            "quantize": {"op": constant("quantize"), "spec": obj(QUANT_SPEC)}}
 
 
-def quant_config_schema() -> dict[str, Check]:
-    from ..methods import GRANULARITIES, METHODS, QuantConfig
-
-    bits = integer(2, 8, also=(FULL_PRECISION,))
-    return {"format_version": constant(FORMAT_VERSION),
-            **dataclass_schema(QuantConfig, method=one_of(METHODS), w_bits=bits, a_bits=bits,
-                               act_granularity=one_of(GRANULARITIES), observer=one_of(OBSERVERS),
-                               percentile=number(50, 100, low_open=True), weight_group_size=integer(0),
-                               weight_rounding=one_of(WEIGHT_ROUNDINGS), alpha=number(),
-                               token_outlier_ratio=number(0), token_outlier_share=number(0, 1), seed=integer()),
-            "activation_sites": TEXT_VALUES, "transforms": TEXTS, "layout": OBJECT}
+def site_op(op: dict) -> dict:
+    """A site op's schema, chosen by its "op"; for an unknown op, one that refuses it."""
+    kind = op.get("op")
+    return SITE_OPS[kind] if isinstance(kind, str) and kind in SITE_OPS else {"op": string(*SITE_OPS)}
 
 
-def shown(value, limit: int = 60) -> str:
-    """A JSON value as one short line (JSON spelling: true, null, "8")."""
-    text = json.dumps(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+LAYOUT = {"linears": map_of(obj(lambda entry: FLOAT_LINEAR if "float" in entry else QUANTIZED_LINEAR)),
+          "sites": map_of(list_of(obj(site_op), text="a list of ops")),
+          "gate_scales": list_of(string()),
+          "sha256": map_of(Field("string", pattern="[0-9a-f]{64}", text="a sha256 digest (64 lowercase hex digits)"))}
+BIT_WIDTHS = integer(2, 8, special=(FULL_PRECISION,))
+QUANT_CONFIG = {"format_version": constant(FORMAT_VERSION), "method": string(*METHODS), "w_bits": BIT_WIDTHS,
+                "a_bits": BIT_WIDTHS, "act_granularity": string(*GRANULARITIES), "observer": string(*OBSERVERS),
+                "percentile": PERCENTILE, "weight_group_size": integer(0),
+                "weight_rounding": string(*WEIGHT_ROUNDINGS), "alpha": number(), "token_outlier_ratio": number(0),
+                "token_outlier_share": number(0, 1), "seed": integer(),
+                "activation_sites": map_of(string(), text="an object of strings"), "transforms": list_of(string()),
+                "layout": obj(LAYOUT)}
+CHECKPOINT = {"architecture": constant(ARCHITECTURE), "model_class": string(*MODELS), "model_config": obj(),
+              "quantization_config": obj(QUANT_CONFIG)}
+# model_config: the config dataclass's schema, bounded below only (the tensors bound the sizes; a model built in code
+# may hold what a config file may not, e.g. a negative dt_offset)
+MODEL_LIMITS = {**{name: (low, None) for name, (low, _) in LIMITS.items()}, "n_layer": (0, None),
+                "dt_offset": (None, None)}
 
 
-def described(value) -> str:
-    """A JSON value as one short line, a container with its kind: `9`, `"8"`, `true`, `a list [64, 16]`."""
-    return f"{json_kind(value)} {shown(value)}" if type(value) in (dict, list) else shown(value)
-
-
-def json_kind(value) -> str:
-    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
-             float: "a number", type(None): "null"}
-    return kinds.get(type(value), type(value).__name__)
-
-
-def label(name: str) -> str:
-    """A module, site or tensor name as it can be printed on one line."""
-    return name if re.fullmatch(r"[\w.\-]+", name) else json.dumps(name)
-
-
-def key(where: str, name: str) -> str:
-    return f"{where}[{json.dumps(name)}]"
+# ---------------------------------------------------------------------------------------------------------------
+# Verifying
+# ---------------------------------------------------------------------------------------------------------------
 
 
 class Verifier:
@@ -279,65 +218,36 @@ class Verifier:
     def config_error(self, where: str, problem: str) -> None:
         self.fail(f"config.json {where}: {problem}")
 
-    def check_object(self, value, schema: dict[str, Check], where: str) -> dict:
-        """A JSON object with exactly the schema's fields, each of its type and range."""
-        if type(value) is not dict:
-            self.config_error(where, f"expected a JSON object, got {described(value)}")
-        for field in schema:
-            if field not in value:
-                self.config_error(where, f"missing field {field!r} (expected fields: {', '.join(schema)})")
-        for field in value:
-            if field not in schema:
-                self.config_error(where, f"unknown field {label(field)!r} (expected fields: {', '.join(schema)})")
-        for field, (accepts, expected) in schema.items():
-            if not accepts(value[field]):
-                self.config_error(f"{where}.{field}", f"expected {expected}, got {described(value[field])}")
-        return value
-
     # -- config.json ----------------------------------------------------------------------------------------
 
     def check_config(self, config: dict) -> dict:
+        """config.json, checked -> its values (numbers as floats)."""
         q = config.get("quantization_config")
-        if type(q) is not dict:
-            self.config_error("quantization_config", f"expected a JSON object, got {json_kind(q)}")
-        version = q.get("format_version")
+        if isinstance(q, dict):  # (anything else: the schema says what is wrong with it)
+            self.check_version(q.get("format_version"))
+        where = f"{self.source}: config.json"
+        config = validate(config, CHECKPOINT, where, wording=EXACT)
+        config_class = MODELS[config["model_class"]][1]
+        config["model_config"] = validate(config["model_config"], config_class.schema(MODEL_LIMITS), where,
+                                          "model_config.", EXACT)
+        self.check_layout(config["quantization_config"])
+        return config
+
+    def check_version(self, version) -> None:
         if version == 1 and type(version) is int:
             self.fail(f"quantized checkpoint format version 1 was written by an older mambaquant; re-quantize the "
                       f"model (this mambaquant reads version {FORMAT_VERSION})")
         if type(version) is not int or version != FORMAT_VERSION:
-            self.fail(f"quantized checkpoint format version {shown(version)} is not supported; this mambaquant "
+            self.fail(f"quantized checkpoint format version {json_text(version)} is not supported; this mambaquant "
                       f"reads version {FORMAT_VERSION}")
-        self.check_object(config, CHECKPOINT, "(top level)")
-        self.check_object(q, quant_config_schema(), "quantization_config")
-        _, config_class = MODELS[config["model_class"]]
-        self.check_object(config["model_config"], dataclass_schema(config_class, **MODEL_CONFIG_CHECKS),
-                          "model_config")
-        self.check_layout(q["layout"], q)
-        return q
 
-    def check_spec(self, spec, where: str, a_bits: int) -> QuantSpec:
-        if a_bits == FULL_PRECISION:
-            self.config_error(where, "an activation quantizer, but quantization_config.a_bits is 16 (activations "
-                                     "not quantized)")
-        self.check_object(spec, QUANT_SPEC, where)
-        if spec["bits"] != a_bits:
-            self.config_error(f"{where}.bits", f"{spec['bits']} bits, but quantization_config.a_bits is {a_bits}")
-        try:
-            spec = QuantSpec(**spec)
-            ActivationQuantizer(spec)  # the granularity / dynamic / observer combination
-        except InputError as e:
-            self.config_error(where, str(e))
-        return spec
-
-    def check_layout(self, layout, q: dict) -> None:
-        where = "quantization_config.layout"
-        self.check_object(layout, LAYOUT, where)
+    def check_layout(self, q: dict) -> None:
+        """What the layout's entries say of quantization_config's bit widths, and of each other."""
+        layout, where = q["layout"], "quantization_config.layout"
         for name, entry in layout["linears"].items():
-            at = key(f"{where}.linears", name)
-            if type(entry) is dict and "float" in entry:
-                self.check_object(entry, FLOAT_LINEAR, at)
+            at = item(f"{where}.linears", name)
+            if "float" in entry:
                 continue
-            self.check_object(entry, QUANTIZED_LINEAR, at)
             if q["w_bits"] == FULL_PRECISION:
                 self.config_error(at, "a quantized linear, but quantization_config.w_bits is 16 (weights not "
                                       "quantized)")
@@ -347,40 +257,40 @@ class Verifier:
             if entry["input"] is not None:
                 self.check_spec(entry["input"], f"{at}.input", q["a_bits"])
         for site, ops in layout["sites"].items():
-            at = key(f"{where}.sites", site)
-            if type(ops) is not list:
-                self.config_error(at, f"expected a list of ops, got {described(ops)}")
             for index, op in enumerate(ops):
-                op_at = f"{at}[{index}]"
-                kind = op.get("op") if type(op) is dict else None
-                if type(op) is not dict:
-                    self.config_error(op_at, f"expected a JSON object, got {json_kind(op)} {shown(op)}")
-                if type(kind) is not str or kind not in SITE_OPS:
-                    self.config_error(f"{op_at}.op", f"expected one of {', '.join(map(repr, SITE_OPS))}, got "
-                                                     f"{shown(kind)}")
-                self.check_object(op, SITE_OPS[kind], op_at)
-                if kind == "quantize":
-                    self.check_spec(op["spec"], f"{op_at}.spec", q["a_bits"])
+                if op["op"] == "quantize":
+                    self.check_spec(op["spec"], f"{item(item(f'{where}.sites', site), index)}.spec", q["a_bits"])
         if len(set(layout["gate_scales"])) != len(layout["gate_scales"]):
             self.config_error(f"{where}.gate_scales", "a mixer is listed twice")
-        for name, digest in layout["sha256"].items():
-            if not SHA256[0](digest):
-                self.config_error(key(f"{where}.sha256", name), f"expected {SHA256[1]}, got {shown(digest)}")
+
+    def check_spec(self, spec: dict, where: str, a_bits: int) -> None:
+        if a_bits == FULL_PRECISION:
+            self.config_error(where, "an activation quantizer, but quantization_config.a_bits is 16 (activations "
+                                     "not quantized)")
+        if spec["bits"] != a_bits:
+            self.config_error(f"{where}.bits", f"{spec['bits']} bits, but quantization_config.a_bits is {a_bits}")
+        try:
+            ActivationQuantizer(QuantSpec(**spec))  # the granularity / dynamic / observer combination
+        except InputError as e:
+            self.config_error(where, str(e))
 
     # -- the bytes --------------------------------------------------------------------------------------------
 
-    def check_hashes(self, tensors: dict[str, torch.Tensor], recorded: dict[str, str]) -> None:
+    def check_recorded(self, names, recorded: dict[str, str]) -> None:
+        """The tensors the file holds against those whose sha256 config.json records."""
         for name in recorded:
-            if name not in tensors:
-                self.fail(f"missing tensor {label(name)}: config.json records it, model.safetensors does not hold it "
-                          "(the file is corrupted or was modified)")
-        for name in tensors:
+            if name not in names:
+                self.fail(f"missing tensor {display(name)}: config.json records it, model.safetensors does not hold "
+                          "it (the file is corrupted or was modified)")
+        for name in names:
             if name not in recorded:
-                self.fail(f"tensor {label(name)} in model.safetensors has no sha256 recorded in config.json (the "
+                self.fail(f"tensor {display(name)} in model.safetensors has no sha256 recorded in config.json (the "
                           "file was modified, or written by something else)")
+
+    def check_hashes(self, tensors: dict[str, torch.Tensor], recorded: dict[str, str]) -> None:
         for name, digest in recorded.items():
             if tensor_sha256(tensors[name]) != digest:
-                self.fail(f"tensor {label(name)} does not match its recorded sha256 (the file is corrupted or was "
+                self.fail(f"tensor {display(name)} does not match its recorded sha256 (the file is corrupted or was "
                           "modified)")
 
     # -- against the model --------------------------------------------------------------------------------------
@@ -396,22 +306,22 @@ class Verifier:
     def check_tensors(self, expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
         for name in expected:
             if name not in tensors:
-                self.fail(f"missing tensor {label(name)}, which this layout and model_config need")
+                self.fail(f"missing tensor {display(name)}, which this layout and model_config need")
         for name in tensors:
             if name not in expected:
-                self.fail(f"unexpected tensor {label(name)}: this layout and model_config have no place for it")
+                self.fail(f"unexpected tensor {display(name)}: this layout and model_config have no place for it")
         for name, want in expected.items():
             got = tensors[name]
             if got.dtype != want.dtype:
-                self.fail(f"tensor {label(name)} has dtype {str(got.dtype).removeprefix('torch.')}, expected "
-                          f"{str(want.dtype).removeprefix('torch.')}")
+                self.fail(f"tensor {display(name)} has dtype {dtype_name(got.dtype)}, expected "
+                          f"{dtype_name(want.dtype)}")
             if tuple(got.shape) != tuple(want.shape):
-                self.fail(f"tensor {label(name)} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+                self.fail(f"tensor {display(name)} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
 
     def check_values(self, checks: list[tuple], tensors: dict[str, torch.Tensor]) -> None:
         for name, tensor in tensors.items():
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                self.fail(f"tensor {label(name)} contains NaN or Inf; expected finite values")
+                self.fail(f"tensor {display(name)} contains NaN or Inf; expected finite values")
         for kind, name, *info in checks:
             tensor = tensors.get(name)  # None for a Hadamard rotation, which has no tensor
             if kind == "codes":
@@ -421,21 +331,21 @@ class Verifier:
                 bad = tensor[~(tensor > 0)]
                 if bad.numel():
                     what = "weight scales" if kind == "scale" else "S-SiLU smoothing scales"
-                    self.fail(f"tensor {label(name)} ({what}) holds {bad.flatten()[0].item():g}; expected strictly "
+                    self.fail(f"tensor {display(name)} ({what}) holds {bad.flatten()[0].item():g}; expected strictly "
                               "positive values")
             elif kind == "range":
                 high_name, = info
                 low, high = tensor, tensors[high_name]
                 if (low > high).any():
                     i = int((low > high).flatten().nonzero()[0])
-                    self.fail(f"activation range {label(name.removesuffix('.low'))} is not ordered: low "
+                    self.fail(f"activation range {display(name.removesuffix('.low'))} is not ordered: low "
                               f"{low.flatten()[i].item():g} > high {high.flatten()[i].item():g} (expected "
                               "low <= high)")
             elif kind == "rotation":
                 matrix = tensor.double()
                 error = (matrix @ matrix.T - torch.eye(len(matrix), dtype=torch.float64)).abs().max().item()
                 if error >= ORTHOGONALITY_TOLERANCE:
-                    self.fail(f"tensor {label(name)} is not an orthogonal matrix (max |R R^T - I| = {error:.3g}, "
+                    self.fail(f"tensor {display(name)} is not an orthogonal matrix (max |R R^T - I| = {error:.3g}, "
                               f"expected < {ORTHOGONALITY_TOLERANCE:g})")
             elif kind == "hadamard":
                 from ..transforms.hadamard import factor
@@ -443,46 +353,23 @@ class Verifier:
                 try:
                     factor(info[0])
                 except InputError as e:
-                    self.fail(f"the online Hadamard rotation at site {label(name)}: {e}")
+                    self.fail(f"the online Hadamard rotation at site {display(name)}: {e}")
 
     def check_codes(self, name: str, tensor: torch.Tensor, bits: int, shape: tuple[int, int]) -> None:
         qmax = 2 ** (bits - 1) - 1
         codes = unpack_int4(tensor, shape) if bits <= 4 else tensor
         bad = codes[(codes < -qmax) | (codes > qmax)]
         if bad.numel():
-            self.fail(f"tensor {label(name)} holds the code {bad.flatten()[0].item()}, outside the int{bits} range "
+            self.fail(f"tensor {display(name)} holds the code {bad.flatten()[0].item()}, outside the int{bits} range "
                       f"[{-qmax}, {qmax}]")
         if bits <= 4 and (shape[0] * shape[1]) % 2 and int(tensor[-1] >> 4) != 8:
-            self.fail(f"tensor {label(name)}: the padding nibble of its odd count of 4-bit codes is "
+            self.fail(f"tensor {display(name)}: the padding nibble of its odd count of 4-bit codes is "
                       f"{int(tensor[-1] >> 4)}, expected 8 (the code 0)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------------------
-
-
-class MetaDevice(TorchFunctionMode):
-    """Modules built as shapes and dtypes only: on the meta device, allocating nothing, and with their random
-    initialisation skipped (meaningless there, and meta `normal_` imports torch._dynamo: seconds per refusal)."""
-
-    INITS = {getattr(nn.init, name) for name in dir(nn.init) if name.endswith("_") and not name.startswith("_")}
-    INITS |= {torch.Tensor.normal_, torch.Tensor.uniform_}
-
-    def __enter__(self):
-        self.device = torch.device("meta")
-        self.device.__enter__()
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        super().__exit__(*exc)
-        return self.device.__exit__(*exc)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in self.INITS:
-            return args[0] if args else kwargs["tensor"]
-        return func(*args, **kwargs)
 
 
 def site_width(kind: str, c) -> int | None:
@@ -519,10 +406,10 @@ def build_skeleton(config: dict, q: dict, verifier: Verifier) -> tuple[nn.Module
         return module
 
     for name, entry in layout["linears"].items():
-        at = key("quantization_config.layout.linears", name)
+        at = item("quantization_config.layout.linears", name)
         linear = modules.get(name)
         if not isinstance(linear, nn.Linear):
-            verifier.config_error(at, f"this {model_class.__name__} has no linear layer {label(name)}")
+            verifier.config_error(at, f"this {model_class.__name__} has no linear layer {display(name)}")
         owner_name, _, attribute = name.rpartition(".")
         owner = modules[owner_name] if owner_name else model
         if entry.get("float"):
@@ -536,7 +423,7 @@ def build_skeleton(config: dict, q: dict, verifier: Verifier) -> tuple[nn.Module
         group = q["weight_group_size"]
         if group and in_features % group:
             verifier.config_error("quantization_config.weight_group_size", f"{group} does not divide the input "
-                                                                           f"width {in_features} of {label(name)}")
+                                                                           f"width {in_features} of {display(name)}")
         scale_shape = (out_features, in_features // group, 1) if group else (out_features, 1)
         input_quantizer = quantizer(entry["input"], f"{at}.input") if entry["input"] is not None else None
         module = QuantizedLinear(torch.zeros(out_features, in_features, dtype=torch.int8), torch.ones(scale_shape),
@@ -546,10 +433,10 @@ def build_skeleton(config: dict, q: dict, verifier: Verifier) -> tuple[nn.Module
         checks += [("codes", codes, entry["bits"], (out_features, in_features)), ("scale", f"{name}.scale")]
     sites = {module.name: module for module in model.modules() if isinstance(module, Site)}
     for site_name, ops in layout["sites"].items():
-        at = key("quantization_config.layout.sites", site_name)
+        at = item("quantization_config.layout.sites", site_name)
         site = sites.get(site_name)
         if site is None:
-            verifier.config_error(at, f"this {model_class.__name__} has no site {label(site_name)}")
+            verifier.config_error(at, f"this {model_class.__name__} has no site {display(site_name)}")
         width = site_width(site.kind, model_config)
         for index, op in enumerate(ops):
             if op["op"] == "rotate":
@@ -562,8 +449,8 @@ def build_skeleton(config: dict, q: dict, verifier: Verifier) -> tuple[nn.Module
     for name in layout["gate_scales"]:
         mixer = modules.get(name)
         if not isinstance(mixer, MambaMixer):
-            verifier.config_error(key("quantization_config.layout.gate_scales", name),
-                                  f"this {model_class.__name__} has no mixer {label(name)}")
+            verifier.config_error(item("quantization_config.layout.gate_scales", name),
+                                  f"this {model_class.__name__} has no mixer {display(name)}")
         mixer.gate_scale = torch.zeros(model_config.d_inner)
         checks.append(("gate_scale", f"{name}.gate_scale"))
     head_scale = site_ops(model.sites["norm_f"])[:1] if tied else []  # a tied head's input scale (fuse_norms)
@@ -592,24 +479,25 @@ def expected_tensors(model: nn.Module, layout: dict) -> dict[str, torch.Tensor]:
     return expected
 
 
-def build_quantized(config: dict, tensors: dict[str, torch.Tensor], source: str) -> nn.Module:
-    """The model of a quantized checkpoint, verified (see the module's docstring) before the model is allocated:
-    its architecture from the config, the quantized modules from the layout, then every tensor assigned."""
-    from ..methods import QuantReport
-    from .weights import assign_weights
-
+def build_quantized(config: dict, checkpoint: Checkpoint, source: str) -> nn.Module:
+    """The model of a quantized checkpoint, verified (see the module's docstring) before its data is read and the
+    model allocated: its architecture from the config, the quantized modules from the layout, then every tensor
+    assigned."""
     verifier = Verifier(source)
-    q = verifier.check_config(config)
+    config = verifier.check_config(config)
+    q = config["quantization_config"]
     layout = q["layout"]
-    verifier.check_hashes(tensors, layout["sha256"])
-    verifier.check_layer_count(config["model_config"]["n_layer"], tensors)
-    with MetaDevice():
+    verifier.check_recorded(checkpoint.infos, layout["sha256"])
+    verifier.check_layer_count(config["model_config"]["n_layer"], checkpoint.infos)
+    with on_meta_device():
         skeleton, checks = build_skeleton(config, q, verifier)
-    verifier.check_tensors(expected_tensors(skeleton, layout), tensors)
+    verifier.check_tensors(expected_tensors(skeleton, layout), checkpoint.infos)
+    check_memory(skeleton, checkpoint.nbytes, source)
+    tensors = checkpoint.read()
+    verifier.check_hashes(tensors, layout["sha256"])
     verifier.check_values(checks, tensors)
 
     model, _ = build_skeleton(config, q, verifier)
-    tensors = dict(tensors)
     for name, entry in layout["linears"].items():
         if not entry.get("float") and entry["bits"] <= 4:
             tensors[f"{name}.codes"] = unpack_int4(tensors.pop(f"{name}.codes_int4"), tuple(entry["shape"]))

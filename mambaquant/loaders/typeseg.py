@@ -19,7 +19,7 @@ from ..errors import InputError
 from ..memory import available_bytes
 from ..memory import describe as describe_bytes
 from ..runtime import MambaTagger, TaggerConfig
-from .schema import display
+from ..schema import display
 from .weights import Checkpoint, TensorInfo, assign_weights, check_before_loading, layer_count, require
 
 BLOCK = "CheckpointMambaBlock1D_{}__"

@@ -6,7 +6,7 @@ import torch
 
 from ..errors import InputError
 from ..runtime import VisionConfig, VisionMamba
-from .schema import integer, validate
+from ..schema import integer, validate
 from .weights import Checkpoint, any_named, assign_weights, layer_count, load_checked, rename, require
 
 MIXER = r"layers\.(\d+)\.mixer\."

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..memory import check_allocation
-from .schema import describe, display, read_json
+from ..schema import describe, display, read_json
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 SHARD_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -271,9 +271,10 @@ def layer_count(names, pattern: str, source: str) -> int:
 
 
 @contextlib.contextmanager
-def skip_meta_normal_init():
-    """`nn.init.normal_` as a no-op on meta tensors (which hold no values to initialise): torch's meta `normal_`
-    imports its decompositions on first use, seconds of start-up for nothing."""
+def on_meta_device():
+    """Modules built as shapes and dtypes only: on torch's meta device, allocating nothing, with `nn.init.normal_` a
+    no-op on meta tensors (which hold no values to initialise: torch's meta `normal_` imports its decompositions on
+    first use, seconds of start-up for nothing)."""
     original = nn.init.normal_
 
     def normal_(tensor, *args, **kwargs):
@@ -281,22 +282,17 @@ def skip_meta_normal_init():
 
     nn.init.normal_ = normal_
     try:
-        yield
+        with torch.device("meta"):
+            yield
     finally:
         nn.init.normal_ = original
 
 
-def expected_state(make_model: Callable[[], nn.Module]) -> tuple[dict[str, torch.Tensor], set[str], int, int]:
-    """Build the model on the meta device (no memory): its state dict (meta tensors: shapes and dtypes), the names
-    tied to another parameter, its parameter count and bytes."""
-    with torch.device("meta"), skip_meta_normal_init():
-        model = make_model()
-    expected = model.state_dict()
-    tied = tied_names(model)
+def check_memory(model: nn.Module, data_bytes: int, source: str) -> None:
+    """The memory to allocate `model` (built on the meta device) and to read `data_bytes` must be available."""
     count = sum(p.numel() for p in model.parameters())
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    size += sum(b.numel() * b.element_size() for b in model.buffers())
-    return expected, tied, count, size
+    size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    check_allocation(size + data_bytes, f"{source}: loading this model ({count:,} parameters)")
 
 
 def tied_names(model: nn.Module) -> set[str]:
@@ -342,9 +338,10 @@ def check_before_loading(make_model: Callable[[], nn.Module], weights: dict[str,
                          data_bytes: int, source: str, names: list[tuple[str, str]] | None = None) -> None:
     """Before any data is read or the model allocated: the memory the model and the checkpoint's data need must be
     available, and the checkpoint's tensor infos must be the model's (see `check_weights`)."""
-    expected, tied, count, size = expected_state(make_model)
-    check_allocation(size + data_bytes, f"{source}: loading this model ({count:,} parameters)")
-    check_weights(expected, tied, weights, source, names)
+    with on_meta_device():
+        model = make_model()
+    check_memory(model, data_bytes, source)
+    check_weights(model.state_dict(), tied_names(model), weights, source, names)
 
 
 def assign_weights(model: nn.Module, weights: dict[str, tuple[str, torch.Tensor]], source: str) -> nn.Module:

@@ -69,17 +69,17 @@ class MambaConfig:
     def from_dict(cls, values: dict, *, where: str = "model config"):
         """A config from its JSON dict, every field checked (JSON type, range, allowed values; `InputError` with one
         line starting with `where` otherwise). Missing fields take their defaults; unknown keys are ignored."""
-        from ..loaders.schema import validate
+        from ..schema import validate
 
         checked = validate(values, cls.schema(), where)
         cls.check_consistency(checked, where)
         return cls(**checked)
 
     @classmethod
-    def schema(cls) -> dict:
-        """The `loaders.schema` schema of this dataclass: one field per dataclass field, from its type, `LIMITS`
-        and `CHOICES`."""
-        from ..loaders.schema import boolean, integer, number, string
+    def schema(cls, limits: dict = LIMITS) -> dict:
+        """The `mambaquant.schema` schema of this dataclass: one field per dataclass field, from its type, `limits`
+        (as `LIMITS`; None: no bound) and `CHOICES`."""
+        from ..schema import boolean, integer, number, string
 
         schema = {}
         for f in dataclasses.fields(cls):
@@ -89,9 +89,9 @@ class MambaConfig:
             elif kind == "bool":
                 schema[f.name] = boolean(f.default)
             elif kind == "int":
-                schema[f.name] = integer(*LIMITS[f.name], default=f.default)
+                schema[f.name] = integer(*limits[f.name], default=f.default)
             elif kind == "float":
-                schema[f.name] = number(*LIMITS[f.name], default=f.default, above=f.name in POSITIVE)
+                schema[f.name] = number(*limits[f.name], default=f.default, above=f.name in POSITIVE)
             else:
                 raise TypeError(f"{cls.__name__}.{f.name}: no schema for type {kind}")
         return schema
