@@ -60,8 +60,6 @@ def path_value(text: str) -> str:
 
 def source_bytes(source: str) -> int:
     """The size of a source on disk: what its quantized output will need at most."""
-    from pathlib import Path
-
     from .loaders import resolve_source
     from .zoo import MODELS_DIR
 
@@ -124,8 +122,6 @@ def comma_list(text: str) -> list[str]:
 
 
 def cmd_compare(args) -> None:
-    from pathlib import Path
-
     from .compare import compare, format_table, plan, to_markdown, write_json
     from .loaders import check_source
     from .outputs import check_output_file, write_atomic

@@ -9,7 +9,7 @@ import torch
 from ..errors import InputError
 from ..runtime import LMConfig, MambaLM
 from ..schema import boolean, display, integer, list_of, number, obj, string, validate
-from .weights import (Checkpoint, any_named, assign_weights, check_before_loading, layer_count, load_checked, rename,
+from .weights import (Checkpoint, assign_weights, check_before_loading, load_checked, mamba_block_shapes, rename,
                       require)
 
 # checkpoint name -> runtime name
@@ -155,20 +155,8 @@ def lm_config_from_weights(tensors: dict, source: str) -> LMConfig:
     The head is taken as untied when present (see `load_lm_file`)."""
     embed_name = next((name for name in EMBEDDINGS if name in tensors), EMBEDDINGS[0])
     vocab, d_model = require(tensors, embed_name, 2, source)
-    prefix = "backbone.layers.0.mixer."
-    in_proj = require(tensors, prefix + "in_proj.weight", 2, source)
-    if in_proj[0] == 0 or in_proj[0] % (2 * d_model) or in_proj[1] != d_model:
-        raise InputError(f"{source}: weight {prefix}in_proj.weight has shape {tuple(in_proj)}, expected "
-                         f"(2 x expand x {d_model}, {d_model}) for the embedding's width {d_model}")
     values = dict(
-        d_model=d_model,
-        n_layer=layer_count(tensors, LAYER, source),
-        d_state=require(tensors, prefix + "A_log", 2, source)[1],
-        expand=in_proj[0] // 2 // d_model,
-        d_conv=require(tensors, prefix + "conv1d.weight", 3, source)[2],
-        dt_rank=require(tensors, prefix + "dt_proj.weight", 2, source)[1],
-        conv_bias=any_named(tensors, LAYER + r"mixer\.conv1d\.bias"),
-        bias=any_named(tensors, LAYER + r"mixer\.(in|out)_proj\.bias"),
+        **mamba_block_shapes(tensors, LAYER, "backbone.layers.0.", d_model, "the embedding's", source),
         vocab_size=vocab,
         tie_embeddings="lm_head.weight" not in tensors,
     )

@@ -7,7 +7,8 @@ import torch
 from ..errors import InputError
 from ..runtime import VisionConfig, VisionMamba
 from ..schema import integer, validate
-from .weights import Checkpoint, any_named, assign_weights, layer_count, load_checked, rename, require
+from .weights import (Checkpoint, any_named, assign_weights, load_checked, mamba_block_shapes, rename,
+                      require)
 
 MIXER = r"layers\.(\d+)\.mixer\."
 TO_RUNTIME = [
@@ -59,20 +60,8 @@ def vision_config_from_weights(tensors: dict, overrides: dict | None = None,
         stride = next((s for s, size in sizes.items() if size in COMMON_IMAGE_SIZES), candidates[0])
         options.setdefault("stride", stride)
         options.setdefault("img_size", sizes[stride])
-    prefix = "layers.0.mixer."
-    in_proj = require(tensors, prefix + "in_proj.weight", 2, source)
-    if in_proj[0] == 0 or in_proj[0] % (2 * d_model) or in_proj[1] != d_model:
-        raise InputError(f"{source}: weight {prefix}in_proj.weight has shape {tuple(in_proj)}, expected "
-                         f"(2 x expand x {d_model}, {d_model}) for the patch embedding's width {d_model}")
     values = dict(
-        d_model=d_model,
-        n_layer=layer_count(tensors, LAYER, source),
-        d_state=require(tensors, prefix + "A_log", 2, source)[1],
-        expand=in_proj[0] // 2 // d_model,
-        d_conv=require(tensors, prefix + "conv1d.weight", 3, source)[2],
-        dt_rank=require(tensors, prefix + "dt_proj.weight", 2, source)[1],
-        conv_bias=any_named(tensors, MIXER + r"conv1d\.bias"),
-        bias=any_named(tensors, MIXER + r"(in|out)_proj\.bias"),
+        **mamba_block_shapes(tensors, LAYER, "layers.0.", d_model, "the patch embedding's", source),
         norm="layer" if "norm_f.bias" in tensors or any_named(tensors, r"layers\.\d+\.norm\.bias") else "rms",
         bidirectional="separate" if any_named(tensors, MIXER + r"((conv1d_b|x_proj_b|dt_proj_b)\.\w+|A_b_log|D_b)")
         else "none",

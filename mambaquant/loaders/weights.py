@@ -252,6 +252,27 @@ def any_named(tensors: dict, pattern: str) -> bool:
     return any(re.fullmatch(pattern, name) for name in tensors)
 
 
+def mamba_block_shapes(tensors: dict, layer: str, first: str, d_model: int, width_of: str, source: str) -> dict:
+    """The Mamba-1 block configuration a state dict implies, from mamba_ssm's mixer names: in_proj, conv1d, dt_proj
+    and A_log of the first layer (names starting `first`, e.g. "layers.0."), biases of any layer (`layer`, a regex
+    with the layer index as its group). `width_of` names what gave `d_model`, for the message."""
+    prefix = first + "mixer."
+    in_proj = require(tensors, prefix + "in_proj.weight", 2, source)
+    if in_proj[0] == 0 or in_proj[0] % (2 * d_model) or in_proj[1] != d_model:
+        raise InputError(f"{source}: weight {prefix}in_proj.weight has shape {tuple(in_proj)}, expected "
+                         f"(2 x expand x {d_model}, {d_model}) for {width_of} width {d_model}")
+    return dict(
+        d_model=d_model,
+        n_layer=layer_count(tensors, layer, source),
+        d_state=require(tensors, prefix + "A_log", 2, source)[1],
+        expand=in_proj[0] // 2 // d_model,
+        d_conv=require(tensors, prefix + "conv1d.weight", 3, source)[2],
+        dt_rank=require(tensors, prefix + "dt_proj.weight", 2, source)[1],
+        conv_bias=any_named(tensors, layer + r"mixer\.conv1d\.bias"),
+        bias=any_named(tensors, layer + r"mixer\.(in|out)_proj\.bias"),
+    )
+
+
 def layer_count(names, pattern: str, source: str) -> int:
     """The number of layers of a checkpoint whose names hold layer indices (`pattern`'s group 1): they must be
     0..n-1, none missing."""
