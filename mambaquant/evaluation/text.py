@@ -16,8 +16,11 @@ LOGIT_COPIES = 3  # the logits, their float32 copy and cross_entropy's log-softm
 
 
 def check_logits(model, positions: int, what: str) -> None:
-    """Refuse an evaluation whose logits would not fit in memory, before the model runs."""
-    vocab = model.config.vocab_size
+    """Refuse an evaluation whose logits would not fit in memory, before the model runs (for a model that says its
+    vocabulary size)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is None:
+        return
     check_allocation(positions * vocab * 4 * LOGIT_COPIES, f"{what} ({positions:,} positions x {vocab:,} logits)")
 
 
