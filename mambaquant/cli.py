@@ -341,9 +341,15 @@ def one_line(error: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run one command. A bad input is one line on stderr and exit 2; a signal, one line and 128 + its number.
     Warnings from dependencies are held back: shown as single lines after a success, dropped after a failure."""
-    for handled in HANDLED_SIGNALS:
-        signal.signal(handled, on_signal)
-    args = build_parser().parse_args(argv)
+    previous = {handled: signal.signal(handled, on_signal) for handled in HANDLED_SIGNALS}
+    try:
+        return run(build_parser().parse_args(argv))
+    finally:  # a caller in the same process (a test, a notebook) gets its own handlers back
+        for handled, handler in previous.items():
+            signal.signal(handled, handler)
+
+
+def run(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         try:
             args.run(args)

@@ -577,3 +577,13 @@ def test_evaluation_buffers_are_checked_before_the_model_runs():
     model = MambaLM(LMConfig(d_model=8, n_layer=1, d_state=4, vocab_size=3_000_000, tie_embeddings=True))
     with pytest.raises(InputError, match="evaluating a WikiText-2 window .* needs .* of memory"):
         perplexity(model, list(range(4096)))
+
+
+def test_main_gives_back_the_callers_signal_handlers(capsys):
+    """In-process callers (tests, notebooks) keep their own SIGTERM/SIGHUP/SIGINT handling after a command."""
+    from mambaquant.cli import main
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    assert main(["zoo", "--json"]) == 0
+    assert main(["eval", "no/such/model"]) == 2
+    assert {s: signal.getsignal(s) for s in before} == before
