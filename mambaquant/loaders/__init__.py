@@ -9,29 +9,32 @@ from torch import nn
 
 from ..errors import InputError
 from ..outputs import write_atomic_dir
-from ..runtime import MambaLM, MambaTagger, TaggerConfig, VisionConfig, VisionMamba
-from . import hf, quantized, typeseg, vim
+from ..runtime import Mamba2LMConfig, MambaLM, MambaTagger, TaggerConfig, VisionConfig, VisionMamba
+from . import hf, mamba2, quantized, typeseg, vim
 from ..schema import describe, display, read_json
 from .weights import find_weight_file, load_checked, open_checkpoint
 from .weights import read_tensors  # noqa: F401 (mambaquant.loaders.read_tensors)
 
 SUPPORTED = (
-    "Mamba-1 language models (Hugging Face MambaForCausalLM or the original state-spaces layout), "
+    "Mamba-1 and Mamba-2 language models (Hugging Face MambaForCausalLM / Mamba2ForCausalLM or the original "
+    "state-spaces layout), "
     "Vision Mamba (hustvl/Vim state dicts) and typeseg's Mamba tagger (mamba_al.npz)"
 )
 VISION_ARCHITECTURE = "vision-mamba"
 TAGGER_ARCHITECTURE = "mamba-tagger"
 
 
-def load(source, **vision_options) -> nn.Module:
+def load(source, **options) -> nn.Module:
     """Return a `MambaLM`, `VisionMamba` or `MambaTagger` in eval mode. `source`: an embedded model name (or
-    `zoo:NAME`), a model directory, a checkpoint file or a model object. `vision_options` (img_size, stride)
-    complete a bare Vim checkpoint, whose state dict does not record them."""
+    `zoo:NAME`), a model directory, a checkpoint file or a model object. `options` complete a bare checkpoint where
+    its state dict does not record something: img_size and stride for Vim, n_groups for Mamba-2."""
     if isinstance(source, (MambaLM, VisionMamba, MambaTagger)):
         return source
     if isinstance(source, nn.Module):
         if type(source).__name__ == "MambaForCausalLM":
             return hf.from_transformers(source)
+        if type(source).__name__ == "Mamba2ForCausalLM":
+            return mamba2.from_transformers(source)
         raise InputError(f"unsupported model object {type(source).__name__}; supported: {SUPPORTED}")
     from ..zoo import load_zoo_model
 
@@ -40,7 +43,7 @@ def load(source, **vision_options) -> nn.Module:
         return load_zoo_model(value)
     if value.is_dir():
         return load_directory(value)
-    return load_checkpoint_file(value, vision_options)
+    return load_checkpoint_file(value, options)
 
 
 def resolve_source(source) -> tuple[str, object]:
@@ -129,6 +132,12 @@ def load_directory(directory: Path) -> nn.Module:
                             source)
     if quantized.is_quantized_config(config):
         return quantized.build_quantized(config, open_checkpoint(find_weight_file(directory)), source)
+    if architecture is None and mamba2.is_hf_config(config):
+        return mamba2.load_lm(mamba2.lm_config_from_hf(config, where), open_checkpoint(find_weight_file(directory)),
+                              source)
+    if architecture is None and mamba2.is_state_spaces_config(config):
+        return mamba2.load_lm(mamba2.lm_config_from_state_spaces(config, where),
+                              open_checkpoint(find_weight_file(directory)), source)
     if architecture is None and hf.is_hf_config(config):
         lm_config = hf.lm_config_from_hf(config, where)
     elif architecture is None and hf.is_state_spaces_config(config):
@@ -138,7 +147,7 @@ def load_directory(directory: Path) -> nn.Module:
     return hf.load_lm(lm_config, open_checkpoint(find_weight_file(directory)), source)
 
 
-def load_checkpoint_file(path: Path, vision_options: dict) -> nn.Module:
+def load_checkpoint_file(path: Path, options: dict) -> nn.Module:
     source = display(path)
     if path.suffix == ".npz":
         checkpoint = typeseg.open_npz(path)
@@ -150,8 +159,10 @@ def load_checkpoint_file(path: Path, vision_options: dict) -> nn.Module:
                          "or a sharded index (*.index.json)")
     checkpoint = open_checkpoint(path)
     if vim.is_vim_state_dict(checkpoint.infos):
-        config = vim.vision_config_from_weights(checkpoint.infos, vision_options, source)
+        config = vim.vision_config_from_weights(checkpoint.infos, options, source)
         return vim.load_vim(config, checkpoint, source)
+    if mamba2.is_mamba2_state_dict(checkpoint.infos):
+        return mamba2.load_lm_file(checkpoint, source, options)
     if hf.is_lm_state_dict(checkpoint.infos):
         return hf.load_lm_file(checkpoint, source)
     raise InputError(f"{source}: unrecognised checkpoint; supported: {SUPPORTED}")
@@ -168,6 +179,8 @@ def save(model: nn.Module, directory: str | Path, overwrite: bool = False, notes
         tensors, layout = quantized.quantized_tensors_and_layout(model)
         config = quantized.quantized_config(model, layout)
         card = quantized.model_card(config, notes)
+    elif isinstance(model, MambaLM) and isinstance(model.config, Mamba2LMConfig):
+        config, tensors = mamba2.saved_config(model.config), mamba2.saved_state_dict(model)
     elif isinstance(model, MambaLM):
         config, tensors = hf.hf_config(model.config), hf.hf_state_dict(model)
     elif isinstance(model, VisionMamba):

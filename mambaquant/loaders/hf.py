@@ -110,11 +110,15 @@ def lm_config_from_hf(config: dict, where: str) -> LMConfig:
     )
 
 
-def lm_config_from_state_spaces(config: dict, where: str) -> LMConfig:
-    c = validate(config, STATE_SPACES_SCHEMA, where)
-    ssm = c["ssm_cfg"]
-    if ssm["layer"] != "Mamba1":
-        raise InputError(f"{where}: {display(ssm['layer'])} layers are not supported; expected Mamba-1 blocks")
+def state_spaces_layer(config: dict) -> object:
+    """The block kind a state-spaces config names (ssm_cfg.layer; Mamba1 when absent)."""
+    ssm = config.get("ssm_cfg")
+    return ssm.get("layer", "Mamba1") if isinstance(ssm, dict) else "Mamba1"
+
+
+def check_state_spaces_model(c: dict, where: str) -> int:
+    """The options of a validated state-spaces config that neither block kind supports; returns the padded
+    vocabulary size."""
     if not c["rms_norm"]:
         raise InputError(f"{where}: LayerNorm language models are not supported; expected rms_norm true")
     if c["attn_layer_idx"]:
@@ -128,6 +132,16 @@ def lm_config_from_state_spaces(config: dict, where: str) -> LMConfig:
     if padded > MAX_VOCAB:
         raise InputError(f"{where}: vocab_size {vocab} padded to a multiple of {multiple} is {padded}, more than "
                          f"{MAX_VOCAB}")
+    return padded
+
+
+def lm_config_from_state_spaces(config: dict, where: str) -> LMConfig:
+    c = validate(config, STATE_SPACES_SCHEMA, where)
+    ssm = c["ssm_cfg"]
+    if ssm["layer"] != "Mamba1":
+        raise InputError(f"{where}: ssm_cfg.layer {display(ssm['layer'])} is not supported; expected Mamba1 or "
+                         "Mamba2")
+    padded = check_state_spaces_model(c, where)
     return LMConfig(
         d_model=c["d_model"],
         n_layer=c["n_layer"],

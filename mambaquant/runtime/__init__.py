@@ -1,12 +1,15 @@
-"""Our own Mamba-1 runtime: explicit modules, every quantizable tensor at a named site."""
+"""Our own Mamba-1 and Mamba-2 runtime: explicit modules, every quantizable tensor at a named site."""
 
 from .block import MambaBlock, RMSNorm
-from .config import LMConfig, MambaConfig, TaggerConfig, VisionConfig
+from .config import LMConfig, Mamba2Config, Mamba2LMConfig, MambaConfig, TaggerConfig, VisionConfig
+from .conv import SSMState
 from .init import init_weights
 from .lm import MambaLM
-from .mixer import MambaMixer, SelectiveSSM, SSMState
+from .mixer import MambaMixer, SelectiveSSM
+from .mixer2 import GroupRMSNorm, Mamba2Mixer
 from .scan import selective_scan, selective_scan_reference
-from .sites import SITES, Site, find_sites
+from .sites import MAMBA2_SITES, SITES, Site, find_sites
+from .ssd import ssd_scan, ssd_scan_reference
 from .tagger import MambaTagger
 from .vision import VisionMamba
 
@@ -14,14 +17,19 @@ from .vision import VisionMamba
 def use_reference_scan(model, on: bool = True):
     """Switch every SSM of a model between the sequential reference scan and the fast chunked one."""
     for module in model.modules():
-        if isinstance(module, SelectiveSSM):
+        if isinstance(module, (SelectiveSSM, Mamba2Mixer)):
             module.reference_scan = on
     return model
 
 
 __all__ = [
+    "MAMBA2_SITES",
     "SITES",
+    "GroupRMSNorm",
     "LMConfig",
+    "Mamba2Config",
+    "Mamba2LMConfig",
+    "Mamba2Mixer",
     "MambaBlock",
     "MambaConfig",
     "MambaLM",
@@ -38,5 +46,7 @@ __all__ = [
     "init_weights",
     "selective_scan",
     "selective_scan_reference",
+    "ssd_scan",
+    "ssd_scan_reference",
     "use_reference_scan",
 ]

@@ -1,10 +1,12 @@
-"""A pre-norm residual Mamba block: residual + mixer(norm(residual))."""
+"""A pre-norm residual Mamba block: residual + mixer(norm(residual)), with a Mamba-1 or a Mamba-2 mixer."""
 
 import torch
 from torch import nn
 
-from .config import MambaConfig
-from .mixer import MambaMixer, SSMState
+from .config import Mamba2Config, MambaConfig
+from .conv import SSMState
+from .mixer import MambaMixer
+from .mixer2 import Mamba2Mixer
 from .sites import make_sites
 
 
@@ -18,18 +20,18 @@ class RMSNorm(nn.Module):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
 
-def make_norm(config: MambaConfig) -> nn.Module:
+def make_norm(config: MambaConfig | Mamba2Config) -> nn.Module:
     if config.norm == "rms":
         return RMSNorm(config.d_model, config.norm_eps)
     return nn.LayerNorm(config.d_model, eps=config.norm_eps)
 
 
 class MambaBlock(nn.Module):
-    def __init__(self, config: MambaConfig):
+    def __init__(self, config: MambaConfig | Mamba2Config):
         super().__init__()
         self.sites = make_sites("residual", "norm", "out")
         self.norm = make_norm(config)
-        self.mixer = MambaMixer(config)
+        self.mixer = Mamba2Mixer(config) if isinstance(config, Mamba2Config) else MambaMixer(config)
 
     def forward(self, residual: torch.Tensor, state: SSMState | None = None) -> torch.Tensor:
         residual = self.sites.residual(residual)

@@ -1,4 +1,5 @@
-"""Small config dataclasses for the Mamba runtime; they serialise to and from plain JSON dicts."""
+"""Small config dataclasses for the Mamba runtime (Mamba-1 and Mamba-2 blocks); they serialise to and from plain
+JSON dicts."""
 
 import dataclasses
 import math
@@ -25,42 +26,18 @@ LIMITS = {
     "patch_size": (1, 1024),
     "stride": (1, 1024),
     "in_chans": (1, 64),
+    "head_dim": (1, 65536),
+    "n_groups": (1, 65536),
+    "d_ssm": (0, 16 * 65536),  # 0: d_inner
+    "chunk_size": (1, 65536),
+    "dt_limit_min": (0.0, 1e9),
+    "dt_limit_max": (0.0, 1e9),  # 0: no upper limit
 }
 POSITIVE = {"norm_eps"}  # the lower bound itself is excluded
 
 
-@dataclass
-class MambaConfig:
-    """One stack of Mamba-1 blocks (the backbone shared by the language and vision models)."""
-
-    d_model: int = 768
-    n_layer: int = 24
-    d_state: int = 16
-    expand: int = 2
-    d_conv: int = 4
-    dt_rank: int = 0  # 0 means ceil(d_model / 16), the Mamba default
-    conv_bias: bool = True
-    bias: bool = False  # bias on in_proj and out_proj
-    x_proj_bias: bool = False
-    conv: str = "causal"  # "causal" (Mamba) or "same" (centred, non-causal)
-    dt_offset: float = 0.0  # added after the softplus: dt = softplus(dt_proj(.)) + dt_offset
-    norm: str = "rms"  # "rms" (Mamba, Vim) or "layer" (LayerNorm with bias)
-    norm_eps: float = 1e-5
-    # "none"; "separate": a second SSM branch (own conv, x_proj, dt_proj, A, D) on the reversed sequence (Vim v2);
-    # "shared": the same SSM inputs also scanned backwards in time with the same parameters
-    bidirectional: str = "none"
-    divide_out: bool = True  # bidirectional only: average the two directions instead of adding them
-
-    def __post_init__(self):
-        if self.dt_rank == 0:
-            self.dt_rank = math.ceil(self.d_model / 16)
-        for field, allowed in (("norm", NORMS), ("conv", CONVS), ("bidirectional", BIDIRECTIONAL)):
-            if getattr(self, field) not in allowed:
-                raise ValueError(f"{field} must be one of {', '.join(allowed)}; got {getattr(self, field)!r}")
-
-    @property
-    def d_inner(self) -> int:
-        return self.expand * self.d_model
+class BlockConfig:
+    """What every block config shares: JSON round trip with every field checked."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -100,6 +77,41 @@ class MambaConfig:
     def check_consistency(cls, values: dict, where: str) -> None:
         """Constraints between fields, after each field is checked on its own."""
 
+
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+
+@dataclass
+class MambaConfig(BlockConfig):
+    """One stack of Mamba-1 blocks (the backbone shared by the language and vision models)."""
+
+    d_model: int = 768
+    n_layer: int = 24
+    d_state: int = 16
+    expand: int = 2
+    d_conv: int = 4
+    dt_rank: int = 0  # 0 means ceil(d_model / 16), the Mamba default
+    conv_bias: bool = True
+    bias: bool = False  # bias on in_proj and out_proj
+    x_proj_bias: bool = False
+    conv: str = "causal"  # "causal" (Mamba) or "same" (centred, non-causal)
+    dt_offset: float = 0.0  # added after the softplus: dt = softplus(dt_proj(.)) + dt_offset
+    norm: str = "rms"  # "rms" (Mamba, Vim) or "layer" (LayerNorm with bias)
+    norm_eps: float = 1e-5
+    # "none"; "separate": a second SSM branch (own conv, x_proj, dt_proj, A, D) on the reversed sequence (Vim v2);
+    # "shared": the same SSM inputs also scanned backwards in time with the same parameters
+    bidirectional: str = "none"
+    divide_out: bool = True  # bidirectional only: average the two directions instead of adding them
+
+    def __post_init__(self):
+        if self.dt_rank == 0:
+            self.dt_rank = math.ceil(self.d_model / 16)
+        for field, allowed in (("norm", NORMS), ("conv", CONVS), ("bidirectional", BIDIRECTIONAL)):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{field} must be one of {', '.join(allowed)}; got {getattr(self, field)!r}")
 
 @dataclass
 class LMConfig(MambaConfig):
@@ -150,3 +162,75 @@ class TaggerConfig(MambaConfig):
 
     vocab_size: int = 256
     num_classes: int = 2
+
+
+@dataclass
+class Mamba2Config(BlockConfig):
+    """One stack of Mamba-2 (SSD) blocks. d_inner = expand * d_model splits into the SSM part (d_ssm channels =
+    n_heads x head_dim, with B and C in n_groups groups of d_state, each group shared by n_heads / n_groups heads)
+    and, where d_ssm < d_inner, a gated MLP of d_inner - d_ssm channels beside it (mamba_ssm's d_mlp)."""
+
+    d_model: int = 768
+    n_layer: int = 24
+    d_state: int = 128
+    expand: int = 2
+    head_dim: int = 64
+    n_groups: int = 1
+    d_ssm: int = 0  # 0 means d_inner (no MLP part)
+    d_conv: int = 4
+    conv_bias: bool = True
+    bias: bool = False  # bias on in_proj and out_proj
+    norm_eps: float = 1e-5  # the block norms and the gated norm
+    chunk_size: int = 256  # the checkpoint's training chunk; the CPU scan picks its own (results are the same)
+    dt_limit_min: float = 0.0  # dt = clamp(softplus(dt + dt_bias), dt_limit_min, dt_limit_max)
+    dt_limit_max: float = 0.0  # 0 means no upper limit
+
+    norm = "rms"  # not a field: Mamba-2 blocks always use RMSNorm
+
+    def __post_init__(self):
+        if self.d_ssm == 0:
+            self.d_ssm = self.d_inner
+
+    @property
+    def n_heads(self) -> int:
+        return self.d_ssm // self.head_dim
+
+    @property
+    def d_mlp(self) -> int:
+        return self.d_inner - self.d_ssm
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels through the depthwise conv: x, B and C."""
+        return self.d_ssm + 2 * self.n_groups * self.d_state
+
+    @property
+    def in_proj_size(self) -> int:
+        """in_proj's rows: [MLP gate | MLP input | z | x B C | dt]."""
+        return 2 * self.d_mlp + self.d_ssm + self.conv_dim + self.n_heads
+
+    @classmethod
+    def check_consistency(cls, values: dict, where: str) -> None:
+        from ..errors import InputError
+
+        d_inner = values["expand"] * values["d_model"]
+        d_ssm = values["d_ssm"] or d_inner
+        if d_ssm > d_inner:
+            raise InputError(f"{where}: d_ssm {d_ssm} is larger than d_inner = expand x d_model = {d_inner}")
+        if d_ssm % values["head_dim"]:
+            raise InputError(f"{where}: the SSM's {d_ssm} channels do not split into heads of head_dim "
+                             f"{values['head_dim']}; expected n_heads x head_dim = {d_ssm}")
+        heads = d_ssm // values["head_dim"]
+        if heads % values["n_groups"]:
+            raise InputError(f"{where}: n_groups {values['n_groups']} does not divide the {heads} heads")
+        if values["dt_limit_max"] and values["dt_limit_max"] < values["dt_limit_min"]:
+            raise InputError(f"{where}: dt_limit_max {values['dt_limit_max']} is below dt_limit_min "
+                             f"{values['dt_limit_min']}")
+
+
+@dataclass
+class Mamba2LMConfig(Mamba2Config):
+    """A causal language model of Mamba-2 blocks: embedding, blocks, final norm, head."""
+
+    vocab_size: int = 50280
+    tie_embeddings: bool = True

@@ -1,4 +1,5 @@
-"""Random initialisation following Mamba's recipe (S4D-real A, log-uniform dt, small normal linears)."""
+"""Random initialisation following Mamba's recipe (S4D-real A, log-uniform dt, small normal linears); for Mamba-2
+mamba_ssm's (A uniform in [1, 16] per head)."""
 
 import math
 
@@ -7,6 +8,7 @@ from torch import nn
 
 from .block import RMSNorm
 from .mixer import SelectiveSSM
+from .mixer2 import GroupRMSNorm, Mamba2Mixer
 
 
 @torch.no_grad()
@@ -19,7 +21,7 @@ def init_weights(model: nn.Module, std: float = 0.02, seed: int = 0, dt_min: flo
             module.weight.normal_(0.0, std, generator=generator)
         if isinstance(module, nn.Linear) and module.bias is not None:
             module.bias.zero_()
-        if isinstance(module, (RMSNorm, nn.LayerNorm)):
+        if isinstance(module, (RMSNorm, GroupRMSNorm, nn.LayerNorm)):
             module.weight.fill_(1.0)
         if isinstance(module, nn.LayerNorm):
             module.bias.zero_()
@@ -35,7 +37,24 @@ def init_weights(model: nn.Module, std: float = 0.02, seed: int = 0, dt_min: flo
         ssm.A_log.copy_(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).expand(E, N))
         ssm.D.fill_(1.0)
         ssm.dt_proj.weight.uniform_(-(ssm.dt_rank**-0.5), ssm.dt_rank**-0.5, generator=generator)
-        log_dt = torch.rand(E, generator=generator) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
-        dt = log_dt.exp().clamp(min=1e-4)
-        ssm.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        dt = log_uniform(E, dt_min, dt_max, generator)
+        ssm.dt_proj.bias.copy_(inverse_softplus(dt))
+    for mixer in (m for m in model.modules() if isinstance(m, Mamba2Mixer)):
+        heads = mixer.A_log.shape[0]
+        bound = 1 / math.sqrt(mixer.conv1d.kernel_size[0])
+        mixer.conv1d.weight.uniform_(-bound, bound, generator=generator)
+        if mixer.conv1d.bias is not None:
+            mixer.conv1d.bias.zero_()
+        mixer.A_log.copy_(torch.log(torch.empty(heads).uniform_(1, 16, generator=generator)))
+        mixer.D.fill_(1.0)
+        mixer.dt_bias.copy_(inverse_softplus(log_uniform(heads, dt_min, dt_max, generator)))
     return model
+
+
+def log_uniform(count: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
+    log = torch.rand(count, generator=generator) * (math.log(high) - math.log(low)) + math.log(low)
+    return log.exp().clamp(min=1e-4)
+
+
+def inverse_softplus(x: torch.Tensor) -> torch.Tensor:
+    return x + torch.log(-torch.expm1(-x))

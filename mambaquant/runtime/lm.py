@@ -1,4 +1,4 @@
-"""Mamba causal language model with a recurrent state cache for generation."""
+"""Mamba causal language model (Mamba-1 or Mamba-2 blocks) with a recurrent state cache for generation."""
 
 import math
 
@@ -7,18 +7,17 @@ from torch import nn
 
 from ..errors import InputError
 from .block import MambaBlock, make_norm
-from .config import LMConfig
-from .mixer import SSMState
+from .config import LMConfig, Mamba2LMConfig
+from .conv import SSMState
 from .sites import make_sites, name_sites
-
 
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
 class MambaLM(nn.Module):
-    def __init__(self, config: LMConfig):
+    def __init__(self, config: LMConfig | Mamba2LMConfig):
         super().__init__()
-        if config.bidirectional != "none" or config.conv != "causal":
+        if isinstance(config, LMConfig) and (config.bidirectional != "none" or config.conv != "causal"):
             raise ValueError("a causal language model needs causal blocks (no bidirectional scan, causal conv)")
         self.config = config
         self.sites = make_sites("embed", "norm_f", "logits")
@@ -44,15 +43,7 @@ class MambaLM(nn.Module):
         return self.sites.logits(self.lm_head(self.sites.norm_f(self.norm_f(hidden))))
 
     def new_cache(self, batch_size: int) -> list[SSMState]:
-        c = self.config
-        weight = self.embedding.weight
-        return [
-            SSMState(
-                conv=weight.new_zeros(batch_size, c.d_conv - 1, c.d_inner),
-                h=weight.new_zeros(batch_size, c.d_inner, c.d_state),
-            )
-            for _ in range(c.n_layer)
-        ]
+        return [layer.mixer.new_state(batch_size) for layer in self.layers]
 
     @torch.no_grad()
     def generate(

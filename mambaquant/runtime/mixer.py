@@ -1,22 +1,13 @@
 """The Mamba-1 mixer: in_proj -> (selective SSM on x) * SiLU(z) -> out_proj, with every quantizable tensor at a site."""
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import MambaConfig
+from .conv import SSMState, depthwise_conv
 from .scan import selective_scan, selective_scan_reference, selective_scan_trainable
 from .sites import make_sites
-
-
-@dataclass
-class SSMState:
-    """Recurrent state of one SSM branch between calls: the last d_conv-1 conv inputs and the scan state h."""
-
-    conv: torch.Tensor  # (B, d_conv - 1, E)
-    h: torch.Tensor  # (B, E, N)
 
 
 class SelectiveSSM(nn.Module):
@@ -39,23 +30,8 @@ class SelectiveSSM(nn.Module):
         self.reference_scan = False
 
     def conv(self, x: torch.Tensor, state: SSMState | None) -> torch.Tensor:
-        """Depthwise convolution in (B, L, E) layout: out_t = bias + sum_k w_k x_{t+k-P}, with P = K-1 (causal)
-        or (K-1)//2 ("same", zero padding on both sides)."""
         K = self.conv1d.kernel_size[0]
-        before = K - 1 if self.causal else (K - 1) // 2
-        past = state.conv if state is not None else x.new_zeros(x.shape[0], before, x.shape[2])
-        future = x.new_zeros(x.shape[0], K - 1 - before, x.shape[2])
-        padded = torch.cat([past, x, future], dim=1)
-        weight = self.conv1d.weight[:, 0, :]  # (E, K)
-        length = x.shape[1]
-        out = padded[:, 0:length] * weight[:, 0]
-        for k in range(1, K):
-            out.addcmul_(padded[:, k : k + length], weight[:, k])
-        if self.conv1d.bias is not None:
-            out += self.conv1d.bias
-        if state is not None:
-            state.conv = padded[:, padded.shape[1] - before :]
-        return out
+        return depthwise_conv(x, self.conv1d, K - 1 if self.causal else (K - 1) // 2, state)
 
     def scan(self, u, dt, A, B, C, state: SSMState | None) -> torch.Tensor:
         sites = self.sites
@@ -96,6 +72,12 @@ class MambaMixer(nn.Module):
         self.out_proj = nn.Linear(config.d_inner, config.d_model, bias=config.bias)
         self.register_buffer("gate_scale", None)  # S-SiLU: gate = z * sigmoid(gate_scale * z) (smooth-fused rotation)
         self.sites = make_sites("x", "z", "gate", "out_proj_in")
+        self.d_conv, self.d_inner, self.d_state = config.d_conv, config.d_inner, config.d_state
+
+    def new_state(self, batch_size: int) -> SSMState:
+        weight = self.in_proj.weight
+        return SSMState(conv=weight.new_zeros(batch_size, self.d_conv - 1, self.d_inner),
+                        h=weight.new_zeros(batch_size, self.d_inner, self.d_state))
 
     def forward(self, hidden: torch.Tensor, state: SSMState | None = None) -> torch.Tensor:
         x, z = self.in_proj(hidden).chunk(2, dim=-1)

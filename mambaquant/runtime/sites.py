@@ -40,6 +40,23 @@ SITES = {
     "y": "scan output h*C + D*u (B, L, E)",
 }
 
+# The Mamba-2 mixer's sites (the block and model sites above are shared). Shapes: S d_ssm = H heads x P head_dim,
+# G n_groups, N d_state, K = S + 2 G N the conv channels; groups and heads are laid out group-major, head-major.
+MAMBA2_SITES = {
+    "z": "in_proj z part = gate input (B, L, S)",
+    "xBC": "in_proj x, B, C part = conv1d input (B, L, K)",
+    "x": "conv1d + SiLU x part = scan input (B, L, S), heads of P consecutive channels",
+    "B": "conv1d + SiLU B part, the scan's input matrix (B, L, G*N)",
+    "C": "conv1d + SiLU C part, the C.h operand (B, L, G*N)",
+    "dt": "clamp(softplus(in_proj dt part + dt_bias)), the step size per head (B, L, H)",
+    "h": "state h as it enters the C.h product (B, T, H, P, N) per chunk; the recurrence itself stays exact",
+    "y": "scan output C.h + D*x (B, L, S)",
+    "gate": "SiLU(z) (B, L, S)",
+    "out_proj_in": "norm(y * gate) per group (with the MLP part SiLU(z0)*x0 before it, if any) = out_proj input "
+                   "(B, L, E)",
+}
+TABLES = {"mamba1": SITES, "mamba2": MAMBA2_SITES}
+
 Observer = Callable[["Site", torch.Tensor], None]
 
 
@@ -47,10 +64,10 @@ class Site(nn.Module):
     """Identity with two attachment points: an op (replaces the tensor: an online transform, a fake quantizer) and
     observers (read the tensor leaving the site, after the op: what the consumer sees)."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, table: str = "mamba1"):
         super().__init__()
-        if kind not in SITES:
-            raise KeyError(f"unknown site kind {kind!r}")
+        if kind not in TABLES[table] and kind not in SITES:
+            raise KeyError(f"unknown {table} site kind {kind!r}")
         self.kind = kind
         self.name = kind  # set to the full path by `name_sites`
         self.observers: list[Observer] = []
@@ -71,8 +88,8 @@ class Site(nn.Module):
         return self.name
 
 
-def make_sites(*kinds: str) -> nn.ModuleDict:
-    return nn.ModuleDict({kind: Site(kind) for kind in kinds})
+def make_sites(*kinds: str, table: str = "mamba1") -> nn.ModuleDict:
+    return nn.ModuleDict({kind: Site(kind, table) for kind in kinds})
 
 
 def name_sites(model: nn.Module) -> None:

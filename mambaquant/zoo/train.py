@@ -1,6 +1,7 @@
 """Re-create the embedded models: `python -m mambaquant.zoo.train NAME --out DIR [options]`.
 
 mamba-shakespeare: byte-level Mamba LM (Hugging Face Mamba-1 architecture) on the first 90 % of Tiny Shakespeare.
+mamba2-shakespeare: the same with Mamba-2 (SSD) blocks (Hugging Face Mamba2ForCausalLM layout).
 vim-cifar10: Vision Mamba on the CIFAR-10 train split, light augmentation (random crop with 4-pixel padding, flip).
 Writes DIR (config.json + model.safetensors), DIR/training.json (recipe, command, learning curve, wall time,
 final metric) and DIR/MODEL_CARD.md.
@@ -23,7 +24,7 @@ from ..data import PACKAGE_DATA, cifar10, normalise_images, read_cifar10_tar, sh
 from ..errors import InputError
 from ..evaluation.text import bits_per_byte
 from ..loaders import save
-from ..runtime import LMConfig, MambaLM, MambaTagger, VisionConfig, VisionMamba, init_weights
+from ..runtime import LMConfig, Mamba2LMConfig, MambaLM, MambaTagger, VisionConfig, VisionMamba, init_weights
 
 
 @dataclass
@@ -39,6 +40,22 @@ class ShakespeareRecipe:
     weight_decay: float = 0.1
     eval_every: int = 200
     seed: int = 0
+
+    def model(self) -> MambaLM:
+        config = LMConfig(d_model=self.d_model, n_layer=self.n_layer, d_state=self.d_state, vocab_size=256)
+        return init_weights(MambaLM(config), seed=self.seed)
+
+
+@dataclass
+class Mamba2ShakespeareRecipe(ShakespeareRecipe):
+    d_state: int = 64
+    head_dim: int = 32
+    n_groups: int = 1
+
+    def model(self) -> MambaLM:
+        config = Mamba2LMConfig(d_model=self.d_model, n_layer=self.n_layer, d_state=self.d_state,
+                                head_dim=self.head_dim, n_groups=self.n_groups, vocab_size=256)
+        return init_weights(MambaLM(config), seed=self.seed)
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
@@ -69,8 +86,7 @@ def tinyshakespeare_splits() -> tuple[bytes, bytes]:
 def train_shakespeare(recipe: ShakespeareRecipe, log) -> tuple[MambaLM, dict]:
     train_text, val_text = tinyshakespeare_splits()
     torch.manual_seed(recipe.seed)
-    config = LMConfig(d_model=recipe.d_model, n_layer=recipe.n_layer, d_state=recipe.d_state, vocab_size=256)
-    model = init_weights(MambaLM(config), seed=recipe.seed)
+    model = recipe.model()
     optimizer = make_optimizer(model, recipe.lr, recipe.weight_decay)
     data = torch.frombuffer(bytearray(train_text), dtype=torch.uint8).long()
     generator = torch.Generator().manual_seed(recipe.seed)
@@ -219,6 +235,7 @@ def convert_typeseg(recipe: TypesegRecipe, log) -> tuple[MambaTagger, dict]:
 
 RECIPES = {
     "mamba-shakespeare": (ShakespeareRecipe, train_shakespeare),
+    "mamba2-shakespeare": (Mamba2ShakespeareRecipe, train_shakespeare),
     "vim-cifar10": (VimCifarRecipe, train_vim_cifar),
     "typeseg": (TypesegRecipe, convert_typeseg),
 }
@@ -245,6 +262,9 @@ def describe(model: torch.nn.Module) -> str:
     c = model.config
     kind = {"MambaLM": "causal LM", "VisionMamba": "Vision Mamba classifier", "MambaTagger": "per-token tagger"}
     extra = f", patch {c.patch_size}, {c.img_size}x{c.img_size} images" if isinstance(model, VisionMamba) else ""
+    if isinstance(c, Mamba2LMConfig):
+        return (f"{kind[type(model).__name__]}: {c.n_layer} Mamba-2 blocks, d_model {c.d_model}, d_inner {c.d_inner}, "
+                f"{c.n_heads} heads of {c.head_dim}, d_state {c.d_state}, n_groups {c.n_groups}, conv {c.d_conv}")
     return (f"{kind[type(model).__name__]}: {c.n_layer} Mamba-1 blocks, d_model {c.d_model}, d_inner {c.d_inner}, "
             f"d_state {c.d_state}, dt_rank {c.dt_rank}, conv {c.d_conv} ({c.conv}), {c.norm} norm, "
             f"bidirectional {c.bidirectional}{extra}")
