@@ -1,10 +1,12 @@
-"""Prefill latency and peak memory: our runtime against transformers' MambaForCausalLM (CPU path), both fp32,
-batch 1, all logits returned, on a random-initialised model of the mamba-130m configuration.
+"""Prefill latency, peak memory and decoding speed: our runtime against transformers' MambaForCausalLM and
+Mamba2ForCausalLM (their CPU paths), both fp32, batch 1, all logits returned, on random-initialised models of the
+mamba-130m and mamba2-130m configurations.
 
 Every measurement runs in a fresh worker process, so peak memory (RSS above the loaded model) is its own;
 the ours/transformers pairs alternate within one run, so their ratio is measured under the same conditions.
+Decoding: greedy `generate` of --decode-tokens tokens after a 16-token prompt, tokens per second.
 
-    python benchmarks/runtime.py [--lengths 128 512 1024] [--repeats 3] [--markdown FILE]
+    python benchmarks/runtime.py [--archs mamba1 mamba2] [--lengths 128 512 1024] [--repeats 3] [--markdown FILE]
 """
 
 import argparse
@@ -19,6 +21,11 @@ import time
 import torch
 
 IMPLEMENTATIONS = ("mambaquant", "transformers")
+CONFIGS = {  # the 130m configurations of state-spaces/mamba-130m-hf and state-spaces/mamba2-130m
+    "mamba1": ("mamba-130m", dict(hidden_size=768, num_hidden_layers=24, vocab_size=50280)),
+    "mamba2": ("mamba2-130m", dict(hidden_size=768, num_hidden_layers=24, vocab_size=50288, state_size=128,
+                                   head_dim=64, num_heads=24, n_groups=1, tie_word_embeddings=True)),
+}
 
 
 def memory_mib(field: str) -> float:
@@ -34,20 +41,34 @@ def reset_peak_memory() -> None:
         f.write("5")  # resets VmHWM to the current RSS
 
 
-def worker(implementation: str, length: int, repeats: int) -> dict:
-    from transformers import MambaConfig, MambaForCausalLM
+def reference_model(arch: str):
+    from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
+    config_class, model_class = (MambaConfig, MambaForCausalLM) if arch == "mamba1" else (Mamba2Config,
+                                                                                          Mamba2ForCausalLM)
+    torch.manual_seed(0)
+    return model_class(config_class(initializer_range=0.02, **CONFIGS[arch][1])).eval()
+
+
+def worker(implementation: str, arch: str, length: int, repeats: int) -> dict:
+    """length > 0: prefill of `length` tokens; length < 0: greedy decoding of -length tokens (tokens/s)."""
     import mambaquant
 
-    torch.manual_seed(0)
-    config = MambaConfig(hidden_size=768, num_hidden_layers=24, vocab_size=50280, initializer_range=0.02)
-    hf_model = MambaForCausalLM(config).eval()
+    hf_model = reference_model(arch)
+    vocab = hf_model.config.vocab_size
     model = mambaquant.load(hf_model) if implementation == "mambaquant" else hf_model
     if implementation == "mambaquant":
         del hf_model
-    ids = torch.randint(0, config.vocab_size, (1, length), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
+    ids = torch.randint(0, vocab, (1, abs(length) if length > 0 else 16), generator=torch.Generator().manual_seed(1))
+    if length > 0:
         run = (lambda: model(ids)) if implementation == "mambaquant" else (lambda: model(ids, use_cache=False).logits)
+    elif implementation == "mambaquant":
+        def run():
+            return model.generate(ids, -length, temperature=0)
+    else:
+        def run():
+            return model.generate(ids, max_new_tokens=-length, min_new_tokens=-length, do_sample=False)
+    with torch.no_grad():
         run()  # warm-up
         reset_peak_memory()
         baseline = memory_mib("VmRSS")
@@ -60,9 +81,9 @@ def worker(implementation: str, length: int, repeats: int) -> dict:
             "peak_mib_over_model": memory_mib("VmHWM") - baseline}
 
 
-def measure(implementation: str, length: int, repeats: int) -> dict:
+def measure(implementation: str, arch: str, length: int, repeats: int) -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--worker", implementation, str(length), str(repeats)],
+        [sys.executable, __file__, "--worker", implementation, arch, str(length), str(repeats)],
         capture_output=True, text=True, check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -70,35 +91,39 @@ def measure(implementation: str, length: int, repeats: int) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--archs", nargs="+", choices=sorted(CONFIGS), default=sorted(CONFIGS))
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024])
+    parser.add_argument("--decode-tokens", type=int, default=32, help="0: no decoding row")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--markdown", help="also write the table to this file")
-    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        implementation, length, repeats = args.worker
-        print(json.dumps(worker(implementation, int(length), int(repeats))))
+        implementation, arch, length, repeats = args.worker
+        print(json.dumps(worker(implementation, arch, int(length), int(repeats))))
         return
 
-    rows = []
-    for length in args.lengths:
-        result = {impl: measure(impl, length, args.repeats) for impl in IMPLEMENTATIONS}
-        ours, theirs = result["mambaquant"], result["transformers"]
-        rows.append((length, ours, theirs))
-        print(f"measured {length} tokens", file=sys.stderr)
-
     lines = [
-        f"mamba-130m configuration, fp32, batch 1, CPU ({platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads), torch {torch.__version__}, median of {args.repeats}",
+        f"fp32, batch 1, CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
+        f"torch {torch.__version__}, median of {args.repeats}",
         "",
-        "| tokens | mambaquant (s) | transformers (s) | speed-up | peak MiB over model, ours | transformers |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| configuration | measurement | mambaquant | transformers | speed-up | peak MiB over model, ours | "
+        "transformers |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for length, ours, theirs in rows:
-        lines.append(
-            f"| {length} | {ours['seconds']:.3f} | {theirs['seconds']:.3f} | {theirs['seconds'] / ours['seconds']:.2f}x "
-            f"| {ours['peak_mib_over_model']:.0f} | {theirs['peak_mib_over_model']:.0f} |"
-        )
+    for arch in args.archs:
+        name = CONFIGS[arch][0]
+        for length in args.lengths + ([-args.decode_tokens] if args.decode_tokens else []):
+            ours, theirs = (measure(impl, arch, length, args.repeats) for impl in IMPLEMENTATIONS)
+            ratio = theirs["seconds"] / ours["seconds"]
+            memory = f"{ours['peak_mib_over_model']:.0f} | {theirs['peak_mib_over_model']:.0f}"
+            if length > 0:
+                lines.append(f"| {name} | prefill {length} tokens | {ours['seconds']:.3f} s | {theirs['seconds']:.3f} s "
+                             f"| {ratio:.2f}x | {memory} |")
+            else:
+                lines.append(f"| {name} | decode, tokens/s | {-length / ours['seconds']:.1f} | "
+                             f"{-length / theirs['seconds']:.1f} | {ratio:.2f}x | {memory} |")
+            print(lines[-1], file=sys.stderr)
     table = "\n".join(lines)
     print(table)
     if args.markdown:

@@ -23,7 +23,7 @@ from .progress import progress as progress_of
 from .quant.gptq import gptq_quantize
 from .quant.linear import BACKENDS, QuantizedLinear
 from .quant.quantizer import ActivationQuantizer, QuantSpec, quantize_weight
-from .runtime import MambaLM, Site, VisionMamba
+from .runtime import Mamba2Mixer, MambaLM, Site, VisionMamba
 from .transforms.klt import AbsMaxObserver, CovarianceObserver, klt_hadamard
 from .transforms.rotation import (
     Rotate,
@@ -411,6 +411,7 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
     report = QuantReport(config=asdict(config))
     if config.method == "fp":
         return model, report
+    check_mamba1_blocks(model, f"method {config.method}: quantizing")
     model_transform, block_transform, head_transform = RECIPES[config.method]
     model_transform(model, batches, config, report)
     quantize_acts, quantize_weights = config.a_bits != FULL_PRECISION, config.w_bits != FULL_PRECISION
@@ -447,6 +448,13 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
         report.activation_sites[site.name] = quantizer.extra_repr()
     check_finite(model)
     return model, report
+
+
+def check_mamba1_blocks(model: nn.Module, doing: str) -> None:
+    """The methods' transforms and the analysis of them act on Mamba-1 blocks only (so far)."""
+    if any(isinstance(module, Mamba2Mixer) for module in model.modules()):
+        raise InputError(f"{doing} Mamba-2 blocks is not supported yet; Mamba-2 models run, evaluate, generate and "
+                         "save in full precision")
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:

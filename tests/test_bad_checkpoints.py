@@ -251,7 +251,8 @@ def test_state_spaces_required_fields(cli, good, base_configs, root, field):
 
 @pytest.mark.parametrize("change,words", [
     ({"rms_norm": False}, "LayerNorm language models are not supported"),
-    ({"ssm_cfg": {"layer": "Mamba2"}}, "Mamba2 layers are not supported"),
+    ({"ssm_cfg": {"layer": "Mamba2"}}, "missing weight(s) backbone.layers.0.mixer.dt_bias"),  # Mamba-1 weights
+    ({"ssm_cfg": {"layer": "Mamba3"}}, "ssm_cfg.layer 'Mamba3' is not supported; expected Mamba1 or Mamba2"),
     ({"attn_layer_idx": [0]}, "attention layers"),
     ({"attn_layer_idx": 3}, "attn_layer_idx must be a list of integers"),
     ({"d_intermediate": 64}, "MLP"),

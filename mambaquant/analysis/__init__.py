@@ -14,7 +14,7 @@ import torch
 
 from ..calibration import resolve_calibration
 from ..errors import InputError
-from ..methods import METHODS, PRESETS, Runner, quantize
+from ..methods import METHODS, PRESETS, Runner, check_mamba1_blocks, quantize
 from ..outputs import check_output_dir, write_atomic_dir
 from ..progress import progress as progress_of
 from ..runtime import find_sites
@@ -101,6 +101,7 @@ def analyze(source, out_dir: str | Path, config: AnalysisConfig | None = None, o
     out_dir = check_output_dir(out_dir, overwrite, sources=[source])
     name = source if isinstance(source, str) else type(source).__name__
     model = load(source).eval()
+    check_mamba1_blocks(model, "analyzing")
     batches = resolve_calibration(model, name, config.calib, config.calib_samples, config.calib_len, config.seed,
                                   batch_size=config.batch_size)
     statistics = capture(model, batches, config.sketch, progress)
