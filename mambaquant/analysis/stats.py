@@ -26,7 +26,7 @@ KEY_SITES = ("norm", "gate", "out_proj_in", "h", "C")  # in_proj input, gate, ou
 TRANSFORMS = ("none", "hadamard", "klt_hadamard", "smooth_hadamard")
 TRANSFORM_NAMES = {"none": "none", "hadamard": "Hadamard", "klt_hadamard": "KLT + Hadamard",
                    "smooth_hadamard": "smoothing + Hadamard"}
-# What `mambaquant` (methods.py) applies at each key site
+# What `mambaquant` (methods/mambaquant.py) applies at each key site
 MAMBAQUANT_TRANSFORM = {"norm": "klt_hadamard", "gate": "smooth_hadamard", "out_proj_in": "smooth_hadamard",
                         "h": "smooth_hadamard", "C": "smooth_hadamard"}
 HISTOGRAM_EDGES = torch.logspace(-8, 8, 65, dtype=torch.float64)  # |x| bins, 4 a decade; below and above: 2 more

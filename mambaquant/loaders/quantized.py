@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..methods import FULL_PRECISION, GRANULARITIES, METHODS, QuantReport
+from ..methods.config import FULL_PRECISION, GRANULARITIES, METHODS, QuantReport
 from ..quant.linear import QuantizedLinear
 from ..quant.quantizer import ACTIVATION_GRANULARITIES, OBSERVERS, ActivationQuantizer, QuantSpec, dequantize_weight
 from ..runtime import LMConfig, MambaLM, MambaMixer, MambaTagger, Site, TaggerConfig, VisionConfig, VisionMamba

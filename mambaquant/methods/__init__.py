@@ -1,0 +1,19 @@
+"""The quantization methods, as recipes over the runtime's sites, and `quantize`, the one verb from a
+full-precision model to a quantized one.
+
+- `config`: `QuantConfig` (what a run is asked for), `QuantReport` (what it did where), the method names, presets
+  and granularities;
+- `walk`: `quantize` and `run_recipe`, the block-by-block walk (calibration of activation quantizers, weight
+  quantization), `set_backend` and the checks;
+- `granularity`: the activation granularity of each site, chosen for "auto" with its reason;
+- `stages`: the `Runner` of one stage over the calibration inputs and the slots where quantizers go;
+- `recipes`: `RECIPES`, every method's (model-wide, per-block, head) transforms, from the modules `rtn`,
+  `smoothquant`, `quarot`, `gptq`, `quamba` and `mambaquant`.
+"""
+
+from .config import FULL_PRECISION, GRANULARITIES, METHODS, PRESETS, QuantConfig, QuantReport
+from .stages import Runner, activation_sites, linear_slots
+from .walk import check_mamba1_blocks, quantize, run_recipe, set_backend
+
+__all__ = ["FULL_PRECISION", "GRANULARITIES", "METHODS", "PRESETS", "QuantConfig", "QuantReport", "Runner",
+           "activation_sites", "check_mamba1_blocks", "linear_slots", "quantize", "run_recipe", "set_backend"]

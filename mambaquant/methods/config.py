@@ -1,0 +1,92 @@
+"""What a quantization run is asked for (`QuantConfig`) and what it did (`QuantReport`), with the names of the
+methods, bit-width presets and granularities. Imports neither the loaders nor the walk: the quantized-checkpoint
+loader validates against these."""
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from ..errors import InputError
+from ..quant.quantizer import QuantSpec
+
+METHODS = ("fp", "rtn", "smoothquant", "quarot", "gptq", "quamba", "mambaquant")
+GRANULARITIES = ("tensor", "token", "auto")
+PRESETS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a16": (4, 16)}
+FULL_PRECISION = 16  # bits meaning "quantize nothing here"
+# QuaRot's paper rounds its rotated weights with GPTQ, and so do we for MambaQuant: at W4 it is worth ~0.6 % bits per
+# byte on mamba-shakespeare over round-to-nearest (RTN is still one option away: weight_rounding="rtn")
+WEIGHT_ROUNDING = {"gptq": "gptq", "quarot": "gptq", "mambaquant": "gptq"}
+
+
+@dataclass
+class QuantConfig:
+    method: str = "mambaquant"
+    w_bits: int = 8
+    a_bits: int = 8  # 16: weights only
+    act_granularity: str | None = None  # None: "auto" for mambaquant, "tensor" for the baselines
+    observer: str = "minmax"  # static ranges: "minmax" or "percentile"
+    percentile: float = 99.99
+    weight_group_size: int = 0  # 0: per output channel
+    weight_rounding: str | None = None  # "rtn" or "gptq"; None: the method's own (WEIGHT_ROUNDING)
+    alpha: float = 0.5  # smoothing strength
+    token_outlier_ratio: float = 10.0  # auto: tokens whose |x| max exceeds this many times the median token's ...
+    token_outlier_share: float = 0.01  # ... in more than this share of tokens: token-wise outliers
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise InputError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.weight_rounding is None:
+            self.weight_rounding = WEIGHT_ROUNDING.get(self.method, "rtn")
+        if self.weight_rounding not in ("rtn", "gptq"):
+            raise InputError(f"unknown weight rounding {self.weight_rounding!r}; expected rtn or gptq")
+        if self.act_granularity is None:
+            self.act_granularity = "auto" if self.method == "mambaquant" else "tensor"
+        if self.act_granularity not in GRANULARITIES:
+            raise InputError(f"unknown activation granularity {self.act_granularity!r}; "
+                             f"expected one of {', '.join(GRANULARITIES)}")
+        for bits in (self.w_bits, self.a_bits):
+            if isinstance(bits, bool) or not isinstance(bits, int):
+                raise InputError(f"bit widths must be integers from 2 to 8, or 16 for none; got {bits!r}")
+            if bits != FULL_PRECISION:
+                QuantSpec(bits)  # raises for anything outside 2..8
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise InputError(f"the seed must be an integer from 0 to {2**63 - 1}, got {self.seed!r}")
+
+    @classmethod
+    def preset(cls, bits: str, **kwargs) -> "QuantConfig":
+        if bits.lower() not in PRESETS:
+            raise InputError(f"unknown bit widths {bits!r}; expected one of {', '.join(PRESETS)}")
+        w_bits, a_bits = PRESETS[bits.lower()]
+        return cls(w_bits=w_bits, a_bits=a_bits, **kwargs)
+
+    def weight_spec(self) -> QuantSpec:
+        group = self.weight_group_size
+        return QuantSpec(self.w_bits, granularity="group" if group else "channel", group_size=group or 128)
+
+
+@dataclass
+class QuantReport:
+    config: dict
+    transforms: list[str] = field(default_factory=list)
+    activation_sites: dict[str, str] = field(default_factory=dict)  # site -> its quantizer
+    granularity_reasons: dict[str, str] = field(default_factory=dict)
+    weights: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """What was quantized where, grouped by site kind over the layers."""
+        c = self.config
+        lines = [f"method {c['method']}, weights int{c['w_bits']}, activations "
+                 f"{'full precision' if c['a_bits'] == FULL_PRECISION else 'int' + str(c['a_bits'])}, "
+                 f"granularity {c['act_granularity']}"]
+        lines += [f"  transforms: {t}" for t in self.transforms]
+        lines += [f"  weights: {w}" for w in self.weights]
+        by_kind: dict[str, Counter] = {}
+        for name, description in self.activation_sites.items():
+            kind = ".".join(part for part in name.split(".") if not part.isdigit() and part != "layers")
+            by_kind.setdefault(kind, Counter())[description] += 1
+        for kind, counts in by_kind.items():
+            lines.append(f"  {kind}: " + "; ".join(f"{d} x{n}" for d, n in counts.items()))
+        return "\n".join(lines)

@@ -1,0 +1,66 @@
+"""MambaQuant (Xu et al., ICLR 2025): a KLT-enhanced rotation of the residual stream, then per block the
+smooth-fused rotation at out_proj, smoothing at the conv1d and dt_proj inputs and at h*C, a KLT-enhanced rotation
+of the dt path and Hadamards at the x_proj input and on the state dimension. Its weights are rounded by GPTQ
+(`WEIGHT_ROUNDING`), its granularity is "auto" by default, and h gets a percentile range (`PERCENTILE_SITES`)."""
+
+from functools import partial
+
+import torch
+
+from ..transforms.klt import AbsMaxObserver, CovarianceObserver, klt_hadamard
+from ..transforms.rotation import (Rotate, branches, fuse_norms, random_hadamard, rotate_dt_path, rotate_linear_input,
+                                   rotate_residual, rotate_state)
+from ..transforms.smoothing import (smooth_conv_input, smooth_dt_input, smooth_gate, smooth_state, smoothing_scales,
+                                    state_smoothing_scales)
+from .config import QuantConfig, QuantReport
+from .smoothquant import conv_weight_columns
+from .stages import Runner, no_op
+
+
+def run_blocks(model, batch: torch.Tensor) -> torch.Tensor:
+    """The model up to its last block: a pass that observes the blocks never computes the head's output (for an LM
+    the largest tensor of the forward)."""
+    hidden = model.embed(batch)
+    for layer in model.layers:
+        hidden = layer(hidden)
+    return hidden
+
+
+def mambaquant_model(model, batches, config: QuantConfig, report: QuantReport) -> None:
+    """KLT-enhanced rotation of the residual stream: it is shared by every block, so it gets one rotation, from the
+    covariance of all in_proj inputs pooled."""
+    fuse_norms(model)
+    residual = CovarianceObserver()
+    Runner(partial(run_blocks, model), batches).observe({layer.sites["norm"]: residual for layer in model.layers})
+    rotate_residual(model, klt_hadamard(residual.covariance()))
+    report.transforms.append(
+        "norm fusion; KLT-enhanced rotation of the residual stream (pooled covariance of the in_proj inputs); per "
+        "block: smooth-fused rotation at out_proj (S-SiLU smoothing + online Hadamard), online Hadamard at x_proj "
+        "input, conv1d and dt_proj input smoothing, KLT-enhanced rotation of the dt path (its own covariance), "
+        "h*C smoothing per state channel and Hadamard on the state dimension"
+    )
+
+
+def mambaquant_block(layer, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
+    mixer, ssms = layer.mixer, branches(layer.mixer)
+    absmax = {mixer.sites["out_proj_in"]: AbsMaxObserver(), mixer.sites["x"]: AbsMaxObserver()}
+    for ssm in ssms:
+        absmax.update({ssm.sites[kind]: AbsMaxObserver() for kind in ("dt_low", "C", "h")})
+    runner.observe(absmax)
+    smooth_gate(mixer, smoothing_scales(absmax[mixer.sites["out_proj_in"]].absmax, mixer.out_proj.weight, config.alpha))
+    rotate_linear_input(mixer.sites["out_proj_in"], mixer.out_proj, Rotate(mixer.out_proj.in_features))
+    smooth_conv_input(mixer, ssms,
+                      smoothing_scales(absmax[mixer.sites["x"]].absmax, conv_weight_columns(mixer), config.alpha))
+    for ssm in ssms:
+        rotate_linear_input(ssm.sites["x_proj_in"], ssm.x_proj, Rotate(ssm.x_proj.in_features))
+        smooth_dt_input(ssm, smoothing_scales(absmax[ssm.sites["dt_low"]].absmax, ssm.dt_proj.weight, config.alpha))
+        smooth_state(ssm, state_smoothing_scales(absmax[ssm.sites["h"]].absmax, absmax[ssm.sites["C"]].absmax,
+                                                 config.alpha))
+    covariances = {ssm.sites["dt_low"]: CovarianceObserver() for ssm in ssms}
+    runner.observe(covariances)
+    for ssm in ssms:
+        rotate_dt_path(ssm, klt_hadamard(covariances[ssm.sites["dt_low"]].covariance()))  # one K per site and block
+        rotate_state(ssm, random_hadamard(ssm.d_state, config.seed + 2))
+
+
+RECIPE = (mambaquant_model, mambaquant_block, no_op)

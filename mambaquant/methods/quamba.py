@@ -1,0 +1,19 @@
+"""Quamba-style: per block an online Hadamard at the out_proj input. Its percentile ranges at the SSM input and
+state are chosen in walk.py (`PERCENTILE_SITES`)."""
+
+from ..transforms.rotation import Rotate, rotate_linear_input
+from .config import QuantConfig, QuantReport
+from .stages import Runner, no_op
+
+
+def quamba_model(model, batches, config: QuantConfig, report: QuantReport) -> None:
+    report.transforms.append("per block: online Hadamard at out_proj input; percentile ranges at the SSM input "
+                             "(x_proj_in) and state (h)")
+
+
+def quamba_block(layer, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
+    mixer = layer.mixer
+    rotate_linear_input(mixer.sites["out_proj_in"], mixer.out_proj, Rotate(mixer.out_proj.in_features))
+
+
+RECIPE = (quamba_model, quamba_block, no_op)

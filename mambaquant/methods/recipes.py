@@ -1,0 +1,17 @@
+"""Every method's recipe: (model-wide transforms, per-block transforms, head transforms). The walk runs the
+model-wide ones before the first block, the per-block ones on each block in turn, the head ones after the last
+block; each module of this package named after a method holds its own. `fp` quantizes nothing and transforms
+nothing."""
+
+from . import gptq, mambaquant, quamba, quarot, rtn, smoothquant
+from .stages import no_op
+
+RECIPES = {
+    "fp": (no_op, no_op, no_op),
+    "rtn": rtn.RECIPE,
+    "gptq": gptq.RECIPE,
+    "smoothquant": smoothquant.RECIPE,
+    "quarot": quarot.RECIPE,
+    "quamba": quamba.RECIPE,
+    "mambaquant": mambaquant.RECIPE,
+}

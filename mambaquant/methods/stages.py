@@ -1,0 +1,67 @@
+"""What the recipes and the walk share: a `Runner` for one stage of the model (a block, or the output head) and
+the slots where the quantizers go (each quantized linear with the site carrying its input, and every quantized
+activation site)."""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..runtime import MambaLM, Site
+from ..transforms.rotation import branches
+
+
+class Runner:
+    """Runs one stage of the model (a block, or the output head) over the stored calibration inputs."""
+
+    def __init__(self, stage: Callable[[torch.Tensor], torch.Tensor], inputs: list[torch.Tensor]):
+        self.stage, self.inputs = stage, inputs
+
+    @torch.no_grad()
+    def observe(self, observers: dict[Site, Callable]) -> None:
+        for site, observer in observers.items():
+            site.observers.append(observer)
+        try:
+            for x in self.inputs:
+                self.stage(x)
+        finally:
+            for site, observer in observers.items():
+                site.observers.remove(observer)
+
+    @torch.no_grad()
+    def outputs(self) -> list[torch.Tensor]:
+        return [self.stage(x) for x in self.inputs]
+
+
+def no_op(*args) -> None:
+    return None
+
+
+def block_linears(layer) -> list[tuple[nn.Module, str, Site]]:
+    """The block's quantized linear layers as (owner, attribute, site carrying the input)."""
+    mixer = layer.mixer
+    slots = [(mixer, "in_proj", layer.sites["norm"])]
+    for ssm in branches(mixer):
+        slots += [(ssm, "x_proj", ssm.sites["x_proj_in"]), (ssm, "dt_proj", ssm.sites["dt_low"])]
+    return slots + [(mixer, "out_proj", mixer.sites["out_proj_in"])]
+
+
+def head_slot(model) -> tuple[nn.Module, str, Site]:
+    return model, "lm_head" if isinstance(model, MambaLM) else "head", model.sites["norm_f"]
+
+
+def linear_slots(model) -> list[tuple[nn.Module, str, Site]]:
+    """Every quantized linear layer of the model with the site that carries its input."""
+    return [slot for layer in model.layers for slot in block_linears(layer)] + [head_slot(model)]
+
+
+def block_activation_sites(layer) -> list[Site]:
+    """Where a block's activations are quantized: every linear input, the conv1d input, both operands of h*C."""
+    sites = [site for _, _, site in block_linears(layer)] + [layer.mixer.sites["x"]]
+    for ssm in branches(layer.mixer):
+        sites += [ssm.sites["h"], ssm.sites["C"]]
+    return sites
+
+
+def activation_sites(model: nn.Module) -> list[Site]:
+    return [site for layer in model.layers for site in block_activation_sites(layer)] + [model.sites["norm_f"]]
