@@ -183,11 +183,16 @@ def load_lm_file(checkpoint: Checkpoint, source: str) -> MambaLM:
     check_before_loading(lambda: MambaLM(config), rename(checkpoint.infos, TO_RUNTIME), checkpoint.nbytes, source,
                          TO_HF)
     tensors = checkpoint.read()
+    return assign_weights(MambaLM(tied_if_equal(config, tensors)), rename(tensors, TO_RUNTIME), source).eval()
+
+
+def tied_if_equal(config, tensors: dict[str, torch.Tensor]):
+    """The config of a bare LM file, its head tied when the file's head equals its embedding."""
     head = tensors.get("lm_head.weight")
     embed = next(tensors[name] for name in EMBEDDINGS if name in tensors)
     if head is not None and (head is embed or (head.dtype == embed.dtype and torch.equal(head, embed))):
-        config = dataclasses.replace(config, tie_embeddings=True)
-    return assign_weights(MambaLM(config), rename(tensors, TO_RUNTIME), source).eval()
+        return dataclasses.replace(config, tie_embeddings=True)
+    return config
 
 
 def build_lm(config: LMConfig, tensors: dict[str, torch.Tensor], source: str) -> MambaLM:

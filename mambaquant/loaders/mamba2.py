@@ -2,7 +2,6 @@
 mistralai/Mamba-Codestral-7B-v0.1), the original state-spaces layout (state-spaces/mamba2-*: config.json with
 ssm_cfg.layer "Mamba2") and bare state dicts, whose configuration is read from the tensor shapes."""
 
-import dataclasses
 import math
 
 import torch
@@ -11,7 +10,8 @@ from ..errors import InputError
 from ..runtime import Mamba2LMConfig, MambaLM
 from ..schema import Field, boolean, integer, list_of, number, obj, string, validate
 from . import hf
-from .weights import Checkpoint, any_named, check_before_loading, layer_count, load_checked, rename, require
+from .weights import (Checkpoint, any_named, assign_weights, check_before_loading, layer_count, load_checked, rename,
+                      require)
 
 TO_RUNTIME = [(r"backbone\.embeddings?\.weight", "embedding.weight"), (r"backbone\.(.*)", r"\1")]
 TO_HF = [(r"embedding\.weight", "backbone.embeddings.weight"), (r"lm_head\.weight", "lm_head.weight"),
@@ -167,16 +167,10 @@ def load_lm_file(checkpoint: Checkpoint, source: str, options: dict) -> MambaLM:
     check_before_loading(lambda: MambaLM(config), rename(checkpoint.infos, TO_RUNTIME), checkpoint.nbytes, source,
                          TO_HF)
     tensors = checkpoint.read()
-    head = tensors.get("lm_head.weight")
-    embed = next(tensors[name] for name in hf.EMBEDDINGS if name in tensors)
-    if head is not None and (head is embed or (head.dtype == embed.dtype and torch.equal(head, embed))):
-        config = dataclasses.replace(config, tie_embeddings=True)
-    return load_tensors(config, tensors, source)
+    return load_tensors(hf.tied_if_equal(config, tensors), tensors, source)
 
 
 def load_tensors(config: Mamba2LMConfig, tensors: dict[str, torch.Tensor], source: str) -> MambaLM:
-    from .weights import assign_weights
-
     return assign_weights(MambaLM(config), rename(tensors, TO_RUNTIME), source).eval()
 
 
