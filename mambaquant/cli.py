@@ -133,7 +133,7 @@ def cmd_compare(args) -> None:
             check_output_file(path)
     if args.json is not None and args.json == args.markdown:
         raise InputError(f"{args.json}: given for both --json and --markdown; expected two different files")
-    sources = args.sources or [f"{ZOO_PREFIX}{name}" for name in ZOO]
+    sources = args.sources or [f"{ZOO_PREFIX}{name}" for name, entry in ZOO.items() if entry.compared]
     for source in sources:
         check_source(source)
     data = {"wikitext2": args.wikitext, "lambada": args.lambada}
@@ -273,7 +273,7 @@ def build_parser() -> Parser:
 
     compare = commands.add_parser("compare", help="every method x bit width x granularity against full precision")
     compare.add_argument("sources", nargs="*", help="embedded model names, model directories or checkpoint files "
-                                                    "(default: every embedded model)")
+                                                    "(default: the embedded Mamba-1, Vim and tagger models)")
     compare.add_argument("--methods", type=comma_list, default=list(METHODS), help="comma-separated (default: all)")
     compare.add_argument("--bits", type=comma_list, default=list(DEFAULT_BITS),
                          help=f"comma-separated presets (default: {','.join(DEFAULT_BITS)})")

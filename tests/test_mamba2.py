@@ -300,3 +300,18 @@ def test_quantizing_and_analyzing_mamba2_are_refused_until_the_methods_support_t
     assert_refused(cli.run("analyze", tiny_directory, "--out", tiny_directory.parent / "report"),
                    "analyzing Mamba-2 blocks is not supported yet")
     assert not (tiny_directory.parent / "report").exists()
+
+
+def test_embedded_mamba2_reproduces_its_card_through_the_cli(cli):
+    from mambaquant.zoo import card
+
+    result = cli.run("eval", "mamba2-shakespeare", "--json")
+    assert result.code == 0, result.stderr
+    measured = json.loads(result.stdout)
+    final = card("mamba2-shakespeare")["final"]
+    assert measured["metric"] == final["metric"] == "bits_per_byte"
+    assert measured["value"] == pytest.approx(final["value"], abs=1e-4)
+    assert final["value"] <= 2.35
+    generated = cli.run("generate", "mamba2-shakespeare", "--prompt", "ROMEO:", "--max-new-tokens", "40",
+                        "--temperature", "0")
+    assert generated.code == 0 and generated.stdout.startswith("ROMEO:") and len(generated.stdout) > 40

@@ -17,7 +17,9 @@ TO_RUNTIME = [(r"backbone\.embeddings?\.weight", "embedding.weight"), (r"backbon
 TO_HF = [(r"embedding\.weight", "backbone.embeddings.weight"), (r"lm_head\.weight", "lm_head.weight"),
          (r"(.*)", r"backbone.\1")]
 SIZE, MAX_LAYERS, MAX_VOCAB = hf.SIZE, hf.MAX_LAYERS, hf.MAX_VOCAB
-LIMIT = Field("number", low=0, special=(math.inf,))  # a time_step_limit bound: a number >= 0 or Infinity
+# a time_step_limit bound: a number >= 0 or Infinity, which transformers 5.x writes as {"__float__": "Infinity"}
+INFINITY_OBJECT = {"__float__": "Infinity"}
+LIMIT = Field("number", low=0, special=(math.inf, INFINITY_OBJECT))
 
 # transformers' Mamba2Config (config.json of Mamba2ForCausalLM); defaults are transformers' own
 HF_SCHEMA = {
@@ -75,7 +77,7 @@ def is_state_spaces_config(config: dict) -> bool:
 
 
 def dt_limits(limit: list, where: str, key: str) -> tuple[float, float]:
-    low, high = limit
+    low, high = (math.inf if bound == INFINITY_OBJECT else bound for bound in limit)
     if low == math.inf or high < low:
         raise InputError(f"{where}: {key} {limit} is not an interval [low, high] with low <= high, low finite")
     return low, 0.0 if high == math.inf else high
