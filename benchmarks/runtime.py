@@ -118,8 +118,8 @@ def main():
             ratio = theirs["seconds"] / ours["seconds"]
             memory = f"{ours['peak_mib_over_model']:.0f} | {theirs['peak_mib_over_model']:.0f}"
             if length > 0:
-                lines.append(f"| {name} | prefill {length} tokens | {ours['seconds']:.3f} s | {theirs['seconds']:.3f} s "
-                             f"| {ratio:.2f}x | {memory} |")
+                lines.append(f"| {name} | prefill {length} tokens | {ours['seconds']:.3f} s | "
+                             f"{theirs['seconds']:.3f} s | {ratio:.2f}x | {memory} |")
             else:
                 lines.append(f"| {name} | decode, tokens/s | {-length / ours['seconds']:.1f} | "
                              f"{-length / theirs['seconds']:.1f} | {ratio:.2f}x | {memory} |")

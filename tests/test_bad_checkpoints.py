@@ -251,8 +251,9 @@ def test_state_spaces_required_fields(cli, good, base_configs, root, field):
 
 @pytest.mark.parametrize("change,words", [
     ({"rms_norm": False}, "LayerNorm language models are not supported"),
-    ({"ssm_cfg": {"layer": "Mamba2"}}, "missing weight(s) backbone.layers.0.mixer.dt_bias"),  # Mamba-1 weights
-    ({"ssm_cfg": {"layer": "Mamba3"}}, "ssm_cfg.layer 'Mamba3' is not supported; expected Mamba1 or Mamba2"),
+    ({"ssm_cfg": {"layer": "Mamba2"}}, "the SSM's 32 channels do not split into heads of head_dim 64"),
+    ({"ssm_cfg": {"layer": "Mamba2", "headdim": 8, "d_state": 16}}, "missing weight(s) backbone.layers.0.mixer.dt_bias"),
+    ({"ssm_cfg": {"layer": "Mamba3"}}, "ssm_cfg.layer Mamba3 is not supported; expected Mamba1 or Mamba2"),
     ({"attn_layer_idx": [0]}, "attention layers"),
     ({"attn_layer_idx": 3}, "attn_layer_idx must be a list of integers"),
     ({"d_intermediate": 64}, "MLP"),
@@ -301,7 +302,10 @@ BAD_FILES = {
     "too large": (b'{"model_type": "mamba", "pad": "' + b" " * (17 * 1024**2) + b'"}', "too large"),
     "architectures an int": (b'{"architectures": 5}', "unsupported architecture unknown"),
     "no architecture": (b'{"hello": "world"}', "unsupported architecture unknown"),
-    "mamba2": (b'{"model_type": "mamba2"}', "unsupported architecture mamba2"),
+    "jamba": (b'{"model_type": "jamba"}', "unsupported architecture jamba"),
+    # a Mamba-2 config of some TB over a tiny Mamba-1 checkpoint: the memory is checked before anything is read
+    "mamba2 too large": (b'{"model_type": "mamba2", "hidden_size": 16384, "num_hidden_layers": 1024, '
+                         b'"num_heads": 512}', "GiB of memory, and"),
 }
 
 

@@ -315,3 +315,14 @@ def test_embedded_mamba2_reproduces_its_card_through_the_cli(cli):
     generated = cli.run("generate", "mamba2-shakespeare", "--prompt", "ROMEO:", "--max-new-tokens", "40",
                         "--temperature", "0")
     assert generated.code == 0 and generated.stdout.startswith("ROMEO:") and len(generated.stdout) > 40
+
+
+def test_the_training_command_without_options_is_the_cards_recipe():
+    """`python -m mambaquant.zoo.train mamba2-shakespeare --out DIR` re-creates the shipped model's recipe."""
+    import dataclasses
+
+    from mambaquant.zoo import card
+    from mambaquant.zoo.train import RECIPES
+
+    recipe_class, _ = RECIPES["mamba2-shakespeare"]
+    assert dataclasses.asdict(recipe_class()) == card("mamba2-shakespeare")["recipe"]

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 Hook = Callable[[torch.Tensor], torch.Tensor] | None
-CHUNK = 64  # measured fastest here for d_state 128, head_dim 64 (see benchmarks/runtime.py)
+CHUNK = 64  # steps per chunk: the (chunk x chunk) matrices stay small beside a state; the result does not depend on it
 
 
 def _by_head(t: torch.Tensor, heads: int) -> torch.Tensor:

@@ -51,6 +51,8 @@ class Mamba2ShakespeareRecipe(ShakespeareRecipe):
     d_state: int = 64
     head_dim: int = 32
     n_groups: int = 1
+    steps: int = 1500
+    eval_every: int = 250
 
     def model(self) -> MambaLM:
         config = Mamba2LMConfig(d_model=self.d_model, n_layer=self.n_layer, d_state=self.d_state,
