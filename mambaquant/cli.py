@@ -92,7 +92,8 @@ def cmd_quantize(args) -> None:
     quantized = quantize(model, method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, calib=args.calib,
                          act_granularity=args.act_granularity, seed=args.seed, calib_samples=args.calib_samples,
                          calib_len=args.calib_len, progress=not args.json, tokenizer=args.tokenizer,
-                         backend=args.backend)
+                         backend=args.backend, head_clusters=args.head_clusters,
+                         channel_clusters=args.channel_clusters)
     report = quantized.quantization_report
     output = {"report": report.to_dict()}
     lines = [report.summary()]
@@ -123,11 +124,12 @@ def comma_list(text: str) -> list[str]:
 
 def cmd_compare(args) -> None:
     from .compare import compare, format_table, plan, to_markdown, write_json
+    from .methods import METHODS
     from .loaders import check_source
     from .outputs import check_output_file, write_atomic
     from .zoo import ZOO, ZOO_PREFIX
 
-    runs = plan(args.methods, args.bits, args.granularity)  # bad options fail before any model is loaded
+    runs = plan(args.methods or METHODS, args.bits, args.granularity)  # bad options fail before any model is loaded
     for path in (args.json, args.markdown):
         if path is not None:
             check_output_file(path)
@@ -139,7 +141,7 @@ def cmd_compare(args) -> None:
     data = {"wikitext2": args.wikitext, "lambada": args.lambada}
     if args.eval_samples:
         print(f"quick look: every evaluation uses a fixed subset of {args.eval_samples} samples, not the full set")
-    print(f"{len(runs)} runs x {len(sources)} model(s): {', '.join(sources)}", flush=True)
+    print(f"up to {len(runs)} runs x {len(sources)} model(s): {', '.join(sources)}", flush=True)
     rows, failure = [], None
     for source in sources:
         try:
@@ -164,7 +166,7 @@ def cmd_analyze(args) -> None:
     from .analysis import AnalysisConfig, analyze
 
     config = AnalysisConfig(calib=args.calib, calib_samples=args.calib_samples, calib_len=args.calib_len,
-                            methods=tuple(args.methods), seed=args.seed)
+                            methods=tuple(args.methods) if args.methods else None, seed=args.seed)
     results = analyze(args.source, args.out, config, overwrite=args.overwrite, progress=True)
     for method, per_bits in results["sqnr"].items():
         for bits, sqnr in per_bits.items():
@@ -265,6 +267,10 @@ def build_parser() -> Parser:
     quantize.add_argument("--tokenizer", help="tokenizer.json for text calibration of a BPE model (default GPT-NeoX)")
     quantize.add_argument("--backend", choices=BACKENDS, default="fake",
                           help="run the quantized linears simulated in float32 (fake) or as int8 matrix products")
+    quantize.add_argument("--head-clusters", type=positive_int,
+                          help="quamba2 (Mamba-2): clusters of heads per B/C group sharing scan-input scales (4)")
+    quantize.add_argument("--channel-clusters", type=positive_int,
+                          help="quamba2 (Mamba-2): clusters of channels per head cluster (4)")
     quantize.add_argument("--out", type=path_value, help="write the quantized model to this directory (reload with mambaquant.load)")
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     quantize.set_defaults(run=cmd_quantize)
@@ -274,7 +280,8 @@ def build_parser() -> Parser:
     compare = commands.add_parser("compare", help="every method x bit width x granularity against full precision")
     compare.add_argument("sources", nargs="*", help="embedded model names, model directories or checkpoint files "
                                                     "(default: the embedded Mamba-1, Vim and tagger models)")
-    compare.add_argument("--methods", type=comma_list, default=list(METHODS), help="comma-separated (default: all)")
+    compare.add_argument("--methods", type=comma_list, default=None,
+                         help="comma-separated (default: every method for the model's block kind)")
     compare.add_argument("--bits", type=comma_list, default=list(DEFAULT_BITS),
                          help=f"comma-separated presets (default: {','.join(DEFAULT_BITS)})")
     compare.add_argument("--granularity", type=comma_list, default=list(GRANULARITIES),
@@ -293,8 +300,6 @@ def build_parser() -> Parser:
     compare.add_argument("--markdown", type=path_value, help="write the table as Markdown to this file")
     compare.set_defaults(run=cmd_compare)
 
-    from .analysis import QUANTIZING_METHODS
-
     analyze = commands.add_parser("analyze", help="outliers, the scan's heavy tails, what each transform does to "
                                                   "them and each method's SQNR: stats, plots, index.html")
     analyze.add_argument("source", help="embedded model name, model directory or checkpoint file")
@@ -302,8 +307,9 @@ def build_parser() -> Parser:
     analyze.add_argument("--calib", help=calib_help)
     analyze.add_argument("--calib-samples", type=positive_int, default=32)
     analyze.add_argument("--calib-len", type=positive_int, help="calibration sequence length (text)")
-    analyze.add_argument("--methods", type=comma_list, default=list(QUANTIZING_METHODS),
-                         help="comma-separated methods whose SQNR to measure (default: every quantizing method)")
+    analyze.add_argument("--methods", type=comma_list, default=None,
+                         help="comma-separated methods whose SQNR to measure (default: every quantizing method for "
+                              "the model's block kind)")
     analyze.add_argument("--seed", type=seed_value, default=0)
     analyze.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     analyze.set_defaults(run=cmd_analyze)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .methods import FULL_PRECISION, GRANULARITIES, METHODS, PRESETS, QuantConfig, run_recipe
+from .methods import FULL_PRECISION, GRANULARITIES, METHODS, PRESETS, QuantConfig, methods_for, run_recipe
 from .outputs import write_atomic
 from .progress import progress as progress_of
 
@@ -89,12 +89,13 @@ class Memo(nn.Module):
         return self.outputs[key]
 
 
-def compare(source, methods=METHODS, bits=DEFAULT_BITS, granularities=GRANULARITIES, tasks=None,
+def compare(source, methods=None, bits=DEFAULT_BITS, granularities=GRANULARITIES, tasks=None,
             eval_samples: int | None = None, calib=None, calib_samples: int = 32, calib_len: int | None = None,
             seed: int = 0, data: dict | None = None, tokenizer: str | None = None, progress: bool = False,
             on_row=None) -> list[Row]:
     """Quantize `source` (an embedded model name, a directory or a model object) with every planned run and
-    evaluate each against the full-precision model on `tasks` (default: every protocol that applies).
+    evaluate each against the full-precision model on `tasks` (default: every protocol that applies). `methods`:
+    None for every method that applies to the model's block kind (Quamba2 only to Mamba-2).
     `data` maps a task to its data file (GPT-NeoX LM tasks); `on_row` is called with each row as it is done."""
     from .calibration import resolve_calibration
     from .evaluation import evaluate, tasks_for
@@ -102,8 +103,9 @@ def compare(source, methods=METHODS, bits=DEFAULT_BITS, granularities=GRANULARIT
     from .zoo import embedded_name
 
     name = (embedded_name(source) or source) if isinstance(source, str) else type(source).__name__
-    runs = plan(methods, bits, granularities)
+    plan(methods or METHODS, bits, granularities)  # bad options fail before the model is loaded
     model = load(source).eval()
+    runs = plan(methods_for(model, methods), bits, granularities)
     tasks = list(tasks or tasks_for(model, name))
     data = data or {}
     batches = resolve_calibration(model, name, calib, calib_samples, calib_len, seed, tokenizer=tokenizer)

@@ -3,6 +3,10 @@ import sys
 
 import torch
 
+from mambaquant.methods import MAMBA2_ONLY_METHODS, METHODS
+
+MAMBA1_METHODS = tuple(m for m in METHODS if m not in MAMBA2_ONLY_METHODS)  # every method of a Mamba-1 model
+
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Norm of the difference over the norm of the reference b."""

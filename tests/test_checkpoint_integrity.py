@@ -14,7 +14,6 @@ from safetensors.torch import load_file, save_file
 import mambaquant
 from mambaquant.errors import InputError
 from mambaquant.loaders.quantized import FORMAT_VERSION, pack_int4, tensor_sha256, unpack_int4
-from mambaquant.methods import METHODS
 from mambaquant.runtime import (
     LMConfig,
     MambaLM,
@@ -26,6 +25,7 @@ from mambaquant.runtime import (
 )
 
 from .cli_cases import assert_refused
+from .helpers import MAMBA1_METHODS as METHODS
 
 VOCAB = 64
 

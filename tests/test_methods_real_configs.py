@@ -5,10 +5,9 @@ import pytest
 import torch
 
 import mambaquant
-from mambaquant.methods import METHODS
 from mambaquant.runtime import LMConfig, MambaLM, VisionConfig, VisionMamba, init_weights
 
-from .helpers import rel_err
+from .helpers import MAMBA1_METHODS, rel_err
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +22,7 @@ def real_configs():
         return [(lm, lm_calib, lm_x, lm(lm_x)), (vim, vim_calib, vim_x, vim(vim_x))]
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "fp"])
+@pytest.mark.parametrize("method", MAMBA1_METHODS[1:])
 @pytest.mark.parametrize("w_bits,a_bits", [(8, 8), (4, 8), (4, 16)])
 def test_method_on_130m_and_vim_t(real_configs, method, w_bits, a_bits):
     for model, calib, x, reference in real_configs:

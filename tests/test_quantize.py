@@ -3,10 +3,10 @@ import torch
 
 import mambaquant
 from mambaquant.errors import InputError
-from mambaquant.methods import METHODS, QuantConfig, activation_sites, run_recipe
+from mambaquant.methods import QuantConfig, activation_sites, run_recipe
 from mambaquant.runtime import LMConfig, MambaLM, MambaTagger, TaggerConfig, init_weights
 
-from .helpers import rel_err
+from .helpers import MAMBA1_METHODS, rel_err
 
 
 def lm_batches(seed=0):
@@ -19,7 +19,7 @@ def vim_batches(seed=0):
     return [torch.randn(4, 3, 32, 32, generator=g) for _ in range(2)]
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", MAMBA1_METHODS)
 @pytest.mark.parametrize("bits,granularity", [("w8a8", "tensor"), ("w4a8", "token"), ("w4a16", "tensor"), ("w8a8", "auto")])
 def test_every_method_runs_and_stays_close(small_lm, small_vim, method, bits, granularity):
     for model, batches in ((small_lm, lm_batches()), (small_vim, vim_batches())):
@@ -64,7 +64,7 @@ def test_empty_calibration_is_refused(small_lm):
         run_recipe(small_lm, QuantConfig(), [])
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", MAMBA1_METHODS)
 def test_transforms_alone_keep_the_function(method, small_vim):
     """16 bits quantize nothing: what is left are the method's transforms, which must keep the model's function
     (here on a tied-head language model, where scaling the head must not scale the embedding, and on a Vim)."""

@@ -12,10 +12,10 @@ from safetensors.torch import load_file, save_file
 import mambaquant
 from mambaquant.errors import InputError
 from mambaquant.loaders.quantized import pack_int4, unpack_int4
-from mambaquant.methods import METHODS, set_backend
+from mambaquant.methods import set_backend
 from mambaquant.runtime import LMConfig, MambaLM, MambaTagger, TaggerConfig, init_weights
 
-from .helpers import run_cli
+from .helpers import MAMBA1_METHODS, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def models():
             ("tagger", tagger, tokens(8, 40), tokens(2, 37))]
 
 
-@pytest.mark.parametrize("method", METHODS[1:])
+@pytest.mark.parametrize("method", MAMBA1_METHODS[1:])
 @pytest.mark.parametrize("w_bits,a_bits,granularity", [(8, 8, None), (4, 8, "token"), (4, 16, None), (8, 8, "auto")])
 def test_save_reload_and_int8_give_the_same_outputs(models, tmp_path, method, w_bits, a_bits, granularity):
     for name, model, calib, x in models:

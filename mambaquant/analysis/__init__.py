@@ -14,7 +14,7 @@ import torch
 
 from ..calibration import resolve_calibration
 from ..errors import InputError
-from ..methods import METHODS, PRESETS, Runner, check_mamba1_blocks, quantize
+from ..methods import METHODS, PRESETS, Runner, methods_for, quantize
 from ..outputs import check_output_dir, write_atomic_dir
 from ..progress import progress as progress_of
 from ..runtime import find_sites
@@ -40,17 +40,18 @@ class AnalysisConfig:
     calib: str | None = None  # calibration set or training text file; None: the model's default set
     calib_samples: int = 32
     calib_len: int | None = None
-    methods: tuple[str, ...] = QUANTIZING_METHODS
+    methods: tuple[str, ...] | None = None  # None: every quantizing method for the model's block kind
     bits: tuple[str, ...] = ("w8a8", "w4a8")
     seed: int = 0
     batch_size: int = 4  # inputs per forward pass here (quantize calibrates in its own batches)
     sketch: SketchConfig = field(default_factory=SketchConfig)
 
     def __post_init__(self):
-        unknown = [m for m in self.methods if m not in QUANTIZING_METHODS]
-        if unknown or not self.methods:
-            raise InputError(f"unknown method(s) {', '.join(unknown) or '(none)'}; expected a comma-separated list "
-                             f"from {','.join(QUANTIZING_METHODS)}")
+        if self.methods is not None:
+            unknown = [m for m in self.methods if m not in QUANTIZING_METHODS]
+            if unknown or not self.methods:
+                raise InputError(f"unknown method(s) {', '.join(unknown) or '(none)'}; expected a comma-separated "
+                                 f"list from {','.join(QUANTIZING_METHODS)}")
         unknown = [b for b in self.bits if b.lower() not in PRESETS]
         if unknown:
             raise InputError(f"unknown bit widths {', '.join(unknown)}; expected presets from {','.join(PRESETS)}")
@@ -68,7 +69,8 @@ def capture(model, batches: list[torch.Tensor], sketch: SketchConfig, progress: 
 
 def quantization_error(model, batches: list[torch.Tensor], config: AnalysisConfig, progress: bool) -> dict:
     """method -> bits -> SQNR (see `error`), each method with its own defaults (granularity, rounding)."""
-    runs = [(method, bits) for method in config.methods for bits in config.bits]
+    methods = [m for m in methods_for(model, config.methods) if m != "fp"]
+    runs = [(method, bits) for method in methods for bits in config.bits]
     inputs = torch.cat(batches)
     results = {}
     for method, bits in progress_of(runs, "methods", "run", progress, label=" ".join):
@@ -101,7 +103,7 @@ def analyze(source, out_dir: str | Path, config: AnalysisConfig | None = None, o
     out_dir = check_output_dir(out_dir, overwrite, sources=[source])
     name = source if isinstance(source, str) else type(source).__name__
     model = load(source).eval()
-    check_mamba1_blocks(model, "analyzing")
+    methods_for(model, config.methods)  # a method that does not apply to this block kind fails before any work
     batches = resolve_calibration(model, name, config.calib, config.calib_samples, config.calib_len, config.seed,
                                   batch_size=config.batch_size)
     statistics = capture(model, batches, config.sketch, progress)

@@ -29,7 +29,7 @@ def tables(results: dict) -> list[Table]:
             f"{number(s['variance_max_min'])} / {s['variance_cv']:.2f} / {s['crest_factor']:.1f}"
             + (" *" if t == chosen else "")
             for t, s in per_transform.items()])
-    out = [("Key sites (in_proj input, gate, out_proj input, h, C), every layer", SITE_HEADER, key),
+    out = [("Key sites (in_proj input, gate (Mamba-1), out_proj input, h, C), every layer", SITE_HEADER, key),
            scan_table(results),
            (("After each transform: channel variance max / min, variance CV, crest factor (largest |x| of the kept "
             "rows / RMS); * what MambaQuant applies there"),
@@ -65,6 +65,10 @@ def scan_table(results: dict) -> Table:
             out_proj_in = sites[prefix.rsplit(".", 1)[0] + ".out_proj_in"]["kurtosis"]
             rows.append([prefix] + [number(k) for k in kurtosis + [out_proj_in]]
                         + [number(kurtosis[2] / kurtosis[0])])
+        elif site["kind"] == "xBC":  # a Mamba-2 mixer: its scan input is x; dt*B*u and h*C have no site there
+            prefix = name.rsplit(".", 1)[0]
+            u, h, y, out_proj_in = (sites[f"{prefix}.{kind}"]["kurtosis"] for kind in ("x", "h", "y", "out_proj_in"))
+            rows.append([prefix, number(u), "-", number(h), "-", number(y), number(out_proj_in), number(h / u)])
     header = ["branch", "u (scan input)", "dt*B*u", "h", "h*C", "y", "out_proj input", "h / u"]
     return "The scan's heavy tails: kurtosis from its input u to its outputs, per layer", header, rows
 

@@ -18,6 +18,7 @@ from math import comb
 
 import torch
 
+from ..runtime import Mamba2Mixer
 from ..transforms.klt import CovarianceObserver, klt_hadamard
 from ..transforms.rotation import Rotate, branches, random_hadamard
 from ..transforms.smoothing import smoothing_scales, state_smoothing_scales
@@ -167,11 +168,15 @@ def transform(kind: str, name: str, layer, statistics: dict[str, SiteStatistics]
         out_proj_in = statistics[f"{prefix}.out_proj_in"].channel_absmax.float()
         scale = 1 / smoothing_scales(out_proj_in, layer.mixer.out_proj.weight, alpha)
     else:  # h, C
-        hadamard = random_hadamard(n, seed + 2)
+        h_absmax = statistics[f"{prefix}.h"].channel_absmax.float()
+        c_absmax = statistics[f"{prefix}.C"].channel_absmax.float()
+        groups = len(c_absmax) // len(h_absmax)  # Mamba-2's C holds n_groups blocks of d_state channels
+        hadamard = torch.block_diag(*[random_hadamard(len(h_absmax), seed + 2)] * (n // len(h_absmax)))
         covariance = site.covariance.covariance()
-        s = state_smoothing_scales(statistics[f"{prefix}.h"].channel_absmax, statistics[f"{prefix}.C"].channel_absmax,
-                                   alpha).float()
-        scale = 1 / s if kind == "h" else s
+        if kind == "h":  # h pools every group: C's range per state channel is the largest over the groups
+            scale = 1 / state_smoothing_scales(h_absmax, c_absmax.view(groups, -1).amax(0), alpha)
+        else:
+            scale = state_smoothing_scales(h_absmax.repeat(groups), c_absmax, alpha)
     return {"none": (None, None), "hadamard": (None, hadamard), "klt_hadamard": (None, klt_hadamard(covariance)),
             "smooth_hadamard": (scale, hadamard)}
 
@@ -213,10 +218,15 @@ def transform_statistics(model, statistics: dict[str, SiteStatistics], seed: int
 
 
 def key_site_names(model) -> list[str]:
-    """The key sites of every layer (both branches of a bidirectional block)."""
+    """The key sites of every layer (both branches of a bidirectional block; a Mamba-2 block's gate is left out:
+    its smoothing acts after the gated norm, at out_proj_in)."""
     names = []
     for layer in model.layers:
-        names += [layer.sites["norm"].name, layer.mixer.sites["gate"].name, layer.mixer.sites["out_proj_in"].name]
-        for ssm in branches(layer.mixer):
+        mixer = layer.mixer
+        if isinstance(mixer, Mamba2Mixer):
+            names += [layer.sites["norm"].name] + [mixer.sites[kind].name for kind in ("out_proj_in", "h", "C")]
+            continue
+        names += [layer.sites["norm"].name, mixer.sites["gate"].name, mixer.sites["out_proj_in"].name]
+        for ssm in branches(mixer):
             names += [ssm.sites["h"].name, ssm.sites["C"].name]
     return names

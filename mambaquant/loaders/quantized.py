@@ -28,27 +28,33 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..methods.config import FULL_PRECISION, GRANULARITIES, METHODS, QuantReport
+from ..methods.config import CLUSTER_DEFAULTS, FULL_PRECISION, GRANULARITIES, METHODS, QuantReport
 from ..quant.linear import QuantizedLinear
 from ..quant.quantizer import ACTIVATION_GRANULARITIES, OBSERVERS, ActivationQuantizer, QuantSpec, dequantize_weight
-from ..runtime import LMConfig, MambaLM, MambaMixer, MambaTagger, Site, TaggerConfig, VisionConfig, VisionMamba
+from ..runtime import (LMConfig, Mamba2LMConfig, MambaLM, MambaMixer, MambaTagger, Site, TaggerConfig, VisionConfig,
+                       VisionMamba)
 from ..runtime.config import LIMITS
 from ..transforms.rotation import Rotate, append_op
+from ..transforms.smoothing import Scale
 from ..schema import (EXACT, Field, boolean, constant, display, integer, item, json_text, list_of, map_of, number, obj,
                      string, validate)
 from .weights import Checkpoint, assign_weights, check_memory, dtype_name, on_meta_device
 
 ARCHITECTURE = "mambaquant-quantized"
 FORMAT_VERSION = 2
-MODELS = {"MambaLM": (MambaLM, LMConfig), "VisionMamba": (VisionMamba, VisionConfig),
-          "MambaTagger": (MambaTagger, TaggerConfig)}
+MODELS = {"MambaLM": (MambaLM, LMConfig), "Mamba2LM": (MambaLM, Mamba2LMConfig),
+          "VisionMamba": (VisionMamba, VisionConfig), "MambaTagger": (MambaTagger, TaggerConfig)}
 WEIGHT_ROUNDINGS = ("rtn", "gptq")
+ADDED_FIELDS = {name: None for name in CLUSTER_DEFAULTS}  # quantization_config fields added within version 2
 ORTHOGONALITY_TOLERANCE = 1e-3  # max |R R^T - I| of a stored rotation (float32 rounding is ~1e-6)
 # Channel width of the tensor at each site kind (runtime/sites.py): D d_model, E d_inner, N d_state, R dt_rank,
 # K the head's outputs
 SITE_WIDTHS = {"embed": "D", "norm_f": "D", "residual": "D", "norm": "D", "out": "D", "logits": "K",
                "x": "E", "z": "E", "gate": "E", "out_proj_in": "E", "conv": "E", "x_proj_in": "E", "dt": "E",
                "hC": "E", "y": "E", "dt_low": "R", "B": "N", "C": "N", "dA": "N", "dBu": "N", "h": "N"}
+# Mamba-2 mixer sites: S d_ssm, K the conv channels, G*N the B/C groups, H heads
+MAMBA2_SITE_WIDTHS = {"z": "S", "xBC": "K", "x": "S", "B": "GN", "C": "GN", "dt": "H", "h": "N", "y": "S",
+                      "gate": "S", "out_proj_in": "E"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -99,6 +105,8 @@ def describe_op(op: nn.Module, where: str) -> dict:
         return {"op": "rotate", "size": op.size, "matrix": op.matrix is not None}
     if isinstance(op, ActivationQuantizer):
         return {"op": "quantize", "spec": vars(op.spec).copy()}
+    if isinstance(op, Scale):
+        return {"op": "scale", "size": len(op.scale)}
     raise InputError(f"cannot save the op {type(op).__name__} at {where}")
 
 
@@ -135,7 +143,8 @@ def quantized_config(model: nn.Module, layout: dict) -> dict:
     report = model.quantization_report
     if not isinstance(model, tuple(model_class for model_class, _ in MODELS.values())):
         raise InputError(f"cannot save a {type(model).__name__}; expected MambaLM, VisionMamba or MambaTagger")
-    return {"architecture": ARCHITECTURE, "model_class": type(model).__name__,
+    mamba2 = isinstance(model.config, Mamba2LMConfig)
+    return {"architecture": ARCHITECTURE, "model_class": "Mamba2LM" if mamba2 else type(model).__name__,
             "model_config": model.config.to_dict(),
             "quantization_config": {"format_version": FORMAT_VERSION, **report.config,
                                     "activation_sites": report.activation_sites, "transforms": report.transforms,
@@ -172,7 +181,8 @@ QUANTIZED_LINEAR = {"shape": list_of(integer(1), min_items=2, max_items=2,
                     "input": Field("object", fields=QUANT_SPEC, nullable=True, text="a quantizer spec object")}
 FLOAT_LINEAR = {"float": constant(True), "bias": constant(True)}
 SITE_OPS = {"rotate": {"op": constant("rotate"), "size": integer(1), "matrix": boolean()},
-            "quantize": {"op": constant("quantize"), "spec": obj(QUANT_SPEC)}}
+            "quantize": {"op": constant("quantize"), "spec": obj(QUANT_SPEC)},
+            "scale": {"op": constant("scale"), "size": integer(1)}}
 
 
 def site_op(op: dict) -> dict:
@@ -191,6 +201,7 @@ QUANT_CONFIG = {"format_version": constant(FORMAT_VERSION), "method": string(*ME
                 "percentile": PERCENTILE, "weight_group_size": integer(0),
                 "weight_rounding": string(*WEIGHT_ROUNDINGS), "alpha": number(), "token_outlier_ratio": number(0),
                 "token_outlier_share": number(0, 1), "seed": integer(),
+                "head_clusters": integer(1, 1024, nullable=True), "channel_clusters": integer(1, 1024, nullable=True),
                 "activation_sites": map_of(string(), text="an object of strings"), "transforms": list_of(string()),
                 "layout": obj(LAYOUT)}
 CHECKPOINT = {"architecture": constant(ARCHITECTURE), "model_class": string(*MODELS), "model_config": obj(),
@@ -225,6 +236,8 @@ class Verifier:
         q = config.get("quantization_config")
         if isinstance(q, dict):  # (anything else: the schema says what is wrong with it)
             self.check_version(q.get("format_version"))
+            for name, default in ADDED_FIELDS.items():  # a checkpoint written before they existed has their default
+                q.setdefault(name, default)
         where = f"{self.source}: config.json"
         config = validate(config, CHECKPOINT, where, wording=EXACT)
         config_class = MODELS[config["model_class"]][1]
@@ -327,10 +340,11 @@ class Verifier:
             if kind == "codes":
                 bits, shape = info
                 self.check_codes(name, tensor, bits, shape)
-            elif kind in ("scale", "gate_scale"):
+            elif kind in ("scale", "gate_scale", "smoothing"):
                 bad = tensor[~(tensor > 0)]
                 if bad.numel():
-                    what = "weight scales" if kind == "scale" else "S-SiLU smoothing scales"
+                    what = {"scale": "weight scales", "gate_scale": "S-SiLU smoothing scales",
+                            "smoothing": "online smoothing scales"}[kind]
                     self.fail(f"tensor {display(name)} ({what}) holds {bad.flatten()[0].item():g}; expected strictly "
                               "positive values")
             elif kind == "range":
@@ -372,10 +386,14 @@ class Verifier:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def site_width(kind: str, c) -> int | None:
-    widths = {"D": c.d_model, "E": c.d_inner, "N": c.d_state, "R": c.dt_rank,
+def site_width(site: Site, c) -> int | None:
+    if site.table == "mamba2":
+        widths = {"S": c.d_ssm, "K": c.conv_dim, "GN": c.n_groups * c.d_state, "H": c.n_heads, "N": c.d_state,
+                  "E": c.d_inner}
+        return widths[MAMBA2_SITE_WIDTHS[site.kind]]
+    widths = {"D": c.d_model, "E": c.d_inner, "N": c.d_state, "R": getattr(c, "dt_rank", None),
               "K": c.num_classes if hasattr(c, "num_classes") else getattr(c, "vocab_size", None)}
-    return widths.get(SITE_WIDTHS.get(kind))
+    return widths.get(SITE_WIDTHS.get(site.kind))
 
 
 def build_skeleton(config: dict, q: dict, verifier: Verifier) -> tuple[nn.Module, list[tuple]]:
@@ -396,13 +414,17 @@ def build_skeleton(config: dict, q: dict, verifier: Verifier) -> tuple[nn.Module
     modules = dict(model.named_modules())
     checks = []
 
-    def quantizer(spec: dict, where: str) -> ActivationQuantizer:
+    def quantizer(spec: dict, where: str, width: int | None = None) -> ActivationQuantizer:
         module = ActivationQuantizer(QuantSpec(**spec))
         if module.spec.granularity == "position":
             if positions is None:
                 verifier.config_error(where, f"per-position activation ranges need a fixed-length model "
                                              f"(VisionMamba), not a {model_class.__name__}")
             module.low, module.high = torch.zeros(positions), torch.zeros(positions)
+        elif module.spec.granularity == "channel":
+            if width is None:
+                verifier.config_error(where, "per-channel activation ranges belong at a site, not at a linear input")
+            module.low, module.high = torch.zeros(width), torch.zeros(width)
         return module
 
     for name, entry in layout["linears"].items():
@@ -437,15 +459,20 @@ def build_skeleton(config: dict, q: dict, verifier: Verifier) -> tuple[nn.Module
         site = sites.get(site_name)
         if site is None:
             verifier.config_error(at, f"this {model_class.__name__} has no site {display(site_name)}")
-        width = site_width(site.kind, model_config)
+        width = site_width(site, model_config)
         for index, op in enumerate(ops):
-            if op["op"] == "rotate":
-                if width is not None and op["size"] != width:
+            if op["op"] == "rotate":  # a rotation in blocks (Mamba-2's groups) divides the width
+                if width is not None and (width % op["size"] or op["size"] != width and site.table != "mamba2"):
                     verifier.config_error(f"{at}[{index}].size", f"{op['size']}, but the tensor at this site has "
                                                                  f"{width} channels")
                 append_op(site, Rotate(op["size"], torch.zeros(op["size"], op["size"]) if op["matrix"] else None))
+            elif op["op"] == "scale":
+                if op["size"] != width:
+                    verifier.config_error(f"{at}[{index}].size", f"{op['size']}, but the tensor at this site has "
+                                                                 f"{width} channels")
+                append_op(site, Scale(torch.zeros(op["size"])))
             else:
-                append_op(site, quantizer(op["spec"], f"{at}[{index}].spec"))
+                append_op(site, quantizer(op["spec"], f"{at}[{index}].spec", width))
     for name in layout["gate_scales"]:
         mixer = modules.get(name)
         if not isinstance(mixer, MambaMixer):
@@ -457,6 +484,8 @@ def build_skeleton(config: dict, q: dict, verifier: Verifier) -> tuple[nn.Module
     for name, module in model.named_modules():
         if isinstance(module, ActivationQuantizer):
             checks.append(("range", f"{name}.low", f"{name}.high"))
+        elif isinstance(module, Scale):
+            checks.append(("smoothing", f"{name}.scale"))
         elif isinstance(module, Rotate):
             if module.matrix is None:
                 checks.append(("hadamard", re.sub(r"(^|\.)sites\.|\.op(\.\d+)?$", r"\1", name), module.size))

@@ -8,12 +8,14 @@ full-precision model to a quantized one.
 - `granularity`: the activation granularity of each site, chosen for "auto" with its reason;
 - `stages`: the `Runner` of one stage over the calibration inputs and the slots where quantizers go;
 - `recipes`: `RECIPES`, every method's (model-wide, per-block, head) transforms, from the modules `rtn`,
-  `smoothquant`, `quarot`, `gptq`, `quamba` and `mambaquant`.
+  `smoothquant`, `quarot`, `gptq`, `quamba`, `quamba2` (Mamba-2 only) and `mambaquant`, each holding its recipe
+  for both block kinds.
 """
 
-from .config import FULL_PRECISION, GRANULARITIES, METHODS, PRESETS, QuantConfig, QuantReport
+from .config import (FULL_PRECISION, GRANULARITIES, MAMBA2_ONLY_METHODS, METHODS, PRESETS, QuantConfig,
+                     QuantReport)
 from .stages import Runner, activation_sites, linear_slots
-from .walk import check_mamba1_blocks, quantize, run_recipe, set_backend
+from .walk import methods_for, quantize, run_recipe, set_backend
 
-__all__ = ["FULL_PRECISION", "GRANULARITIES", "METHODS", "PRESETS", "QuantConfig", "QuantReport", "Runner",
-           "activation_sites", "check_mamba1_blocks", "linear_slots", "quantize", "run_recipe", "set_backend"]
+__all__ = ["FULL_PRECISION", "GRANULARITIES", "MAMBA2_ONLY_METHODS", "METHODS", "PRESETS", "QuantConfig",
+           "QuantReport", "Runner", "activation_sites", "linear_slots", "methods_for", "quantize", "run_recipe", "set_backend"]

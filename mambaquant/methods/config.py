@@ -8,13 +8,15 @@ from dataclasses import asdict, dataclass, field
 from ..errors import InputError
 from ..quant.quantizer import QuantSpec
 
-METHODS = ("fp", "rtn", "smoothquant", "quarot", "gptq", "quamba", "mambaquant")
+METHODS = ("fp", "rtn", "smoothquant", "quarot", "gptq", "quamba", "quamba2", "mambaquant")
 GRANULARITIES = ("tensor", "token", "auto")
+MAMBA2_ONLY_METHODS = ("quamba2",)  # its groups are Mamba-2's heads and B/C groups
 PRESETS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a16": (4, 16)}
 FULL_PRECISION = 16  # bits meaning "quantize nothing here"
 # QuaRot's paper rounds its rotated weights with GPTQ, and so do we for MambaQuant: at W4 it is worth ~0.6 % bits per
 # byte on mamba-shakespeare over round-to-nearest (RTN is still one option away: weight_rounding="rtn")
-WEIGHT_ROUNDING = {"gptq": "gptq", "quarot": "gptq", "mambaquant": "gptq"}
+WEIGHT_ROUNDING = {"gptq": "gptq", "quarot": "gptq", "quamba2": "gptq", "mambaquant": "gptq"}
+CLUSTER_DEFAULTS = {"head_clusters": 4, "channel_clusters": 4}  # Quamba2's, for its mamba2-130m and 2.7b
 
 
 @dataclass
@@ -31,6 +33,8 @@ class QuantConfig:
     token_outlier_ratio: float = 10.0  # auto: tokens whose |x| max exceeds this many times the median token's ...
     token_outlier_share: float = 0.01  # ... in more than this share of tokens: token-wise outliers
     seed: int = 0
+    head_clusters: int | None = None  # quamba2 (None: 4): scan-input clusters of heads per B/C group ...
+    channel_clusters: int | None = None  # ... and of channels per head cluster
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -49,6 +53,15 @@ class QuantConfig:
                 raise InputError(f"bit widths must be integers from 2 to 8, or 16 for none; got {bits!r}")
             if bits != FULL_PRECISION:
                 QuantSpec(bits)  # raises for anything outside 2..8
+        for name, default in CLUSTER_DEFAULTS.items():
+            value = getattr(self, name)
+            if value is not None and self.method != "quamba2":
+                raise InputError(f"{name} is an option of method quamba2 (its scan-input clusters), not of "
+                                 f"{self.method}")
+            if value is None and self.method == "quamba2":
+                setattr(self, name, value := default)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1024):
+                raise InputError(f"{name} must be an integer from 1 to 1024, got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise InputError(f"the seed must be an integer from 0 to {2**63 - 1}, got {self.seed!r}")
 

@@ -1,7 +1,12 @@
 """MambaQuant (Xu et al., ICLR 2025): a KLT-enhanced rotation of the residual stream, then per block the
 smooth-fused rotation at out_proj, smoothing at the conv1d and dt_proj inputs and at h*C, a KLT-enhanced rotation
 of the dt path and Hadamards at the x_proj input and on the state dimension. Its weights are rounded by GPTQ
-(`WEIGHT_ROUNDING`), its granularity is "auto" by default, and h gets a percentile range (`PERCENTILE_SITES`)."""
+(`WEIGHT_ROUNDING`), its granularity is "auto" by default, and h gets a percentile range (`PERCENTILE_SITES`).
+
+On a Mamba-2 block: the smooth-fused rotation at out_proj (the smoothing in the gated norm's weight, exact, then
+the online Hadamard), smoothing at the conv1d input (x B C), C.h smoothing per (group, state channel) and a
+Hadamard on the state dimension, both online at B, C and h (C leaves the conv through a SiLU: no weight absorbs
+them). Mamba-2 has no dt_proj or x_proj, so the dt-path rotation and the x_proj Hadamard have no place there."""
 
 from functools import partial
 
@@ -10,11 +15,13 @@ import torch
 from ..transforms.klt import AbsMaxObserver, CovarianceObserver, klt_hadamard
 from ..transforms.rotation import (Rotate, branches, fuse_norms, random_hadamard, rotate_dt_path, rotate_linear_input,
                                    rotate_residual, rotate_state)
-from ..transforms.smoothing import (smooth_conv_input, smooth_dt_input, smooth_gate, smooth_state, smoothing_scales,
+from ..transforms.rotation import rotate_state_mamba2
+from ..transforms.smoothing import (smooth_conv_input, smooth_conv_input_mamba2, smooth_dt_input, smooth_gate,
+                                    smooth_gated_norm, smooth_state, smooth_state_mamba2, smoothing_scales,
                                     state_smoothing_scales)
 from .config import QuantConfig, QuantReport
 from .smoothquant import conv_weight_columns
-from .stages import Runner, no_op
+from .stages import Runner, by_block_kind, has_mamba2_blocks, no_op
 
 
 def run_blocks(model, batch: torch.Tensor) -> torch.Tensor:
@@ -33,15 +40,46 @@ def mambaquant_model(model, batches, config: QuantConfig, report: QuantReport) -
     residual = CovarianceObserver()
     Runner(partial(run_blocks, model), batches).observe({layer.sites["norm"]: residual for layer in model.layers})
     rotate_residual(model, klt_hadamard(residual.covariance()))
-    report.transforms.append(
-        "norm fusion; KLT-enhanced rotation of the residual stream (pooled covariance of the in_proj inputs); per "
-        "block: smooth-fused rotation at out_proj (S-SiLU smoothing + online Hadamard), online Hadamard at x_proj "
-        "input, conv1d and dt_proj input smoothing, KLT-enhanced rotation of the dt path (its own covariance), "
-        "h*C smoothing per state channel and Hadamard on the state dimension"
-    )
+    per_block = ("smooth-fused rotation at out_proj (gated-norm smoothing + online Hadamard), conv1d input "
+                 "smoothing, C.h smoothing per group and state channel and Hadamard on the state dimension (online "
+                 "at B, C and h)" if has_mamba2_blocks(model) else
+                 "smooth-fused rotation at out_proj (S-SiLU smoothing + online Hadamard), online Hadamard at x_proj "
+                 "input, conv1d and dt_proj input smoothing, KLT-enhanced rotation of the dt path (its own "
+                 "covariance), h*C smoothing per state channel and Hadamard on the state dimension")
+    report.transforms.append("norm fusion; KLT-enhanced rotation of the residual stream (pooled covariance of the "
+                             f"in_proj inputs); per block: {per_block}")
 
 
-def mambaquant_block(layer, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
+class GroupStateAbsMax:
+    """Largest |h| per (group, state channel) of a Mamba-2 state site (b, T, H, P, N), the heads of each group
+    pooled: the C.h smoothing's per-group h range."""
+
+    def __init__(self, n_groups: int):
+        self.n_groups, self.absmax = n_groups, None
+
+    @torch.no_grad()
+    def __call__(self, site, h: torch.Tensor) -> None:
+        per_head = h.detach().abs().amax(dim=(0, 1, 3)).float()  # (H, N)
+        value = per_head.unflatten(0, (self.n_groups, -1)).amax(1).flatten()
+        self.absmax = value if self.absmax is None else torch.maximum(self.absmax, value)
+
+
+def mambaquant_block_mamba2(layer, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
+    mixer, sites = layer.mixer, layer.mixer.sites
+    absmax = {sites[kind]: AbsMaxObserver() for kind in ("out_proj_in", "xBC", "C")}
+    absmax[sites["h"]] = GroupStateAbsMax(mixer.config.n_groups)
+    runner.observe(absmax)
+    smooth_gated_norm(mixer, smoothing_scales(absmax[sites["out_proj_in"]].absmax, mixer.out_proj.weight,
+                                              config.alpha))
+    rotate_linear_input(sites["out_proj_in"], mixer.out_proj, Rotate(mixer.out_proj.in_features))
+    smooth_conv_input_mamba2(mixer, smoothing_scales(absmax[sites["xBC"]].absmax, conv_weight_columns(mixer),
+                                                     config.alpha))
+    smooth_state_mamba2(mixer, state_smoothing_scales(absmax[sites["h"]].absmax, absmax[sites["C"]].absmax,
+                                                      config.alpha))
+    rotate_state_mamba2(mixer, random_hadamard(mixer.config.d_state, config.seed + 2))
+
+
+def mambaquant_block_mamba1(layer, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
     mixer, ssms = layer.mixer, branches(layer.mixer)
     absmax = {mixer.sites["out_proj_in"]: AbsMaxObserver(), mixer.sites["x"]: AbsMaxObserver()}
     for ssm in ssms:
@@ -63,4 +101,4 @@ def mambaquant_block(layer, runner: Runner, config: QuantConfig, report: QuantRe
         rotate_state(ssm, random_hadamard(ssm.d_state, config.seed + 2))
 
 
-RECIPE = (mambaquant_model, mambaquant_block, no_op)
+RECIPE = (mambaquant_model, by_block_kind(mambaquant_block_mamba1, mambaquant_block_mamba2), no_op)

@@ -1,14 +1,15 @@
 """Quamba-style: per block an online Hadamard at the out_proj input. Its percentile ranges at the SSM input and
-state are chosen in walk.py (`PERCENTILE_SITES`)."""
+state are chosen in walk.py (`PERCENTILE_SITES`). The same recipe serves both block kinds."""
 
 from ..transforms.rotation import Rotate, rotate_linear_input
 from .config import QuantConfig, QuantReport
-from .stages import Runner, no_op
+from .stages import Runner, has_mamba2_blocks, no_op
 
 
 def quamba_model(model, batches, config: QuantConfig, report: QuantReport) -> None:
-    report.transforms.append("per block: online Hadamard at out_proj input; percentile ranges at the SSM input "
-                             "(x_proj_in) and state (h)")
+    scan_input = "x" if has_mamba2_blocks(model) else "x_proj_in"
+    report.transforms.append(f"per block: online Hadamard at out_proj input; percentile ranges at the SSM input "
+                             f"({scan_input}) and state (h)")
 
 
 def quamba_block(layer, runner: Runner, config: QuantConfig, report: QuantReport) -> None:

@@ -1,9 +1,10 @@
 """Every method's recipe: (model-wide transforms, per-block transforms, head transforms). The walk runs the
 model-wide ones before the first block, the per-block ones on each block in turn, the head ones after the last
 block; each module of this package named after a method holds its own. `fp` quantizes nothing and transforms
-nothing."""
+nothing. A per-block transform may return, for some sites, the clusters of channels that share one static range
+(Quamba2's groups); the walk calibrates those sites per cluster."""
 
-from . import gptq, mambaquant, quamba, quarot, rtn, smoothquant
+from . import gptq, mambaquant, quamba, quamba2, quarot, rtn, smoothquant
 from .stages import no_op
 
 RECIPES = {
@@ -13,5 +14,6 @@ RECIPES = {
     "smoothquant": smoothquant.RECIPE,
     "quarot": quarot.RECIPE,
     "quamba": quamba.RECIPE,
+    "quamba2": quamba2.RECIPE,
     "mambaquant": mambaquant.RECIPE,
 }

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..runtime import MambaLM, Site
+from ..runtime import Mamba2Mixer, MambaLM, Site
 from ..transforms.rotation import branches
 
 
@@ -37,10 +37,27 @@ def no_op(*args) -> None:
     return None
 
 
+def is_mamba2(layer) -> bool:
+    return isinstance(layer.mixer, Mamba2Mixer)
+
+
+def has_mamba2_blocks(model) -> bool:
+    return any(is_mamba2(layer) for layer in model.layers)
+
+
+def by_block_kind(mamba1: Callable, mamba2: Callable) -> Callable:
+    """A per-block transform that runs the one written for the layer's block kind."""
+    def transform(layer, *args) -> None:
+        return (mamba2 if is_mamba2(layer) else mamba1)(layer, *args)
+    return transform
+
+
 def block_linears(layer) -> list[tuple[nn.Module, str, Site]]:
     """The block's quantized linear layers as (owner, attribute, site carrying the input)."""
     mixer = layer.mixer
     slots = [(mixer, "in_proj", layer.sites["norm"])]
+    if is_mamba2(layer):
+        return slots + [(mixer, "out_proj", mixer.sites["out_proj_in"])]
     for ssm in branches(mixer):
         slots += [(ssm, "x_proj", ssm.sites["x_proj_in"]), (ssm, "dt_proj", ssm.sites["dt_low"])]
     return slots + [(mixer, "out_proj", mixer.sites["out_proj_in"])]
@@ -56,8 +73,13 @@ def linear_slots(model) -> list[tuple[nn.Module, str, Site]]:
 
 
 def block_activation_sites(layer) -> list[Site]:
-    """Where a block's activations are quantized: every linear input, the conv1d input, both operands of h*C."""
-    sites = [site for _, _, site in block_linears(layer)] + [layer.mixer.sites["x"]]
+    """Where a block's activations are quantized: every linear input, the conv1d input, both operands of h*C; in
+    a Mamba-2 block the conv1d input is x B C, and the scan's inputs x and B are quantized too (the SSD products
+    read them, Quamba2's kernels take them as int8)."""
+    sites = [site for _, _, site in block_linears(layer)]
+    if is_mamba2(layer):
+        return sites + [layer.mixer.sites[kind] for kind in ("xBC", "x", "B", "C", "h")]
+    sites.append(layer.mixer.sites["x"])
     for ssm in branches(layer.mixer):
         sites += [ssm.sites["h"], ssm.sites["C"]]
     return sites

@@ -23,37 +23,47 @@ from ..quant.quantizer import ActivationQuantizer, quantize_weight
 from ..runtime import Mamba2Mixer, MambaLM, Site, VisionMamba
 from ..transforms.klt import CovarianceObserver
 from ..transforms.rotation import append_op
-from .config import FULL_PRECISION, QuantConfig, QuantReport
+from .config import FULL_PRECISION, MAMBA2_ONLY_METHODS, METHODS, QuantConfig, QuantReport
 from .granularity import CHUNKED_SITES, TokenStatistics, make_quantizer
 from .recipes import RECIPES
-from .stages import Runner, block_activation_sites, block_linears, head_slot, linear_slots
+from .stages import Runner, block_activation_sites, block_linears, has_mamba2_blocks, head_slot, linear_slots
 
 # Static ranges from the 99.99th percentile instead of min-max: Quamba's SSM input and state; for MambaQuant the
 # heavy-tailed state h (as the paper's official code does). On training data (never the evaluation split), W8A8
 # static: typeseg agreement on its calibration files 97.23 % (min-max) -> 99.83 %, mamba-shakespeare training
 # text 1.5890 -> 1.5823 bits per byte.
-PERCENTILE_SITES = {"quamba": ("x_proj_in", "h"), "mambaquant": ("h",)}
+# Per block kind (the site table): Mamba-2's scan input is its x site.
+PERCENTILE_SITES = {"quamba": {"mamba1": ("x_proj_in", "h"), "mamba2": ("x", "h")},
+                    "mambaquant": {"mamba1": ("h",), "mamba2": ("h",)}}
 
 
 def calibrate_quantizers(sites: list[Site], runner: Runner, config: QuantConfig, fixed_length: bool,
-                         report: QuantReport) -> list[tuple[Site, ActivationQuantizer]]:
+                         report: QuantReport, clusters: dict | None = None) -> list[tuple[Site, ActivationQuantizer]]:
     """A quantizer per site with its granularity and static range, from full-precision statistics; none is
-    switched on yet."""
+    switched on yet. Sites in `clusters` get static min-max ranges per cluster of channels."""
+    clusters = clusters or {}
     if config.act_granularity == "auto":
-        statistics = {site: TokenStatistics() for site in sites}
+        statistics = {site: TokenStatistics() for site in sites if site not in clusters}
         runner.observe(statistics)
     quantizers = []
     for site in sites:
+        if site in clusters:
+            quantizers.append((site, make_quantizer("channel", config, False)))
+            continue
         if config.act_granularity == "auto":
             granularity, reason = statistics[site].decide(config, fixed_length and site.kind not in CHUNKED_SITES)
             report.granularity_reasons[site.name] = reason
         else:
             granularity = config.act_granularity
-        percentile = site.kind in PERCENTILE_SITES.get(config.method, ())
+        percentile = site.kind in PERCENTILE_SITES.get(config.method, {}).get(site.table, ())
         quantizers.append((site, make_quantizer(granularity, config, percentile)))
     static = {site: quantizer.observe for site, quantizer in quantizers if not quantizer.spec.dynamic}
     if static:
         runner.observe(static)
+    for site, quantizer in quantizers:
+        if site in clusters:
+            quantizer.share_ranges(clusters[site])
+            report.granularity_reasons[site.name] = f"static per cluster of channels ({config.method})"
     return quantizers
 
 
@@ -89,7 +99,7 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
     report = QuantReport(config=asdict(config))
     if config.method == "fp":
         return model, report
-    check_mamba1_blocks(model, f"method {config.method}: quantizing")
+    check_blocks_for(config.method, model)
     model_transform, block_transform, head_transform = RECIPES[config.method]
     model_transform(model, batches, config, report)
     quantize_acts, quantize_weights = config.a_bits != FULL_PRECISION, config.w_bits != FULL_PRECISION
@@ -100,9 +110,10 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
     bar = progress_of(model.layers, f"{config.method} w{config.w_bits}a{config.a_bits}", "block", progress)
     for index, layer in enumerate(bar):
         runner = Runner(layer, hidden)
-        block_transform(layer, runner, config, report)
+        clusters = block_transform(layer, runner, config, report)
         if quantize_acts:
-            pending += calibrate_quantizers(block_activation_sites(layer), runner, config, fixed_length, report)
+            pending += calibrate_quantizers(block_activation_sites(layer), runner, config, fixed_length, report,
+                                            clusters)
         # the next block's inputs, from this block in full precision
         outputs = check_finite_activations(runner.outputs(), f"the output of block {index}")
         if quantize_weights:
@@ -115,8 +126,10 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
     if quantize_weights:
         quantize_linears([head_slot(model)], head_runner, config)
         spec = config.weight_spec()
-        report.weights.append(f"{'GPTQ' if config.weight_rounding == 'gptq' else 'round-to-nearest'} int{spec.bits} per "
-                              f"{spec.granularity}: in_proj, x_proj, dt_proj, out_proj of every block, and the head")
+        rounding = "GPTQ" if config.weight_rounding == "gptq" else "round-to-nearest"
+        linears = "in_proj, out_proj" if has_mamba2_blocks(model) else "in_proj, x_proj, dt_proj, out_proj"
+        report.weights.append(f"{rounding} int{spec.bits} per {spec.granularity}: {linears} of every block, and the "
+                              "head")
     consumers = {site: getattr(owner, name) for owner, name, site in linear_slots(model)}
     for site, quantizer in pending:
         if isinstance(consumers.get(site), QuantizedLinear):
@@ -128,11 +141,21 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
     return model, report
 
 
-def check_mamba1_blocks(model: nn.Module, doing: str) -> None:
-    """The methods' transforms and the analysis of them act on Mamba-1 blocks only (so far)."""
-    if any(isinstance(module, Mamba2Mixer) for module in model.modules()):
-        raise InputError(f"{doing} Mamba-2 blocks is not supported yet; Mamba-2 models run, evaluate, generate and "
-                         "save in full precision")
+def methods_for(model: nn.Module, methods=None) -> tuple[str, ...]:
+    """The methods asked for, each checked against the model's block kind; None: every method for that kind."""
+    if methods is None:
+        mamba2 = has_mamba2_blocks(model)
+        return tuple(m for m in METHODS if mamba2 or m not in MAMBA2_ONLY_METHODS)
+    for method in methods:
+        check_blocks_for(method, model)
+    return tuple(methods)
+
+
+def check_blocks_for(method: str, model: nn.Module) -> None:
+    """Quamba2's recipe is written for Mamba-2 blocks (its groups are Mamba-2's heads and B/C groups)."""
+    if method in MAMBA2_ONLY_METHODS and not any(isinstance(module, Mamba2Mixer) for module in model.modules()):
+        raise InputError(f"method quamba2 quantizes Mamba-2 blocks (heads and B/C groups); this "
+                         f"{type(model).__name__} has Mamba-1 blocks: use quamba, its Mamba-1 counterpart")
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
@@ -175,9 +198,9 @@ def quantize(model, method: str = "mambaquant", w_bits: int = 8, a_bits: int = 8
     default set (embedded models and models whose task is known). `tokenizer`: the tokenizer.json for text
     calibration of a BPE-vocabulary model (default: GPT-NeoX's from the data directory). `backend`: "fake" runs the
     quantized linears as a float32 simulation of their integer arithmetic, "int8" with int8 matrix products (see
-    `set_backend`; both give the same numbers). Bits of 16 quantize nothing there: `w_bits=16, a_bits=16` applies the method's
-    transforms alone, which must keep the model's function. The returned model carries
-    `quantization_report` (a `QuantReport`)."""
+    `set_backend`; both give the same numbers). Bits of 16 quantize nothing there: `w_bits=16, a_bits=16` applies
+    the method's transforms alone, which must keep the model's function. `options` are `QuantConfig` fields. The
+    returned model carries `quantization_report` (a `QuantReport`)."""
     from ..calibration import resolve_calibration
     from ..loaders import load  # not at the top: the loaders import this package (loaders/quantized.py)
 
@@ -186,6 +209,7 @@ def quantize(model, method: str = "mambaquant", w_bits: int = 8, a_bits: int = 8
                          **options)
     check_backend(backend, config.w_bits != FULL_PRECISION)  # before any work
     model = load(model)
+    check_blocks_for(config.method, model)
     batches = resolve_calibration(model, source, calib, calib_samples, calib_len, seed, tokenizer=tokenizer)
     quantized, report = run_recipe(model, config, batches, progress)
     quantized.quantization_report = report

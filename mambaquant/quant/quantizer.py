@@ -3,7 +3,8 @@
 Conventions: symmetric quantization uses the restricted range [-(2^(b-1) - 1), 2^(b-1) - 1] with zero point 0;
 asymmetric uses [0, 2^b - 1] with an integer zero point. Weights are quantized per output channel (optionally in
 groups along the input); activations per tensor or per token, with static scales from calibration or dynamic
-scales computed from each tensor at run time.
+scales computed from each tensor at run time, or with static scales per channel of the last dimension, which
+channels may share in clusters (Quamba2's groups).
 """
 
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from torch import nn
 from ..errors import InputError
 
 WEIGHT_GRANULARITIES = ("channel", "group")
-ACTIVATION_GRANULARITIES = ("tensor", "position", "token")
+ACTIVATION_GRANULARITIES = ("tensor", "position", "token", "channel")
 OBSERVERS = ("minmax", "percentile")
 
 
@@ -125,8 +126,8 @@ class ActivationQuantizer(nn.Module):
                              f"not per {spec.granularity!r}")
         if spec.granularity == "token" and not spec.dynamic:
             raise InputError("per-token activation scales are dynamic; pass dynamic=True")
-        if spec.granularity == "position" and (spec.dynamic or spec.observer != "minmax"):
-            raise InputError("per-position activation scales are static min-max ranges")
+        if spec.granularity in ("position", "channel") and (spec.dynamic or spec.observer != "minmax"):
+            raise InputError(f"per-{spec.granularity} activation scales are static min-max ranges")
         self.spec = spec
         self.register_buffer("low", torch.tensor(0.0))
         self.register_buffer("high", torch.tensor(0.0))
@@ -141,8 +142,9 @@ class ActivationQuantizer(nn.Module):
             if self.batches:  # running mean over batches
                 weight = self.batches / (self.batches + 1)
                 low, high = weight * self.low + (1 - weight) * low, weight * self.high + (1 - weight) * high
-        else:  # running min and max, over everything or over all but the time dimension (per position)
-            dims = (0,) + tuple(range(2, x.dim())) if self.spec.granularity == "position" else tuple(range(x.dim()))
+        else:  # running min and max, over everything or over all but the time (per position) or last dimension
+            dims = {"position": (0,) + tuple(range(2, x.dim())),
+                    "channel": tuple(range(x.dim() - 1))}.get(self.spec.granularity, tuple(range(x.dim())))
             low, high = x.amin(dim=dims), x.amax(dim=dims)
             if self.batches:
                 low, high = torch.minimum(self.low, low), torch.maximum(self.high, high)
@@ -162,7 +164,18 @@ class ActivationQuantizer(nn.Module):
                     raise InputError(f"per-position ranges for {low.shape[0]} positions, got {x.shape[1]}")
                 shape = (1, -1) + (1,) * (x.dim() - 2)
                 low, high = low.view(shape), high.view(shape)
+            elif self.spec.granularity == "channel" and x.shape[-1] != low.shape[0]:
+                raise InputError(f"per-channel ranges for {low.shape[0]} channels, got {x.shape[-1]}")
         return scale_and_zero(low, high, self.spec)
+
+    @torch.no_grad()
+    def share_ranges(self, clusters: torch.Tensor) -> None:
+        """Per-channel ranges -> one range per cluster (`clusters`: a cluster index per channel), each channel
+        taking its cluster's: the scales a kernel holds once per cluster."""
+        count = int(clusters.max()) + 1
+        low = torch.zeros(count).scatter_reduce(0, clusters, self.low, "amin", include_self=False)
+        high = torch.zeros(count).scatter_reduce(0, clusters, self.high, "amax", include_self=False)
+        self.low, self.high = low[clusters], high[clusters]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale, zero = self.scale_and_zero(x)
@@ -172,6 +185,8 @@ class ActivationQuantizer(nn.Module):
         """x (..., channels) -> int8 codes and one scale per row of x.flatten(0, -2), shaped (rows, 1)."""
         if not self.spec.symmetric:
             raise InputError("the int8 backend needs symmetric activation quantization")
+        if self.spec.granularity == "channel":
+            raise InputError("an integer linear takes one input scale per row, not per channel")
         scale, _ = self.scale_and_zero(x)
         q = torch.div(x, scale).round_().clamp_(self.spec.qmin, self.spec.qmax).to(torch.int8)
         return q.reshape(-1, x.shape[-1]), scale.expand(*x.shape[:-1], 1).reshape(-1, 1)
@@ -179,6 +194,9 @@ class ActivationQuantizer(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         kind = f"dynamic per {s.granularity}" if s.dynamic else f"static per {s.granularity} ({s.observer})"
+        if s.granularity == "channel" and self.low.dim() == 1:
+            distinct = len(torch.stack([self.low, self.high], 1).unique(dim=0))
+            kind += f", {distinct} distinct ranges over {len(self.low)} channels"
         return f"int{s.bits} {'symmetric' if s.symmetric else 'asymmetric'}, {kind}"
 
 

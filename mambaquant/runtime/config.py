@@ -209,6 +209,16 @@ class Mamba2Config(BlockConfig):
         """in_proj's rows: [MLP gate | MLP input | z | x B C | dt]."""
         return 2 * self.d_mlp + self.d_ssm + self.conv_dim + self.n_heads
 
+    def in_proj_rows(self) -> dict[str, slice]:
+        """Where each part sits among in_proj's rows (the transforms scale and permute them)."""
+        sizes = {"mlp_gate": self.d_mlp, "mlp_in": self.d_mlp, "z": self.d_ssm, "xBC": self.conv_dim,
+                 "dt": self.n_heads}
+        rows, start = {}, 0
+        for name, size in sizes.items():
+            rows[name] = slice(start, start + size)
+            start += size
+        return rows
+
     @classmethod
     def check_consistency(cls, values: dict, where: str) -> None:
         from ..errors import InputError

@@ -68,7 +68,7 @@ class Site(nn.Module):
         super().__init__()
         if kind not in TABLES[table] and kind not in SITES:
             raise KeyError(f"unknown {table} site kind {kind!r}")
-        self.kind = kind
+        self.kind, self.table = kind, table
         self.name = kind  # set to the full path by `name_sites`
         self.observers: list[Observer] = []
         self.op: nn.Module | None = None

@@ -4,6 +4,8 @@ consumer weight absorbs it as W' = W M (so x' W'^T = x W^T), a linear producer a
 Offline (fused into weights): the residual stream (embedding/patches, in_proj, out_proj, head), the dt path
 between x_proj's dt rows and dt_proj, the state dimension on the C side (x_proj's C rows).
 Online (a `Rotate` op at a site, since no linear producer can absorb it): out_proj input, x_proj input, state h.
+Mamba-2: the residual stream and the out_proj input as above; the state dimension is online on both sides
+(`rotate_state_mamba2`), since C leaves the conv through a SiLU.
 """
 
 import torch
@@ -16,7 +18,8 @@ from .hadamard import fast_hadamard, hadamard, hadamard_or_orthogonal
 
 class Rotate(nn.Module):
     """x -> x M along the last dim (`matrix`: a rotation, or a tied head's input scale, see `fuse_norms`), or
-    x -> x H^T with the fast Hadamard transform (`matrix` None)."""
+    x -> x H^T with the fast Hadamard transform (`matrix` None). A last dim that is a multiple of `size` is rotated
+    in blocks of `size` (Mamba-2's B and C: one block per group)."""
 
     def __init__(self, size: int, matrix: torch.Tensor | None = None):
         super().__init__()
@@ -24,7 +27,11 @@ class Rotate(nn.Module):
         self.register_buffer("matrix", matrix)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fast_hadamard(x) if self.matrix is None else x @ self.matrix.to(x.dtype)
+        width = x.shape[-1]
+        if width != self.size:
+            x = x.unflatten(-1, (width // self.size, self.size))
+        x = fast_hadamard(x) if self.matrix is None else x @ self.matrix.to(x.dtype)
+        return x.flatten(-2) if width != self.size else x
 
     def as_matrix(self) -> torch.Tensor:
         return hadamard(self.size).T if self.matrix is None else self.matrix
@@ -179,6 +186,12 @@ def rotate_state(ssm: nn.Module, M: torch.Tensor) -> None:
     if ssm.x_proj.bias is not None:
         ssm.x_proj.bias[rows] = ssm.x_proj.bias[rows] @ M
     append_op(ssm.sites["h"], Rotate(N, M.clone()))
+
+
+def rotate_state_mamba2(mixer: nn.Module, M: torch.Tensor) -> None:
+    """C.h over the state dimension N, both online: C' = C M in each group's block, h' = h M."""
+    append_op(mixer.sites["C"], Rotate(len(M), M.clone()))
+    append_op(mixer.sites["h"], Rotate(len(M), M.clone()))
 
 
 @torch.no_grad()

@@ -8,10 +8,17 @@ consumer weight's input columns by s; the division is fused into the producer, s
 - dt_proj input: x_proj's dt rows;
 - h*C (per state channel): x_proj's B rows divided by s, its C rows multiplied by s, so h' = h / s and
   h' * (s C) = h * C (zero initial state).
+
+Mamba-2 (`*_mamba2`): the in_proj input as above; the out_proj input: the gated RMSNorm's weight (and the MLP
+part's input rows of in_proj); the conv1d input: in_proj's x B C rows and the conv weights; C.h: B and C leave the
+conv through a SiLU, which no scale passes exactly, so the per-(group, state channel) scales are applied online
+(`Scale` ops at the B and C sites: two multiplies per element of B and C, G x N per token each).
 """
 
 import torch
 from torch import nn
+
+from .rotation import append_op
 
 
 def smoothing_scales(act_absmax: torch.Tensor, weight: torch.Tensor | None, alpha: float = 0.5,
@@ -30,6 +37,28 @@ def state_smoothing_scales(h_absmax: torch.Tensor, c_absmax: torch.Tensor, alpha
     return (h_absmax.clamp(min=1e-5) / c_absmax.clamp(min=1e-5)) ** alpha
 
 
+class Scale(nn.Module):
+    """x -> x * scale along the last dim: an online smoothing vector where no producer can absorb it."""
+
+    def __init__(self, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("scale", scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{len(self.scale)}"
+
+
+@torch.no_grad()
+def divide_rows(linear: nn.Linear, rows: slice, s: torch.Tensor) -> None:
+    """The producer's side of a smoothing: the outputs `rows` of `linear` divided by s."""
+    linear.weight[rows] /= s[:, None]
+    if linear.bias is not None:
+        linear.bias[rows] /= s
+
+
 @torch.no_grad()
 def smooth_norm_output(norm: nn.Module, linear: nn.Linear, s: torch.Tensor) -> None:
     norm.weight.div_(s)
@@ -41,10 +70,7 @@ def smooth_norm_output(norm: nn.Module, linear: nn.Linear, s: torch.Tensor) -> N
 @torch.no_grad()
 def smooth_gate(mixer: nn.Module, s: torch.Tensor) -> None:
     """S-SiLU: out_proj input y * SiLU(z) -> y * SiLU(z) / s, with out_proj's columns multiplied by s."""
-    E = mixer.out_proj.in_features
-    mixer.in_proj.weight[E:] /= s[:, None]
-    if mixer.in_proj.bias is not None:
-        mixer.in_proj.bias[E:] /= s
+    divide_rows(mixer.in_proj, slice(mixer.out_proj.in_features, None), s)
     scale = s if mixer.gate_scale is None else mixer.gate_scale * s
     mixer.gate_scale = scale.clone()
     mixer.out_proj.weight.mul_(s)
@@ -52,29 +78,42 @@ def smooth_gate(mixer: nn.Module, s: torch.Tensor) -> None:
 
 @torch.no_grad()
 def smooth_conv_input(mixer: nn.Module, ssms: list[nn.Module], s: torch.Tensor) -> None:
-    E = mixer.out_proj.in_features
-    mixer.in_proj.weight[:E] /= s[:, None]
-    if mixer.in_proj.bias is not None:
-        mixer.in_proj.bias[:E] /= s
+    divide_rows(mixer.in_proj, slice(0, mixer.out_proj.in_features), s)
     for ssm in ssms:
         ssm.conv1d.weight.mul_(s[:, None, None])
 
 
 @torch.no_grad()
 def smooth_dt_input(ssm: nn.Module, s: torch.Tensor) -> None:
-    R = ssm.dt_rank
-    ssm.x_proj.weight[:R] /= s[:, None]
-    if ssm.x_proj.bias is not None:
-        ssm.x_proj.bias[:R] /= s
+    divide_rows(ssm.x_proj, slice(0, ssm.dt_rank), s)
     ssm.dt_proj.weight.mul_(s)
 
 
 @torch.no_grad()
 def smooth_state(ssm: nn.Module, s: torch.Tensor) -> None:
     R, N = ssm.dt_rank, ssm.d_state
-    B_rows, C_rows = slice(R, R + N), slice(R + N, R + 2 * N)
-    ssm.x_proj.weight[B_rows] /= s[:, None]
-    ssm.x_proj.weight[C_rows] *= s[:, None]
-    if ssm.x_proj.bias is not None:
-        ssm.x_proj.bias[B_rows] /= s
-        ssm.x_proj.bias[C_rows] *= s
+    divide_rows(ssm.x_proj, slice(R, R + N), s)
+    divide_rows(ssm.x_proj, slice(R + N, R + 2 * N), 1 / s)
+
+
+@torch.no_grad()
+def smooth_conv_input_mamba2(mixer: nn.Module, s: torch.Tensor) -> None:
+    divide_rows(mixer.in_proj, mixer.config.in_proj_rows()["xBC"], s)
+    mixer.conv1d.weight.mul_(s[:, None, None])
+
+
+@torch.no_grad()
+def smooth_gated_norm(mixer: nn.Module, s: torch.Tensor) -> None:
+    """out_proj input [SiLU(z0) * x0 | norm(y * SiLU(z))] / s: the MLP part through in_proj's x0 rows, the rest
+    through the gated norm's weight; out_proj's columns multiplied by s."""
+    d_mlp = mixer.config.d_mlp
+    divide_rows(mixer.in_proj, mixer.config.in_proj_rows()["mlp_in"], s[:d_mlp])
+    mixer.norm.weight.div_(s[d_mlp:])
+    mixer.out_proj.weight.mul_(s)
+
+
+@torch.no_grad()
+def smooth_state_mamba2(mixer: nn.Module, s: torch.Tensor) -> None:
+    """C.h per (group, state channel), s of size n_groups x d_state: B / s online (so h' = h / s), C * s online."""
+    append_op(mixer.sites["B"], Scale(1 / s))
+    append_op(mixer.sites["C"], Scale(s.clone()))
