@@ -1,13 +1,14 @@
 """Method checks on training data only, never on an evaluation split: where the `compare` tables leave a question
 (which method leads a cell, whether a setting helps), this measures it on data the evaluation does not use.
 
-- mamba-shakespeare: bits per byte on 200 windows of Tiny Shakespeare's training split outside the 64 KiB the
-  calibration draws from (bytes 100,000 to 151,400 of input.txt; needs the data directory);
+- mamba-shakespeare and mamba2-shakespeare: bits per byte on 200 windows of Tiny Shakespeare's training split
+  outside the 64 KiB the calibration draws from (bytes 100,000 to 151,400 of input.txt; needs the data directory);
 - typeseg: agreement with the FP labels on typeseg's calibration files (real files outside the evaluation corpus).
 
 Each cell: MambaQuant at each smoothing strength `alpha`, then the baselines.
 
-    python benchmarks/training_data.py shakespeare|typeseg [--cells w4a16:none,w8a8:token] [--alphas 0.5,0.25,0]
+    python benchmarks/training_data.py shakespeare|shakespeare2|typeseg [--cells w4a16:none,w8a8:token]
+        [--alphas 0.5,0.25,0] [--methods rtn,quamba]
 """
 
 import argparse
@@ -22,6 +23,8 @@ from mambaquant.loaders.typeseg import typeseg_tokens
 from mambaquant.methods import PRESETS
 
 BASELINES = ("rtn", "smoothquant", "quarot", "quamba")
+MAMBA2_BASELINES = BASELINES + ("quamba2",)
+MODELS = {"shakespeare": "mamba-shakespeare", "shakespeare2": "mamba2-shakespeare", "typeseg": "typeseg"}
 
 
 def shakespeare_metric():
@@ -48,22 +51,26 @@ def typeseg_metric(reference):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", choices=["shakespeare", "typeseg"])
+    parser.add_argument("model", choices=list(MODELS))
     parser.add_argument("--cells", default="w4a16:none,w4a8:tensor,w8a8:tensor,w8a8:token")
     parser.add_argument("--alphas", default="0.5,0.25,0")
+    parser.add_argument("--methods", help="the baselines to run (default: all of the model's block kind)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    fp = mambaquant.load("mamba-shakespeare" if args.model == "shakespeare" else "typeseg")
-    metric = shakespeare_metric() if args.model == "shakespeare" else typeseg_metric(fp)
-    print(f"| cell | method | alpha | {'bits per byte' if args.model == 'shakespeare' else 'agreement %'} |")
+    fp = mambaquant.load(MODELS[args.model])
+    text = args.model != "typeseg"
+    metric = shakespeare_metric() if text else typeseg_metric(fp)
+    default = MAMBA2_BASELINES if args.model == "shakespeare2" else BASELINES
+    baselines = args.methods.split(",") if args.methods else default
+    print(f"| cell | method | alpha | {'bits per byte' if text else 'agreement %'} |")
     print("|---|---|---:|---:|")
     print(f"| fp | fp | - | {metric(fp):.4f} |", flush=True)
     for cell in args.cells.split(","):
         bits, granularity = cell.split(":")
         w_bits, a_bits = PRESETS[bits]
         granularity = None if granularity == "none" else granularity
-        runs = [("mambaquant", float(alpha)) for alpha in args.alphas.split(",")]
-        runs += [(method, None) for method in BASELINES]
+        runs = [("mambaquant", float(alpha)) for alpha in args.alphas.split(",") if alpha]
+        runs += [(method, None) for method in baselines]
         for method, alpha in runs:
             options = {} if alpha is None else {"alpha": alpha}
             model = mambaquant.quantize(fp, method=method, w_bits=w_bits, a_bits=a_bits, act_granularity=granularity,

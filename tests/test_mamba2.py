@@ -293,15 +293,6 @@ def test_bare_file_whose_shapes_do_not_fit_together(cli, tiny_directory, tmp_pat
     assert mambaquant.load(tmp_path / "good.safetensors", n_groups=2).config.d_state == 16
 
 
-def test_quantizing_and_analyzing_mamba2_are_refused_until_the_methods_support_them(cli, tiny_directory):
-    assert_refused(cli.run("quantize", tiny_directory, "--method", "rtn", "--calib",
-                           str(Path(mambaquant.__file__).parent / "data" / "tinyshakespeare_train_head.txt")),
-                   "quantizing Mamba-2 blocks is not supported yet")
-    assert_refused(cli.run("analyze", tiny_directory, "--out", tiny_directory.parent / "report"),
-                   "analyzing Mamba-2 blocks is not supported yet")
-    assert not (tiny_directory.parent / "report").exists()
-
-
 def test_embedded_mamba2_reproduces_its_card_through_the_cli(cli):
     from mambaquant.zoo import card
 

@@ -75,7 +75,7 @@ class MambaMixer(nn.Module):
         self.d_conv, self.d_inner, self.d_state = config.d_conv, config.d_inner, config.d_state
 
     def new_state(self, batch_size: int) -> SSMState:
-        weight = self.in_proj.weight
+        weight = self.ssm.D  # in_proj may be a quantized linear: no float weight
         return SSMState(conv=weight.new_zeros(batch_size, self.d_conv - 1, self.d_inner),
                         h=weight.new_zeros(batch_size, self.d_inner, self.d_state))
 

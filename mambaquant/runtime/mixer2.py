@@ -42,7 +42,7 @@ class Mamba2Mixer(nn.Module):
         self.reference_scan = False
 
     def new_state(self, batch_size: int) -> SSMState:
-        c, weight = self.config, self.in_proj.weight
+        c, weight = self.config, self.D  # in_proj may be a quantized linear: no float weight
         return SSMState(conv=weight.new_zeros(batch_size, c.d_conv - 1, c.conv_dim),
                         h=weight.new_zeros(batch_size, c.n_heads, c.head_dim, c.d_state))
 
