@@ -1,13 +1,13 @@
 """Integer execution against full precision, in the same runtime: prefill latency, single-token decode throughput
 and checkpoint size, W8A8 with int8 matrix products (`backend="int8"`) against the FP32 model.
 
-Models: a random-initialised model of the mamba-130m configuration (calibrated on random token ids: speed and
-size do not depend on the weights' values) and the embedded models. Two W8A8 recipes: `rtn` (plain integer
+Models: random-initialised models of the mamba-130m and mamba2-130m configurations (calibrated on random token ids:
+speed and size do not depend on the weights' values) and the embedded models. Two W8A8 recipes: `rtn` (plain integer
 linears) and `mambaquant` (`auto` granularity, with its online Hadamards and state rotation); weights rounded to
 nearest in both (GPTQ would give the same speed and size, and takes minutes on the 130m model). FP32 and int8
 timings alternate within one run, so their ratio is measured under the same conditions.
 
-    python benchmarks/int8.py [--models mamba-130m mamba-shakespeare typeseg vim-cifar10] [--repeats 5]
+    python benchmarks/int8.py [--models mamba-130m mamba2-130m mamba-shakespeare typeseg vim-cifar10] [--repeats 5]
                               [--markdown FILE]
 """
 
@@ -22,15 +22,17 @@ import torch
 
 import mambaquant
 from mambaquant.methods import set_backend
-from mambaquant.runtime import LMConfig, MambaLM, VisionMamba, init_weights
+from mambaquant.runtime import LMConfig, Mamba2LMConfig, MambaLM, VisionMamba, init_weights
 from mambaquant.zoo import ZOO
 
 RECIPES = ("rtn", "mambaquant")
+RANDOM_MODELS = {"mamba-130m": LMConfig(d_model=768, n_layer=24, vocab_size=50280),
+                 "mamba2-130m": Mamba2LMConfig(d_model=768, n_layer=24, d_state=128, head_dim=64, vocab_size=50280)}
 
 
 def load_model(name: str):
-    if name == "mamba-130m":
-        return init_weights(MambaLM(LMConfig(d_model=768, n_layer=24, vocab_size=50280)), seed=0).eval()
+    if name in RANDOM_MODELS:
+        return init_weights(MambaLM(RANDOM_MODELS[name]), seed=0).eval()
     return mambaquant.load(name)
 
 
@@ -41,8 +43,8 @@ def example_input(model, tokens: int, generator: torch.Generator) -> torch.Tenso
 
 
 def calibration(model, name: str) -> torch.Tensor | None:
-    """The model's own calibration set; random token ids for the random-initialised 130m model."""
-    if name == "mamba-130m":
+    """The model's own calibration set; random token ids for the random-initialised 130m models."""
+    if name in RANDOM_MODELS:
         return torch.randint(0, model.config.vocab_size, (8, 128), generator=torch.Generator().manual_seed(0))
     return None
 
@@ -128,7 +130,7 @@ def table(rows: list[dict]) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["mamba-130m", *ZOO])
+    parser.add_argument("--models", nargs="+", default=[*RANDOM_MODELS, *ZOO])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--markdown", help="also write the table to this file")
     args = parser.parse_args()

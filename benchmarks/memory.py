@@ -2,15 +2,16 @@
 block's calibration activations, so the memory it needs beyond the model's own weights must not grow with the
 number of layers.
 
-For each depth, a fresh process builds a random-initialised model of the mamba-130m configuration (d_model 768)
-with that many layers, notes its resident memory, quantizes it (calibration: random token ids; memory does not
+For each depth, a fresh process builds a random-initialised model of the mamba-130m configuration (d_model 768),
+or of mamba2-130m's with `--arch mamba2`, with that many layers, notes its resident memory, quantizes it (calibration: random token ids; memory does not
 depend on their values) and reports its peak resident memory. `quantize` returns a copy, so the peak holds the
 model twice (the copy's float weights are released block by block as they become integer codes); the working
 memory is what remains above the model and its copy:
 
     working = peak RSS - RSS after building the model - the model's weight bytes (the copy)
 
-    python benchmarks/memory.py [--layers 24 48] [--methods rtn mambaquant] [--calib 8x256] [--markdown FILE]
+    python benchmarks/memory.py [--arch mamba1|mamba2] [--layers 24 48] [--methods rtn mambaquant] [--calib 8x256]
+                                [--markdown FILE]
 """
 
 import argparse
@@ -35,13 +36,15 @@ def rss_bytes() -> int:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
-def measure(layers: int, method: str, samples: int, length: int) -> dict:
+def measure(arch: str, layers: int, method: str, samples: int, length: int) -> dict:
     """Runs in the child process."""
     from mambaquant import quantize
-    from mambaquant.runtime import LMConfig, MambaLM, init_weights
+    from mambaquant.runtime import LMConfig, Mamba2LMConfig, MambaLM, init_weights
 
     torch.set_num_threads(1)
-    model = init_weights(MambaLM(LMConfig(d_model=768, n_layer=layers, vocab_size=50280)), seed=0).eval()
+    config = (LMConfig(d_model=768, n_layer=layers, vocab_size=50280) if arch == "mamba1" else
+              Mamba2LMConfig(d_model=768, n_layer=layers, d_state=128, head_dim=64, vocab_size=50280))
+    model = init_weights(MambaLM(config), seed=0).eval()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     calib = torch.randint(0, 50280, (samples, length), generator=torch.Generator().manual_seed(0))
     built = rss_bytes()
@@ -55,25 +58,26 @@ def measure(layers: int, method: str, samples: int, length: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=["mamba1", "mamba2"], default="mamba1")
     parser.add_argument("--layers", type=int, nargs="+", default=[24, 48])
     parser.add_argument("--methods", nargs="+", default=["rtn", "mambaquant"])
     parser.add_argument("--calib", default="8x256", help="calibration samples x tokens")
     parser.add_argument("--markdown", help="also write the table to this file")
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        layers, method, samples, length = args.child
-        print(json.dumps(measure(int(layers), method, int(samples), int(length))))
+        arch, layers, method, samples, length = args.child
+        print(json.dumps(measure(arch, int(layers), method, int(samples), int(length))))
         return
     samples, length = (int(v) for v in args.calib.split("x"))
     rows = []
     for method in args.methods:
         for layers in args.layers:
-            child = subprocess.run([sys.executable, __file__, "--child", str(layers), method, str(samples), str(length)],
-                                   capture_output=True, text=True, check=True, env=CHILD_ENV)
+            child = subprocess.run([sys.executable, __file__, "--child", args.arch, str(layers), method, str(samples),
+                                    str(length)], capture_output=True, text=True, check=True, env=CHILD_ENV)
             rows.append(json.loads(child.stdout))
-    header = (f"Peak memory of `quantize` (weights rounded to nearest, W8A8) on random mamba-130m-configuration "
-              f"models, calibration {samples} x {length} tokens; {platform.processor() or platform.machine()}, "
+    header = (f"Peak memory of `quantize` (weights rounded to nearest, W8A8) on random {'mamba-130m' if args.arch == 'mamba1' else 'mamba2-130m'}-"
+              f"configuration models, calibration {samples} x {length} tokens; {platform.processor() or platform.machine()}, "
               f"torch {torch.__version__}, 1 thread.\n\n"
               "| method | layers | weights MiB | RSS built MiB | peak RSS MiB | working MiB | quantize s |\n"
               "|---|---:|---:|---:|---:|---:|---:|\n")

@@ -15,7 +15,6 @@ MODELS_DIR = Path(__file__).parent / "models"
 class ZooEntry:
     description: str
     task: str  # the evaluation protocol: "bytes", "cifar10" or "typeseg"
-    compared: bool = True  # one of `mambaquant compare`'s default sources (the methods quantize its blocks)
 
 
 ZOO: dict[str, ZooEntry] = {
@@ -23,8 +22,7 @@ ZOO: dict[str, ZooEntry] = {
         "byte-level Mamba-1 LM (Hugging Face Mamba architecture), trained here on Tiny Shakespeare", "bytes"
     ),
     "mamba2-shakespeare": ZooEntry(
-        "byte-level Mamba-2 LM (Hugging Face Mamba2 architecture), trained here on Tiny Shakespeare", "bytes",
-        compared=False,  # the quantization methods do not act on Mamba-2 blocks yet
+        "byte-level Mamba-2 LM (Hugging Face Mamba2 architecture), trained here on Tiny Shakespeare", "bytes"
     ),
     "vim-cifar10": ZooEntry(
         "Vision Mamba (bidirectional blocks, middle class token), trained here on CIFAR-10", "cifar10"
