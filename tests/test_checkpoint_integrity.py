@@ -476,8 +476,12 @@ CASES = {
                                 ['linears["layers.0.mixer.ssm.dt_proj"].float: expected true, got false']),
     "input spec a list": ("w4", edit_config(set_field(SPEC, [8])),
                           ['linears["layers.0.mixer.in_proj"].input: expected null or a quantizer spec object']),
-    "unknown granularity": ("w4", edit_config(set_field(SPEC + ("granularity",), "channel")),
-                            ["input.granularity: expected one of 'tensor', 'position', 'token'", 'got "channel"']),
+    "unknown granularity": ("w4", edit_config(set_field(SPEC + ("granularity",), "group")),
+                            ["input.granularity: expected one of 'tensor', 'position', 'token', 'channel'",
+                             'got "group"']),
+    "per-channel ranges at a linear input": ("w4", edit_config(set_field(SPEC + ("granularity",), "channel")),
+                                             ["per-channel activation ranges belong at a site, not at a linear "
+                                              "input"]),
     "spec symmetric 1": ("w4", edit_config(set_field(SPEC + ("symmetric",), 1)),
                          ["input.symmetric: expected true or false, got 1"]),
     "spec percentile 200": ("w4", edit_config(set_field(SPEC + ("percentile",), 200)),
@@ -531,7 +535,7 @@ CASES = {
     "model_config missing field": ("w8", edit_config(set_field(("model_config", "d_state"), DELETE)),
                                    ["model_config: missing field 'd_state'"]),
     "model_class unknown": ("w8", edit_config(set_field(("model_class",), "Transformer")),
-                            ["model_class: expected one of 'MambaLM', 'VisionMamba', 'MambaTagger'"]),
+                            ["model_class: expected one of 'MambaLM', 'Mamba2LM', 'VisionMamba', 'MambaTagger'"]),
     "model_class swapped": ("w8", edit_config(set_field(("model_class",), "MambaTagger")),
                             ["model_config: missing field 'num_classes'"]),
 }

@@ -256,6 +256,10 @@ class Verifier:
 
     def check_layout(self, q: dict) -> None:
         """What the layout's entries say of quantization_config's bit widths, and of each other."""
+        for name in CLUSTER_DEFAULTS:  # Quamba2's options: set for it, null for every other method
+            if (q[name] is None) == (q["method"] == "quamba2"):
+                self.config_error(f"quantization_config.{name}", f"{json_text(q[name])}, but the method is "
+                                  f"{q['method']} (expected {'an integer' if q['method'] == 'quamba2' else 'null'})")
         layout, where = q["layout"], "quantization_config.layout"
         for name, entry in layout["linears"].items():
             at = item(f"{where}.linears", name)
