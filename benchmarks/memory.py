@@ -3,9 +3,10 @@ block's calibration activations, so the memory it needs beyond the model's own w
 number of layers.
 
 For each depth, a fresh process builds a random-initialised model of the mamba-130m configuration (d_model 768),
-or of mamba2-130m's with `--arch mamba2`, with that many layers, notes its resident memory, quantizes it (calibration: random token ids; memory does not
-depend on their values) and reports its peak resident memory. `quantize` returns a copy, so the peak holds the
-model twice (the copy's float weights are released block by block as they become integer codes); the working
+or of mamba2-130m's with `--arch mamba2`, with that many layers, notes its resident memory, quantizes it
+(calibration: random token ids; memory does not depend on their values) and reports its peak resident memory.
+`quantize` returns a copy, so the peak holds the model twice (the copy's float weights are released block by block
+as they become integer codes); the working
 memory is what remains above the model and its copy:
 
     working = peak RSS - RSS after building the model - the model's weight bytes (the copy)
@@ -76,8 +77,9 @@ def main() -> None:
             child = subprocess.run([sys.executable, __file__, "--child", args.arch, str(layers), method, str(samples),
                                     str(length)], capture_output=True, text=True, check=True, env=CHILD_ENV)
             rows.append(json.loads(child.stdout))
-    header = (f"Peak memory of `quantize` (weights rounded to nearest, W8A8) on random {'mamba-130m' if args.arch == 'mamba1' else 'mamba2-130m'}-"
-              f"configuration models, calibration {samples} x {length} tokens; {platform.processor() or platform.machine()}, "
+    configuration = "mamba-130m" if args.arch == "mamba1" else "mamba2-130m"
+    header = (f"Peak memory of `quantize` (weights rounded to nearest, W8A8) on random {configuration}-configuration "
+              f"models, calibration {samples} x {length} tokens; {platform.processor() or platform.machine()}, "
               f"torch {torch.__version__}, 1 thread.\n\n"
               "| method | layers | weights MiB | RSS built MiB | peak RSS MiB | working MiB | quantize s |\n"
               "|---|---:|---:|---:|---:|---:|---:|\n")

@@ -18,4 +18,5 @@ from .stages import Runner, activation_sites, linear_slots
 from .walk import methods_for, quantize, run_recipe, set_backend
 
 __all__ = ["FULL_PRECISION", "GRANULARITIES", "MAMBA2_ONLY_METHODS", "METHODS", "PRESETS", "QuantConfig",
-           "QuantReport", "Runner", "activation_sites", "linear_slots", "methods_for", "quantize", "run_recipe", "set_backend"]
+           "QuantReport", "Runner", "activation_sites", "linear_slots", "methods_for", "quantize",
+           "run_recipe", "set_backend"]

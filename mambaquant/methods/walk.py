@@ -33,7 +33,8 @@ from .stages import Runner, block_activation_sites, block_linears, has_mamba2_bl
 # static: typeseg agreement on its calibration files 97.23 % (min-max) -> 99.83 %, mamba-shakespeare training
 # text 1.5890 -> 1.5823 bits per byte.
 # Per block kind (the site table): Mamba-2's scan input is its x site. Quamba2 keeps Quamba's percentile at h (here
-# every method quantizes the state); on Mamba-2, MambaQuant's scan input x gets one too. Both chosen on held-out training text (benchmarks/training_data.py shakespeare2), W8A8 / W4A8 static:
+# every method quantizes the state); on Mamba-2, MambaQuant's scan input x gets one too. Both chosen on held-out
+# training text (benchmarks/training_data.py shakespeare2), W8A8 / W4A8 static:
 # quamba2 1.6260 / 1.6455 bits per byte with a min-max h -> 1.5881 / 1.6064; mambaquant 1.5885 / 1.6061 -> 1.5873 /
 # 1.6055 with x (FP 1.5859).
 PERCENTILE_SITES = {"quamba": {"mamba1": ("x_proj_in", "h"), "mamba2": ("x", "h")},
@@ -44,7 +45,7 @@ PERCENTILE_SITES = {"quamba": {"mamba1": ("x_proj_in", "h"), "mamba2": ("x", "h"
 def calibrate_quantizers(sites: list[Site], runner: Runner, config: QuantConfig, fixed_length: bool,
                          report: QuantReport, clusters: dict | None = None) -> list[tuple[Site, ActivationQuantizer]]:
     """A quantizer per site with its granularity and static range, from full-precision statistics; none is
-    switched on yet. Sites in `clusters` get static min-max ranges per cluster of channels."""
+    switched on yet. Sites in `clusters` get static ranges per cluster of channels (the widest of its channels')."""
     clusters = clusters or {}
     if config.act_granularity == "auto":
         statistics = {site: TokenStatistics() for site in sites if site not in clusters}
