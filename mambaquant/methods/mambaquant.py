@@ -14,8 +14,7 @@ import torch
 
 from ..transforms.klt import AbsMaxObserver, CovarianceObserver, klt_hadamard
 from ..transforms.rotation import (Rotate, branches, fuse_norms, random_hadamard, rotate_dt_path, rotate_linear_input,
-                                   rotate_residual, rotate_state)
-from ..transforms.rotation import rotate_state_mamba2
+                                   rotate_out_proj_input, rotate_residual, rotate_state, rotate_state_mamba2)
 from ..transforms.smoothing import (smooth_conv_input, smooth_conv_input_mamba2, smooth_dt_input, smooth_gate,
                                     smooth_gated_norm, smooth_state, smooth_state_mamba2, smoothing_scales,
                                     state_smoothing_scales)
@@ -71,7 +70,7 @@ def mambaquant_block_mamba2(layer, runner: Runner, config: QuantConfig, report: 
     runner.observe(absmax)
     smooth_gated_norm(mixer, smoothing_scales(absmax[sites["out_proj_in"]].absmax, mixer.out_proj.weight,
                                               config.alpha))
-    rotate_linear_input(sites["out_proj_in"], mixer.out_proj, Rotate(mixer.out_proj.in_features))
+    rotate_out_proj_input(mixer)
     smooth_conv_input_mamba2(mixer, smoothing_scales(absmax[sites["xBC"]].absmax, conv_weight_columns(mixer),
                                                      config.alpha))
     smooth_state_mamba2(mixer, state_smoothing_scales(absmax[sites["h"]].absmax, absmax[sites["C"]].absmax,
@@ -86,7 +85,7 @@ def mambaquant_block_mamba1(layer, runner: Runner, config: QuantConfig, report: 
         absmax.update({ssm.sites[kind]: AbsMaxObserver() for kind in ("dt_low", "C", "h")})
     runner.observe(absmax)
     smooth_gate(mixer, smoothing_scales(absmax[mixer.sites["out_proj_in"]].absmax, mixer.out_proj.weight, config.alpha))
-    rotate_linear_input(mixer.sites["out_proj_in"], mixer.out_proj, Rotate(mixer.out_proj.in_features))
+    rotate_out_proj_input(mixer)
     smooth_conv_input(mixer, ssms,
                       smoothing_scales(absmax[mixer.sites["x"]].absmax, conv_weight_columns(mixer), config.alpha))
     for ssm in ssms:

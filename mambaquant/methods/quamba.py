@@ -1,7 +1,7 @@
 """Quamba-style: per block an online Hadamard at the out_proj input. Its percentile ranges at the SSM input and
 state are chosen in walk.py (`PERCENTILE_SITES`). The same recipe serves both block kinds."""
 
-from ..transforms.rotation import Rotate, rotate_linear_input
+from ..transforms.rotation import rotate_out_proj_input
 from .config import QuantConfig, QuantReport
 from .stages import Runner, has_mamba2_blocks, no_op
 
@@ -14,7 +14,7 @@ def quamba_model(model, batches, config: QuantConfig, report: QuantReport) -> No
 
 def quamba_block(layer, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
     mixer = layer.mixer
-    rotate_linear_input(mixer.sites["out_proj_in"], mixer.out_proj, Rotate(mixer.out_proj.in_features))
+    rotate_out_proj_input(mixer)
 
 
 RECIPE = (quamba_model, quamba_block, no_op)

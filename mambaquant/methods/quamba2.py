@@ -9,7 +9,7 @@ import torch
 
 from ..transforms.klt import AbsMaxObserver
 from ..transforms.reorder import reorder_heads_and_channels
-from ..transforms.rotation import Rotate, rotate_linear_input
+from ..transforms.rotation import rotate_out_proj_input
 from .config import QuantConfig, QuantReport
 from .stages import Runner, no_op
 
@@ -86,7 +86,7 @@ def quamba2_block(layer, runner: Runner, config: QuantConfig, report: QuantRepor
     head_order, channel_orders, x_clusters = sort_and_cluster(absmax.absmax, c, config.head_clusters,
                                                               config.channel_clusters)
     reorder_heads_and_channels(mixer, head_order, channel_orders)
-    rotate_linear_input(mixer.sites["out_proj_in"], mixer.out_proj, Rotate(mixer.out_proj.in_features))
+    rotate_out_proj_input(mixer)
     groups = torch.arange(c.n_groups * c.d_state) // c.d_state
     return {mixer.sites["x"]: x_clusters, mixer.sites["B"]: groups, mixer.sites["C"]: groups}
 

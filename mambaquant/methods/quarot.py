@@ -4,7 +4,7 @@ input (its C passes a SiLU after the conv, so a Hadamard on the state dimension 
 Its weights are rounded by GPTQ (`WEIGHT_ROUNDING`)."""
 
 from ..transforms.rotation import (Rotate, branches, fuse_norms, random_hadamard, rotate_dt_path, rotate_linear_input,
-                                   rotate_residual, rotate_state)
+                                   rotate_out_proj_input, rotate_residual, rotate_state)
 from .config import QuantConfig, QuantReport
 from .stages import Runner, by_block_kind, has_mamba2_blocks, no_op
 
@@ -20,13 +20,12 @@ def quarot_model(model, batches, config: QuantConfig, report: QuantReport) -> No
 
 
 def quarot_block_mamba2(layer, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
-    mixer = layer.mixer
-    rotate_linear_input(mixer.sites["out_proj_in"], mixer.out_proj, Rotate(mixer.out_proj.in_features))
+    rotate_out_proj_input(layer.mixer)
 
 
 def quarot_block_mamba1(layer, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
     mixer = layer.mixer
-    rotate_linear_input(mixer.sites["out_proj_in"], mixer.out_proj, Rotate(mixer.out_proj.in_features))
+    rotate_out_proj_input(mixer)
     for ssm in branches(mixer):
         rotate_linear_input(ssm.sites["x_proj_in"], ssm.x_proj, Rotate(ssm.x_proj.in_features))
         rotate_dt_path(ssm, random_hadamard(ssm.dt_rank, config.seed + 1))

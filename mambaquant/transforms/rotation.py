@@ -199,3 +199,8 @@ def rotate_linear_input(site: Site, linear: nn.Linear, rotate: Rotate) -> None:
     """Online rotation of a linear layer's input at `site`; the linear absorbs it offline."""
     linear.weight.copy_(linear.weight @ rotate.as_matrix())
     append_op(site, rotate)
+
+
+def rotate_out_proj_input(mixer: nn.Module) -> None:
+    """The online Hadamard at out_proj's input (R2), absorbed by out_proj: the same in both block kinds."""
+    rotate_linear_input(mixer.sites["out_proj_in"], mixer.out_proj, Rotate(mixer.out_proj.in_features))
