@@ -89,14 +89,17 @@ def test_h_hook_changes_only_the_output_operand_in_both_scans():
     assert rel_err(got, ssd_scan(x, dt, A, B, C, state=h0)[0]) > 1e-3  # and the hook did act
 
 
-def test_scan_gradients_equal_the_reference():
-    inputs = [t.double().requires_grad_() for t in scan_inputs(2, 2, 45, 4, 4, 2, 8)[:5]]
-    weights = torch.randn(2, 45, 4, 4, dtype=torch.float64)
-    (ssd_scan(*inputs, chunk=16)[0] * weights).sum().backward()
+@pytest.mark.parametrize("length, hook", [(45, None), (1, None), (7, lambda h: 1.5 * h)],
+                         ids=["chunked", "one-step", "stepwise-with-h-hook"])
+def test_scan_gradients_equal_the_reference(length, hook):
+    """Both paths record for autograd (the stepwise one serves decoding and a quantized h)."""
+    inputs = [t.double().requires_grad_() for t in scan_inputs(2, 2, length, 4, 4, 2, 8)[:5]]
+    weights = torch.randn(2, length, 4, 4, dtype=torch.float64)
+    (ssd_scan(*inputs, chunk=16, h_hook=hook)[0] * weights).sum().backward()
     fast = [t.grad.clone() for t in inputs]
     for t in inputs:
         t.grad = None
-    (ssd_scan_reference(*inputs)[0] * weights).sum().backward()
+    (ssd_scan_reference(*inputs, h_hook=hook)[0] * weights).sum().backward()
     for got, t in zip(fast, inputs):
         assert torch.allclose(got, t.grad, rtol=1e-8, atol=1e-10)
 

@@ -38,11 +38,11 @@ def _stepwise(x, dt, A, B, C, h, h_hook: Hook):
     H = x.shape[2]
     decay = torch.exp(dt * A)  # (b, T, H)
     hs = (dt[..., None] * x)[..., None] * _by_head(B, H)[:, :, :, None, :]  # (b, T, H, P, N)
-    steps, decays = hs.unbind(1), decay.unbind(1)
-    steps[0].addcmul_(h, decays[0][..., None, None])
-    for t in range(1, len(steps)):
-        steps[t].addcmul_(steps[t - 1], decays[t][..., None, None])
-    h = steps[-1].clone()
+    states = []
+    for step, step_decay in zip(hs.unbind(1), decay.unbind(1)):  # out of place: autograd may be recording
+        h = step + h * step_decay[..., None, None]
+        states.append(h)
+    hs = torch.stack(states, dim=1)
     h_used = hs if h_hook is None else h_hook(hs)
     return torch.einsum("bthpn,bthn->bthp", h_used, _by_head(C, H)), h
 
