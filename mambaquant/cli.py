@@ -115,6 +115,37 @@ def cmd_quantize(args) -> None:
     print(json.dumps(output) if args.json else "\n".join(lines))
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer of 0 or more, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer of 0 or more, got {value}")
+    return value
+
+
+def task_file(text: str) -> tuple[str, str]:
+    task, _, file = text.partition("=")
+    if not task.strip() or not file.strip():
+        raise argparse.ArgumentTypeError(f"expected TASK=FILE, got {text!r}")
+    return task.strip(), file
+
+
+def add_lm_eval_options(parser) -> None:
+    parser.add_argument("--lm-eval", metavar="TASKS",
+                        help="lm-evaluation-harness tasks, comma-separated (names or task YAML files; 'paper' for "
+                             "the paper's six zero-shot tasks); needs the eval extra")
+    parser.add_argument("--num-fewshot", type=non_negative_int, help="few-shot examples per lm-eval task (default: "
+                                                                     "the task's, 0 for most)")
+    parser.add_argument("--limit", type=positive_int, help="the first N documents of each lm-eval task (a quick look)")
+    parser.add_argument("--lm-eval-data", type=task_file, action="append", metavar="TASK=FILE",
+                        help="read an lm-eval task's evaluation split from a local .jsonl/.json/.csv/.parquet file")
+    parser.add_argument("--lm-eval-include", type=path_value, action="append", metavar="DIR",
+                        help="a folder of lm-eval task YAMLs (relative data files are read beside each YAML)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="sequences per batch in lm-eval tasks")
+
+
 def comma_list(text: str) -> list[str]:
     items = [item.strip() for item in text.split(",") if item.strip()]
     if not items:
@@ -130,6 +161,7 @@ def cmd_compare(args) -> None:
     from .zoo import ZOO, ZOO_PREFIX
 
     runs = plan(args.methods or METHODS, args.bits, args.granularity)  # bad options fail before any model is loaded
+    lm_eval = lm_eval_config(args)
     for path in (args.json, args.markdown):
         if path is not None:
             check_output_file(path)
@@ -147,7 +179,7 @@ def cmd_compare(args) -> None:
         try:
             rows += compare(source, args.methods, args.bits, args.granularity, args.tasks, args.eval_samples,
                             args.calib, args.calib_samples, args.calib_len, args.seed, data, args.tokenizer,
-                            progress=True)
+                            progress=True, lm_eval=lm_eval)
         except InputError as e:
             failure = e
             break
@@ -191,12 +223,45 @@ def cmd_zoo(args) -> None:
               f"{row['description']}")
 
 
+def lm_eval_config(args):
+    """The --lm-eval options as an LMEvalConfig, tasks and their data checked (before any model is loaded)."""
+    lm_options = {"--num-fewshot": args.num_fewshot, "--limit": args.limit, "--lm-eval-data": args.lm_eval_data,
+                  "--lm-eval-include": args.lm_eval_include}
+    if args.lm_eval is None:
+        given = [option for option, value in lm_options.items() if value is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} apply to lm-eval tasks; expected --lm-eval TASKS as well")
+        return None
+    from .evaluation.local_tasks import LMEvalConfig, load_tasks
+
+    config = LMEvalConfig(args.lm_eval, args.num_fewshot, args.limit, dict(args.lm_eval_data or []),
+                          tuple(args.lm_eval_include or ()), args.batch_size)
+    load_tasks(config.tasks, config.data, config.include)
+    if args.limit:
+        print(f"quick look: every lm-eval task uses its first {args.limit} documents only, not the full set",
+              file=sys.stderr)
+    return config
+
+
 def cmd_eval(args) -> None:
     from . import load
-    from .evaluation import evaluate
+    from .evaluation import evaluate, lm_eval
     from .methods import set_backend
 
+    config = lm_eval_config(args)
+    if config is not None and (args.task or args.eval_samples or args.data):
+        raise InputError("--task, --eval-samples and --data choose a built-in protocol; with --lm-eval use "
+                         "--limit and --lm-eval-data")
     model = set_backend(load(args.source), args.backend)
+    if config is not None:
+        rows = lm_eval(model, config, args.source, args.tokenizer, progress=not args.json)
+        if args.json:
+            print(json.dumps([{"task": task, **result.to_dict()} for task, result in rows]))
+        for task, result in [] if args.json else rows:
+            unit = " %" if result.protocol.endswith(" %") else ""
+            print(f"{result.model}: {task} {result.metric} = {result.value:.2f}{unit} ({result.protocol}; "
+                  f"{result.samples} samples)")
+        return
     result = evaluate(model, args.source, max_samples=args.eval_samples, task=args.task, data=args.data,
                       tokenizer=args.tokenizer)
     if args.json:
@@ -242,6 +307,7 @@ def build_parser() -> Parser:
     evaluate.add_argument("--tokenizer", help="tokenizer.json for BPE models (default: GPT-NeoX's)")
     evaluate.add_argument("--backend", choices=BACKENDS, default="fake",
                           help="for a quantized model: simulated (fake) or int8 matrix products")
+    add_lm_eval_options(evaluate)
     evaluate.set_defaults(run=cmd_eval)
 
     from .calibration import CALIBRATION_SETS
@@ -287,7 +353,8 @@ def build_parser() -> Parser:
     compare.add_argument("--granularity", type=comma_list, default=list(GRANULARITIES),
                          help="activation granularities: tensor (static), token (dynamic), auto (MambaQuant's per-site "
                               "choice); default all three")
-    compare.add_argument("--tasks", type=comma_list, help="evaluation tasks (default: every one that applies)")
+    compare.add_argument("--tasks", type=comma_list, help="built-in evaluation tasks (default: every one that "
+                                                          "applies; none with --lm-eval)")
     compare.add_argument("--eval-samples", type=positive_int, help="evaluate on a fixed subset (a quick look)")
     compare.add_argument("--calib", help=calib_help)
     compare.add_argument("--calib-samples", type=positive_int, default=32)
@@ -298,6 +365,7 @@ def build_parser() -> Parser:
     compare.add_argument("--tokenizer", help="tokenizer.json for BPE models (default: GPT-NeoX's)")
     compare.add_argument("--json", type=path_value, help="write the rows as a JSON list to this file")
     compare.add_argument("--markdown", type=path_value, help="write the table as Markdown to this file")
+    add_lm_eval_options(compare)
     compare.set_defaults(run=cmd_compare)
 
     analyze = commands.add_parser("analyze", help="outliers, the scan's heavy tails, what each transform does to "

@@ -92,11 +92,12 @@ class Memo(nn.Module):
 def compare(source, methods=None, bits=DEFAULT_BITS, granularities=GRANULARITIES, tasks=None,
             eval_samples: int | None = None, calib=None, calib_samples: int = 32, calib_len: int | None = None,
             seed: int = 0, data: dict | None = None, tokenizer: str | None = None, progress: bool = False,
-            on_row=None) -> list[Row]:
+            on_row=None, lm_eval=None) -> list[Row]:
     """Quantize `source` (an embedded model name, a directory or a model object) with every planned run and
-    evaluate each against the full-precision model on `tasks` (default: every protocol that applies). `methods`:
-    None for every method that applies to the model's block kind (Quamba2 only to Mamba-2).
-    `data` maps a task to its data file (GPT-NeoX LM tasks); `on_row` is called with each row as it is done."""
+    evaluate each against the full-precision model on `tasks` (default: every protocol that applies, or none
+    when `lm_eval` is given). `methods`: None for every method that applies to the model's block kind (Quamba2
+    only to Mamba-2). `data` maps a task to its data file (GPT-NeoX LM tasks); `lm_eval` (an LMEvalConfig) adds
+    lm-evaluation-harness tasks and their mean; `on_row` is called with each row as it is done."""
     from .calibration import resolve_calibration
     from .evaluation import evaluate, tasks_for
     from .loaders import load
@@ -104,13 +105,19 @@ def compare(source, methods=None, bits=DEFAULT_BITS, granularities=GRANULARITIES
 
     name = (embedded_name(source) or source) if isinstance(source, str) else type(source).__name__
     plan(methods or METHODS, bits, granularities)  # bad options fail before the model is loaded
+    if lm_eval is not None:
+        from .evaluation.local_tasks import load_tasks
+
+        load_tasks(lm_eval.tasks, lm_eval.data, lm_eval.include)  # so do unknown tasks and unreachable task data
     model = load(source).eval()
     runs = plan(methods_for(model, methods), bits, granularities)
-    tasks = list(tasks or tasks_for(model, name))
+    tasks = list(tasks or ([] if lm_eval is not None else tasks_for(model, name)))
     data = data or {}
     batches = resolve_calibration(model, name, calib, calib_samples, calib_len, seed, tokenizer=tokenizer)
     reference = {task: evaluate(model, name, eval_samples, task=task, data=data.get(task), tokenizer=tokenizer)
                  for task in tasks}
+    if lm_eval is not None:
+        reference.update(lm_eval_rows(model, name, lm_eval, tokenizer))
     memo = Memo(model)
     rows = []
     for method, preset, granularity in progress_of(runs, name, "run", progress, label=" ".join):
@@ -123,9 +130,11 @@ def compare(source, methods=None, bits=DEFAULT_BITS, granularities=GRANULARITIES
                                  act_granularity=None if granularity == "none" else granularity)
             quantized, _ = run_recipe(model, config, batches)
         seconds = time.perf_counter() - started
-        for task in tasks:
-            result = evaluate(quantized, name, eval_samples, reference=None if method == "fp" else memo, task=task,
-                              data=data.get(task), tokenizer=tokenizer)
+        results = {task: evaluate(quantized, name, eval_samples, reference=None if method == "fp" else memo,
+                                  task=task, data=data.get(task), tokenizer=tokenizer) for task in tasks}
+        if lm_eval is not None:
+            results.update(reference if method == "fp" else lm_eval_rows(quantized, name, lm_eval, tokenizer))
+        for task, result in results.items():
             row = Row(name, method, preset, granularity, task, result.metric, result.value, reference[task].value,
                       result.higher_is_better, result.protocol, result.samples, round(seconds, 2), result.agreement,
                       result.extra)
@@ -133,6 +142,12 @@ def compare(source, methods=None, bits=DEFAULT_BITS, granularities=GRANULARITIES
             if on_row:
                 on_row(row)
     return rows
+
+
+def lm_eval_rows(model: nn.Module, name: str, config, tokenizer: str | None) -> dict:
+    from .evaluation import lm_eval
+
+    return dict(lm_eval(model, config, name, tokenizer))
 
 
 def format_table(rows: list[Row]) -> str:

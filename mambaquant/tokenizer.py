@@ -8,6 +8,8 @@ from .errors import InputError
 
 
 class ByteTokenizer:
+    eot_id = None  # bytes have no end-of-text token
+
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8", errors="surrogateescape"))  # bytes that are not UTF-8 come back as given
 
@@ -23,6 +25,8 @@ class BPETokenizer:
             self.tokenizer = Tokenizer.from_file(str(path))
         except Exception as e:  # the tokenizers package raises a bare Exception for a bad file
             raise InputError(f"{path}: not a tokenizer.json file ({e})") from None
+        self.eot_id = self.tokenizer.token_to_id("<|endoftext|>")  # GPT-NeoX's document separator, where present
+        self.vocab_size = self.tokenizer.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
         try:

@@ -100,3 +100,16 @@ def evaluate(model: nn.Module, source: str, max_samples: int | None = None, refe
         accuracy, agreement, count, protocol = typeseg_accuracy(model, max_samples, reference)
         return Result(source, "byte_accuracy", accuracy, True, protocol, count, agreement)
     raise InputError(f"unknown evaluation task {task!r}")
+
+
+def lm_eval(model: nn.Module, config, source: str | None = None, tokenizer: str | None = None,
+            progress: bool = False) -> list[tuple[str, Result]]:
+    """lm-evaluation-harness tasks on `model` (the `eval` extra): `config` is an `LMEvalConfig` or task names.
+    Returns [(task, Result)], with the mean of the accuracies last when there are several."""
+    from .local_tasks import LMEvalConfig, require_lm_eval
+
+    require_lm_eval()
+    from .harness import lm_eval_results
+
+    config = config if isinstance(config, LMEvalConfig) else LMEvalConfig(config)
+    return lm_eval_results(model, source or type(model).__name__, config, tokenizer, progress)

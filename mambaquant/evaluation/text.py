@@ -43,6 +43,13 @@ def bits_per_byte(model, text: bytes, window: int = 256, batch_size: int = 16, m
     return total_nll / (count * window) / math.log(2), count
 
 
+def logits_from(model, ids: torch.Tensor, start: int) -> torch.Tensor:
+    """The logits at positions start.. only: for our runtime the head runs on those alone."""
+    if hasattr(model, "hidden_states"):
+        return model.output(model.hidden_states(ids)[:, start:])
+    return model(ids)[:, start:]
+
+
 def data_file(path: str | Path | None, relative: str, what: str) -> Path:
     """`path` if given, else `relative` inside the data directory; a clear error when neither exists."""
     if path is None:
@@ -101,8 +108,8 @@ def lambada(model, tokenizer, passages: list[str], max_samples: int | None = Non
     for passage in passages:
         context, word = passage.rsplit(" ", 1)
         context_ids, target_ids = tokenizer.encode(context), tokenizer.encode(" " + word)
-        ids = torch.tensor(context_ids + target_ids)[None]
-        logits = model(ids[:, :-1])[0, len(context_ids) - 1 :].float()
+        ids = torch.tensor(context_ids + target_ids)[None, :-1]
+        logits = logits_from(model, ids, len(context_ids) - 1)[0].float()
         target = torch.tensor(target_ids)
         correct += bool((logits.argmax(-1) == target).all())
         total_nll += F.cross_entropy(logits, target, reduction="sum").item()

@@ -31,10 +31,15 @@ class MambaLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: list[SSMState] | None = None) -> torch.Tensor:
         """input_ids (B, L) -> logits (B, L, vocab). With a cache, continues from its state and updates it."""
+        return self.output(self.hidden_states(input_ids, cache))
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: list[SSMState] | None = None) -> torch.Tensor:
+        """The last block's output (B, L, d_model), before norm_f and the head: `output` of a selection of its
+        positions gives their logits alone (each position's output depends on that position only)."""
         hidden = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
             hidden = layer(hidden, cache[i] if cache is not None else None)
-        return self.output(hidden)
+        return hidden
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.sites.embed(self.embedding(input_ids))
