@@ -43,7 +43,8 @@ def direct_loglikelihood(model, context: list[int], continuation: list[int]) -> 
 
 
 PAIRS = [("To be, or not to be", ": that is the question"), ("ROMEO:\n", "But soft!"), ("", "O Romeo, Romeo"),
-         ("What light through yonder ", "window breaks"), ("A", "B"), ("Good night, good night! Parting is", " such")]
+         ("What light through yonder ", "window breaks"), ("A", "B"), ("Good night, good night! Parting is", " such"),
+         ("ROMEO:\n", "B"), ("ROMEO:\n", "What light"), ("A", "Be"), ("A", "C")]  # contexts shared, as choices are
 
 
 @pytest.mark.parametrize("mamba2", [False, True], ids=["mamba1", "mamba2"])

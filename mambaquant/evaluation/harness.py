@@ -74,31 +74,56 @@ class MambaQuantLM(LM):
     @torch.no_grad()
     def score(self, pairs: list[tuple[list[int], list[int]]], desc: str, disable: bool = False):
         """(log-probability, greedy) of each continuation after its context, the input cut to its last
-        max_length tokens; longest first, right-padded batches."""
+        max_length tokens. Continuations that share a context (the choices of a multiple-choice document) run
+        from one prefill of it, the recurrent state copied to each; the others in right-padded batches, longest
+        first."""
         inputs = [(context + continuation)[-(self.max_length + 1) :][:-1] for context, continuation in pairs]
         for (_, continuation), ids in zip(pairs, inputs):
             if len(continuation) > len(ids):
                 raise InputError(f"a continuation of {len(continuation)} tokens is longer than max_length "
                                  f"{self.max_length}; expected a larger max_length")
-        order = sorted(range(len(pairs)), key=lambda i: -len(inputs[i]))
+        groups = {}
+        for i, (context, continuation) in enumerate(pairs):
+            if isinstance(self.model, MambaLM) and continuation and len(context + continuation) <= self.max_length + 1:
+                groups.setdefault(tuple(context), []).append(i)  # not cut by max_length: the context is shared
+        shared = [members for members in groups.values() if len(members) > 1]
+        alone = sorted(set(range(len(pairs))) - {i for members in shared for i in members},
+                       key=lambda i: -len(inputs[i]))
         results = [None] * len(pairs)
-        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         bar = True if disable or not self.progress else None  # None: a bar on a terminal only
-        for batch in tqdm(batches, desc=desc, unit="batch", disable=bar, leave=False):
-            lengths = [len(inputs[i]) for i in batch]
-            ids = torch.zeros(len(batch), max(lengths), dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, : lengths[row]] = torch.tensor(inputs[i])
-            positions = [(row, end - len(pairs[i][1]), end) for row, (i, end) in enumerate(zip(batch, lengths))]
-            logprobs = self.logits_at(ids, positions).float().log_softmax(-1)
-            offset = 0
-            for (row, start, end), i in zip(positions, batch):
-                target = torch.tensor(pairs[i][1], dtype=torch.long)
-                rows = logprobs[offset : offset + end - start]
-                offset += end - start
-                chosen = rows.gather(1, target[:, None]).sum().item() if len(target) else 0.0
-                results[i] = (chosen, bool((rows.argmax(-1) == target).all()))
+        with tqdm(total=len(pairs), desc=desc, unit="request", disable=bar, leave=False) as done:
+            for members in shared:
+                logits = self.logits_after_shared_context(pairs[members[0]][0], [pairs[i][1] for i in members])
+                for i, rows in zip(members, logits):
+                    results[i] = score_rows(rows, pairs[i][1])
+                done.update(len(members))
+            for batch in (alone[i : i + self.batch_size] for i in range(0, len(alone), self.batch_size)):
+                lengths = [len(inputs[i]) for i in batch]
+                ids = torch.zeros(len(batch), max(lengths), dtype=torch.long)
+                for row, i in enumerate(batch):
+                    ids[row, : lengths[row]] = torch.tensor(inputs[i])
+                positions = [(row, end - len(pairs[i][1]), end) for row, (i, end) in enumerate(zip(batch, lengths))]
+                logits = self.logits_at(ids, positions).split([end - start for _, start, end in positions])
+                for i, rows in zip(batch, logits):
+                    results[i] = score_rows(rows, pairs[i][1])
+                done.update(len(batch))
         return results
+
+    def logits_after_shared_context(self, context: list[int], continuations: list[list[int]]) -> list[torch.Tensor]:
+        """Each continuation's logits: the context prefilled once, then all continuations (right-padded) from
+        copies of its recurrent state."""
+        cache = self.model.new_cache(1)
+        first = self.model.output(self.model.hidden_states(torch.tensor([context]), cache)[:, -1:])[0]
+        rests = [continuation[:-1] for continuation in continuations]
+        longest = max(map(len, rests))
+        if longest == 0:
+            return [first] * len(continuations)
+        ids = torch.zeros(len(rests), longest, dtype=torch.long)
+        for row, rest in enumerate(rests):
+            ids[row, : len(rest)] = torch.tensor(rest, dtype=torch.long)
+        hidden = self.model.hidden_states(ids, stack_states([cache] * len(rests)))
+        later = self.model.output(torch.cat([hidden[row, : len(rest)] for row, rest in enumerate(rests)])[None])[0]
+        return [torch.cat([first, rows]) for rows in later.split([len(rest) for rest in rests])]
 
     def logits_at(self, ids: torch.Tensor, positions: list[tuple[int, int, int]]) -> torch.Tensor:
         """The logits at positions [start, end) of each (row, start, end), concatenated: for our runtime, the head
@@ -181,6 +206,15 @@ class MambaQuantLM(LM):
         return [cut_at_stops(text, stop) for text, stop in zip(texts, stops)]
 
 
+def score_rows(logits: torch.Tensor, target: list[int]) -> tuple[float, bool]:
+    """(sum of the target's log-probabilities, whether every target token is the argmax)."""
+    if not target:
+        return 0.0, True
+    logprobs = logits.float().log_softmax(-1)
+    target = torch.tensor(target, dtype=torch.long)
+    return logprobs.gather(1, target[:, None]).sum().item(), bool((logprobs.argmax(-1) == target).all())
+
+
 def generation_settings(kwargs: dict) -> tuple[list[str], int, float]:
     """(stop strings, max new tokens, temperature; 0 for greedy) from a task's generation kwargs."""
     kwargs = dict(kwargs or {})
@@ -217,14 +251,16 @@ def lm_eval_results(model, source: str, config: LMEvalConfig, tokenizer: str | N
     (accuracies in %) and every metric in `extra`; with several accuracy tasks, their mean last, as the papers'
     tables. Tasks and their data are resolved first, so a task that cannot run fails before the model does."""
     import lm_eval
+    from lm_eval.tasks import TaskManager  # the tasks are loaded already: an index of lm-eval's would cost seconds
 
     loaded, origins = load_tasks(config.tasks, config.data, config.include)
     adapter = MambaQuantLM(model, tokenizer=tokenizer, batch_size=config.batch_size, progress=progress)
     limit = config.limit
     with quiet():
         output = lm_eval.simple_evaluate(model=adapter, tasks=list(loaded.values()), num_fewshot=config.num_fewshot,
-                                         limit=limit, bootstrap_iters=0, log_samples=False)
-    rows = []
+                                         limit=limit, bootstrap_iters=0, log_samples=False,
+                                         task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False))
+    rows, accuracies = [], []
     for task in loaded:
         raw = output["results"][task]
         metrics = {key.split(",")[0]: value for key, value in raw.items()
@@ -232,20 +268,21 @@ def lm_eval_results(model, source: str, config: LMEvalConfig, tokenizer: str | N
         metric = main_metric(task, metrics)
         accuracy = metric.startswith(("acc", "exact_match", "f1"))
         shots = output["configs"][task].get("num_fewshot") or 0
-        samples = output["n-samples"][task]["effective"]
         quick = f"first {limit} documents only (a quick look), " if limit else ""
         protocol = (f"lm-evaluation-harness {LM_EVAL_VERSION}, {task} ({origins[task]}), {quick}{shots}-shot, "
                     f"{metric}{' %' if accuracy else ''}")
         higher = output.get("higher_is_better", {}).get(task, {}).get(metric, accuracy)
-        rows.append((task, Result(source, metric, 100 * metrics[metric] if accuracy else metrics[metric], higher,
-                                  protocol, samples, extra=metrics)))
-    accuracies = [result for _, result in rows if result.protocol.endswith(" %")]
+        result = Result(source, metric, 100 * metrics[metric] if accuracy else metrics[metric], higher, protocol,
+                        output["n-samples"][task]["effective"], extra=metrics)
+        rows.append((task, result))
+        if accuracy:
+            accuracies.append((task, result))
     if len(accuracies) > 1:
-        mean = sum(result.value for result in accuracies) / len(accuracies)
-        names = ", ".join(task for task, result in rows if result in accuracies)
-        rows.append(("lm-eval mean", Result(source, "mean_accuracy", mean, True,
-                                            f"mean of the main metric of {names} (lm-evaluation-harness "
-                                            f"{LM_EVAL_VERSION}) %", sum(r.samples for r in accuracies))))
+        names = ", ".join(task for task, _ in accuracies)
+        mean = sum(result.value for _, result in accuracies) / len(accuracies)
+        protocol = f"mean of the main metric of {names} (lm-evaluation-harness {LM_EVAL_VERSION}) %"
+        rows.append(("lm-eval mean", Result(source, "mean_accuracy", mean, True, protocol,
+                                            sum(result.samples for _, result in accuracies))))
     return rows
 
 
