@@ -40,7 +40,8 @@ def main() -> None:
         subset.write_text("\n".join(lines) + "\n", encoding="utf-8")
         passages = lambada_passages(subset)
         print(f"LAMBADA (OpenAI) test, the first {len(passages)} passages; batch size {args.batch_size} for lm-eval")
-        print(f"| model | route | passages | accuracy % | last-word perplexity | seconds |\n|---|---|---:|---:|---:|---:|")
+        print("| model | route | passages | accuracy % | last-word perplexity | seconds |")
+        print("|---|---|---:|---:|---:|---:|")
         for name in args.models.split(","):
             model, tokenizer = model_and_tokenizer(name, neox)
             started = time.perf_counter()
