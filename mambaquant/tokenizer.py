@@ -57,3 +57,10 @@ def tokenizer_for(vocab_size: int, path: str | Path | None = None):
     if not path.is_file():
         raise InputError(f"{path}: tokenizer file not found")
     return BPETokenizer(path)
+
+
+def own_tokenizer(source) -> Path | None:
+    """The tokenizer.json inside a model directory (a Hugging Face model ships its own), if there is one."""
+    if isinstance(source, (str, Path)) and Path(source).is_dir() and (Path(source) / "tokenizer.json").is_file():
+        return Path(source) / "tokenizer.json"
+    return None

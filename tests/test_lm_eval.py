@@ -252,3 +252,54 @@ def test_cli_refusals(cli):
     assert_refused(cli.run("eval", "vim-cifar10", "--lm-eval", "shakespeare_mc"), "language model")
     assert_refused(cli.run("eval", "mamba-shakespeare", "--lm-eval", "shakespeare_mc", "--lm-eval-data", "nofile"),
                    "TASK=FILE")
+
+
+class Recording(MambaQuantLM):
+    """The adapter, keeping every (context, continuation) it was asked to score."""
+
+    def score(self, pairs, *args, **kwargs):
+        self.seen = getattr(self, "seen", []) + list(pairs)
+        return super().score(pairs, *args, **kwargs)
+
+
+def test_few_shot_examples_reach_the_model():
+    model = byte_lm()
+    zero, two = Recording(model, progress=False), Recording(model, progress=False)
+    (_, zero_result), = lm_eval(zero, LMEvalConfig("shakespeare_mc", limit=4))
+    (_, two_result), = lm_eval(two, LMEvalConfig("shakespeare_mc", limit=4, num_fewshot=2))
+    assert "0-shot" in zero_result.protocol and "2-shot" in two_result.protocol
+    assert len(two.seen) == len(zero.seen) == 16
+    assert min(len(c) for c, _ in two.seen) > max(len(c) for c, _ in zero.seen) + 2 * 200  # two 200-byte examples
+
+
+def test_lm_evals_own_command_line_runs_our_model(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "mambaquant.harness", "--model", "mambaquant",
+                             "--model_args", "pretrained=mamba-shakespeare", "--batch_size", "4",
+                             "--tasks", "shakespeare_mc", "--limit", "8"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "|shakespeare_mc|" in result.stdout.replace(" ", "") and "acc_norm" in result.stdout
+
+
+def test_a_model_directory_brings_its_own_tokenizer_and_a_wrong_one_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    import mambaquant
+
+    model = init_weights(MambaLM(LMConfig(d_model=32, n_layer=1, d_state=4, vocab_size=600)), seed=0).eval()
+    directory = mambaquant.save(model, tmp_path / "my-lm")
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.train_from_iterator(["to be or not to be, that is the question"] * 20,
+                                  trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|endoftext|>"]))
+    tokenizer.save(str(directory / "tokenizer.json"))
+    adapter = MambaQuantLM(str(directory), progress=False)
+    assert adapter.tokenizer.encode("to be") == tokenizer.encode("to be").ids
+    assert adapter.prefix_token_id == tokenizer.token_to_id("<|endoftext|>")
+    (_, result), = lm_eval(mambaquant.load(directory), LMEvalConfig("shakespeare_mc", limit=4), str(directory))
+    assert result.samples == 4
+    if shared_data_dir() is not None and (shared_data_dir() / "tokenizer" / "20B_tokenizer.json").is_file():
+        with pytest.raises(InputError, match="more than the model's vocabulary of 600"):
+            MambaQuantLM(model, progress=False)  # GPT-NeoX's 50,277 tokens cannot index 600 embeddings

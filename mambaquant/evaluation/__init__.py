@@ -104,12 +104,17 @@ def evaluate(model: nn.Module, source: str, max_samples: int | None = None, refe
 
 def lm_eval(model: nn.Module, config, source: str | None = None, tokenizer: str | None = None,
             progress: bool = False) -> list[tuple[str, Result]]:
-    """lm-evaluation-harness tasks on `model` (the `eval` extra): `config` is an `LMEvalConfig` or task names.
-    Returns [(task, Result)], with the mean of the accuracies last when there are several."""
+    """lm-evaluation-harness tasks on `model` (the `eval` extra): `config` is an `LMEvalConfig` or task names;
+    `tokenizer` a tokenizer.json (default: the one in the `source` directory, else bytes for byte-level
+    vocabularies, else GPT-NeoX's). Returns [(task, Result)], with the mean of the accuracies last when there
+    are several."""
     from .local_tasks import LMEvalConfig, require_lm_eval
 
     require_lm_eval()
     from .harness import lm_eval_results
 
+    from ..tokenizer import own_tokenizer
+
     config = config if isinstance(config, LMEvalConfig) else LMEvalConfig(config)
+    tokenizer = tokenizer or own_tokenizer(source)  # a model directory's own tokenizer.json first
     return lm_eval_results(model, source or type(model).__name__, config, tokenizer, progress)

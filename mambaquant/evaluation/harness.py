@@ -1,8 +1,8 @@
 """lm-evaluation-harness adapter: any language model of our runtime (full precision or quantized, either backend)
 as an lm-eval `LM` registered as "mambaquant", and the tasks' results as our `Result`s.
 
-`python -m mambaquant.evaluation.harness ARGS` is lm-eval's own command line with this model registered (lm-eval
-0.4 discovers no model plugins), e.g. `--model mambaquant --model_args pretrained=DIR,backend=int8 --tasks ...`.
+`python -m mambaquant.harness ARGS` is lm-eval's own command line with this model registered (lm-eval 0.4
+discovers no model plugins), e.g. `--model mambaquant --model_args pretrained=DIR,backend=int8 --tasks ...`.
 
 Batches are right-padded: a causal model's output at a position never sees later positions, so padding after a
 sequence changes nothing before it, and no padding token enters the scan ahead of a real one."""
@@ -15,38 +15,44 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import InputError
-from ..runtime import MambaLM
+from ..runtime import MambaLM, MambaTagger, VisionMamba
 from ..runtime.conv import SSMState
 from ..runtime.lm import sample
 from . import Result
-from .local_tasks import LM_EVAL_VERSION, PAPER_TASKS, TASKS_DIR, LMEvalConfig, load_tasks, quiet
+from .local_tasks import LM_EVAL_VERSION, PAPER_TASKS, LMEvalConfig, load_tasks, quiet
 from .text import check_logits
 
 NEWLINE = 10  # what a byte-level model's documents start after: byte models have no end-of-text token
 DEFAULT_MAX_GEN_TOKENS = 256
+FEWSHOT_SEED = 1234  # lm-eval's default
 
 
 @register_model("mambaquant")
 class MambaQuantLM(LM):
     """`pretrained`: an embedded model name, a directory or checkpoint (quantized ones included), or a model
-    object. `max_length` bounds the context as lm-eval's HF models do (2048, the papers' setting); a recurrent
-    model has no limit of its own. `device` and `max_batch_size`, which lm-eval's command line passes to every
-    model, are ignored: the runtime runs on the CPU, in batches of `batch_size`."""
+    object; `backend` "fake" or "int8" for a quantized model (None: as it is). `max_length` bounds the context as
+    lm-eval's HF models do (2048, the papers' setting); a recurrent model has no limit of its own. `device` and
+    `max_batch_size`, which lm-eval's command line passes to every model, are ignored: the runtime runs on the
+    CPU, in batches of `batch_size`."""
 
-    def __init__(self, pretrained, backend: str = "fake", tokenizer: str | None = None, batch_size=8,
+    def __init__(self, pretrained, backend: str | None = None, tokenizer: str | None = None, batch_size=8,
                  max_length: int = 2048, prefix_token_id: int | None = None, seed: int = 1234, progress: bool = True,
                  device: str | None = None, max_batch_size: int | None = None):
         super().__init__()
         from ..loaders import load
         from ..methods import set_backend
-        from ..tokenizer import tokenizer_for
+        from ..tokenizer import own_tokenizer, tokenizer_for
 
         model = load(pretrained) if isinstance(pretrained, str) else pretrained
-        if not isinstance(model, nn.Module) or not hasattr(getattr(model, "config", None), "vocab_size"):
-            raise InputError(f"{pretrained}: lm-eval tasks need a language model, got a {type(model).__name__}")
-        self.model = set_backend(model.eval(), backend) if backend != "fake" else model.eval()
+        language_model = isinstance(model, MambaLM) or (  # or a stand-in with its interface, as the tests use
+            isinstance(model, nn.Module) and not isinstance(model, (VisionMamba, MambaTagger))
+            and hasattr(getattr(model, "config", None), "vocab_size"))
+        if not language_model:
+            name = pretrained if isinstance(pretrained, str) else "the model"
+            raise InputError(f"{name}: lm-eval tasks need a language model, got a {type(model).__name__}")
+        self.model = model.eval() if backend is None else set_backend(model.eval(), backend)
         self.vocab_size = model.config.vocab_size
-        self.tokenizer = tokenizer_for(self.vocab_size, tokenizer)
+        self.tokenizer = tokenizer_for(self.vocab_size, tokenizer or own_tokenizer(pretrained))
         if getattr(self.tokenizer, "vocab_size", 0) > self.vocab_size:
             raise InputError(f"the tokenizer has {self.tokenizer.vocab_size:,} tokens, more than the model's "
                              f"vocabulary of {self.vocab_size:,}; expected the model's own tokenizer (--tokenizer)")
@@ -247,19 +253,26 @@ def main_metric(task: str, metrics: dict) -> str:
 
 def lm_eval_results(model, source: str, config: LMEvalConfig, tokenizer: str | None = None,
                     progress: bool = True) -> list[tuple[str, Result]]:
-    """Run the lm-eval tasks of `config` on `model`: [(task, Result)], the task's main metric as the value
-    (accuracies in %) and every metric in `extra`; with several accuracy tasks, their mean last, as the papers'
-    tables. Tasks and their data are resolved first, so a task that cannot run fails before the model does."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager  # the tasks are loaded already: an index of lm-eval's would cost seconds
+    """Run the lm-eval tasks of `config` on `model` (a model, or a MambaQuantLM of it): [(task, Result)], the
+    task's main metric as the value (accuracies in %) and every metric in `extra`; with several accuracy tasks,
+    their mean last, as the papers' tables. Tasks and their data are resolved first, so a task that cannot run
+    fails before the model does."""
+    from lm_eval.evaluator import evaluate  # not simple_evaluate: no git call, no logging set-up, no task index
 
     loaded, origins = load_tasks(config.tasks, config.data, config.include)
-    adapter = MambaQuantLM(model, tokenizer=tokenizer, batch_size=config.batch_size, progress=progress)
+    adapter = model if isinstance(model, MambaQuantLM) else MambaQuantLM(model, tokenizer=tokenizer,
+                                                                          batch_size=config.batch_size,
+                                                                          progress=progress)
+    for task in loaded.values():  # lm-eval's rules: a task configured 0-shot stays so
+        if config.num_fewshot is not None and task.get_config("num_fewshot") != 0:
+            task.set_config(key="num_fewshot", value=config.num_fewshot)
+        elif task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=FEWSHOT_SEED)
     limit = config.limit
     with quiet():
-        output = lm_eval.simple_evaluate(model=adapter, tasks=list(loaded.values()), num_fewshot=config.num_fewshot,
-                                         limit=limit, bootstrap_iters=0, log_samples=False,
-                                         task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False))
+        output = evaluate(adapter, {"tasks": loaded, "groups": {}, "group_map": {}}, limit=limit, bootstrap_iters=0,
+                          log_samples=False)
     rows, accuracies = [], []
     for task in loaded:
         raw = output["results"][task]
@@ -284,18 +297,3 @@ def lm_eval_results(model, source: str, config: LMEvalConfig, tokenizer: str | N
         rows.append(("lm-eval mean", Result(source, "mean_accuracy", mean, True, protocol,
                                             sum(result.samples for _, result in accuracies))))
     return rows
-
-
-def main() -> None:
-    """lm-eval's command line with the "mambaquant" model registered and the shipped tasks on its task path."""
-    import sys
-
-    from lm_eval.__main__ import cli_evaluate
-
-    if "--include_path" not in sys.argv:
-        sys.argv += ["--include_path", str(TASKS_DIR)]
-    cli_evaluate()
-
-
-if __name__ == "__main__":
-    main()
