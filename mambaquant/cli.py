@@ -22,14 +22,23 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def integer_at_least(minimum: int, what: str):
+    """An argparse type: an integer >= minimum, refused as "expected {what}"."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = integer_at_least(1, "a positive integer")
+non_negative_int = integer_at_least(0, "an integer of 0 or more")
 
 
 def seed_value(text: str) -> int:
@@ -113,16 +122,6 @@ def cmd_quantize(args) -> None:
         output["out"] = args.out
         lines.append(f"wrote {args.out}")
     print(json.dumps(output) if args.json else "\n".join(lines))
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer of 0 or more, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer of 0 or more, got {value}")
-    return value
 
 
 def task_file(text: str) -> tuple[str, str]:
@@ -257,7 +256,8 @@ def cmd_eval(args) -> None:
         rows = lm_eval(model, config, args.source, args.tokenizer, progress=not args.json)
         if args.json:
             print(json.dumps([{"task": task, **result.to_dict()} for task, result in rows]))
-        for task, result in [] if args.json else rows:
+            return
+        for task, result in rows:
             unit = " %" if result.protocol.endswith(" %") else ""
             print(f"{result.model}: {task} {result.metric} = {result.value:.2f}{unit} ({result.protocol}; "
                   f"{result.samples} samples)")
