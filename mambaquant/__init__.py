@@ -3,7 +3,8 @@
 __version__ = "0.1.0"
 
 from .errors import InputError
-from .loaders import load, save
+from .loaders import load, load_state_dict, save
 from .methods import METHODS, QuantConfig, quantize
+from .runtime import build
 
-__all__ = ["METHODS", "InputError", "QuantConfig", "__version__", "load", "quantize", "save"]
+__all__ = ["METHODS", "InputError", "QuantConfig", "__version__", "build", "load", "load_state_dict", "quantize", "save"]

@@ -1,6 +1,7 @@
 """Calibration inputs, always from training data (never from a split a model is evaluated on), seeded, and the
 same for every method so that results compare."""
 
+import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -37,13 +38,17 @@ def text_windows(tokens: torch.Tensor, samples: int, length: int, generator: tor
     return torch.stack([tokens[s : s + length] for s in starts])
 
 
+def check_samples(samples) -> None:
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise InputError(f"calibration needs a positive integer number of samples, got {samples!r}")
+
+
 def calibration_inputs(name: str, samples: int, length: int | None = None, seed: int = 0, tokenizer=None,
                        check_size: Callable[[int, int], None] = lambda samples, positions: None) -> torch.Tensor:
     """`samples` inputs from the set `name`, or from a text file when `name` is a path (training text the user
     brings, e.g. WikiText-2's train split). Text is tokenised with `tokenizer` (default: bytes). `check_size(samples,
     positions)` may refuse the set before it is allocated."""
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise InputError(f"calibration needs a positive integer number of samples, got {samples!r}")
+    check_samples(samples)
     if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
         raise InputError(f"the calibration length must be a positive integer, got {length!r}")
     generator = torch.Generator().manual_seed(seed)
@@ -81,22 +86,26 @@ def calibration_inputs(name: str, samples: int, length: int | None = None, seed:
 
 def resolve_calibration(model: nn.Module, source: str, calib, samples: int = 32, length: int | None = None,
                         seed: int = 0, batch_size: int = 8, tokenizer: str | None = None) -> list[torch.Tensor]:
-    """`calib`: a tensor of inputs, a calibration set name, a text file, or None for the model's default set.
+    """`calib`: a tensor of inputs, a tuple (inputs, labels), a Dataset or iterable of inputs or (input, label)
+    pairs, a .pt/.npz/.npy/.safetensors file of inputs or an ImageFolder-style directory (labels are ignored; the
+    first `samples` inputs are taken), a calibration set name, a text file, or None for the model's default set.
     Text for a model with a BPE vocabulary is tokenised with `tokenizer` (default: GPT-NeoX's)."""
     from .evaluation import NEOX_VOCAB
+    from .evaluation.user_data import is_user_data
 
-    if isinstance(calib, torch.Tensor):
-        inputs = calib
-    elif calib is not None and not isinstance(calib, (str, Path)):
-        raise InputError(f"calib must be a tensor of inputs, a calibration set name or a text file path; got a "
-                         f"{type(calib).__name__}")
+    if is_user_data(calib):
+        inputs = user_inputs(model, calib, samples)
     else:
         if calib is None:
             from .evaluation import task_for
 
-            task = task_for(model, source)
+            try:
+                task = task_for(model, source)
+            except InputError:  # no protocol: no default set either
+                task = None
             if task not in DEFAULT_SET:
-                raise InputError(f"{source}: no default calibration set; pass calib= (a tensor or a set name)")
+                raise InputError(f"{source}: no default calibration set; pass calib= (--calib): a tensor, a Dataset, "
+                                 "a file of inputs or a set name")
             calib = DEFAULT_SET[task]
         check_modality(model, str(calib))
         bpe = None
@@ -105,11 +114,27 @@ def resolve_calibration(model: nn.Module, source: str, calib, samples: int = 32,
 
             bpe = tokenizer_for(model.config.vocab_size, tokenizer)
         inputs = calibration_inputs(str(calib), samples, length, seed, bpe, partial(check_calibration_size, model))
-    return list(checked_inputs(model, inputs).split(batch_size))
+        inputs = checked_inputs(model, inputs)
+    return list(inputs.split(batch_size))
+
+
+def user_inputs(model: nn.Module, calib, samples: int) -> torch.Tensor:
+    """The first `samples` of the user's own inputs (a warning says so when more were given), checked against the
+    model and, their activations, against the memory left."""
+    from .evaluation.user_data import user_data
+
+    check_samples(samples)
+    data = user_data(calib, samples, "calib")
+    if data.left_out:
+        warnings.warn(f"calibration takes the first {len(data.inputs)} inputs of {data.description} "
+                      "(calib_samples, --calib-samples)")
+    inputs = checked_inputs(model, data.inputs)
+    check_calibration_size(model, len(inputs), inputs.shape[1] if inputs.dim() > 1 else 1)
+    return inputs
 
 
 def is_vision(model: nn.Module) -> bool:
-    return hasattr(model.config, "img_size")
+    return hasattr(model.config, "img_size") and getattr(model.config, "stem", "patch") == "patch"
 
 
 def check_modality(model: nn.Module, name: str) -> None:
@@ -124,7 +149,7 @@ def check_modality(model: nn.Module, name: str) -> None:
 
 def check_calibration_size(model: nn.Module, samples: int, positions: int) -> None:
     """Refuse, before it is allocated, a calibration set whose activations would not fit in memory."""
-    tokens = model.config.num_patches + 1 if is_vision(model) else positions
+    tokens = getattr(model.config, "positions", 0) or (model.config.num_patches + 1 if is_vision(model) else positions)
     per_sample = tokens * model.config.d_model * 4 * ACTIVATION_COPIES
     largest = max(1, min(MAX_SAMPLES, available_bytes() // per_sample))
     if samples > largest:
@@ -133,25 +158,31 @@ def check_calibration_size(model: nn.Module, samples: int, positions: int) -> No
                          f"{largest}")
 
 
-def checked_inputs(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """Calibration tensors of the kind, shape and range the model takes."""
+def checked_inputs(model: nn.Module, inputs: torch.Tensor, what: str = "calibration") -> torch.Tensor:
+    """Inputs of the kind, shape and range the model takes (its own `check_input` where it has one), finite; `what`
+    they are for, in messages."""
     if len(inputs) == 0:
-        raise InputError("the calibration set is empty; expected at least one input")
+        raise InputError(f"the {what} set is empty; expected at least one input")
+    if not inputs.is_floating_point() and inputs.dim() == 2 and inputs.shape[1] == 0:
+        raise InputError(f"{what} sequences are empty; expected a length of at least one token")
     config = model.config
-    if is_vision(model):
+    if hasattr(model, "check_input"):
+        try:
+            model.check_input(inputs)
+        except InputError as e:
+            raise InputError(f"{what} inputs: {e}") from None
+    elif is_vision(model):
         expected = (config.in_chans, config.img_size, config.img_size)
         if not inputs.is_floating_point() or inputs.dim() != 4 or tuple(inputs.shape[1:]) != expected:
-            raise InputError(f"calibration images must be a float tensor of shape (N, {', '.join(map(str, expected))})"
-                             f"; got {inputs.dtype} of shape {tuple(inputs.shape)}")
-        if not torch.isfinite(inputs).all():
-            raise InputError("calibration images contain NaN or Inf; expected finite pixel values")
-        return inputs.float()
-    if inputs.is_floating_point() or inputs.is_complex() or inputs.dtype == torch.bool or inputs.dim() != 2:
-        raise InputError(f"calibration inputs must be an integer tensor of token ids of shape (N, L); got "
-                         f"{inputs.dtype} of shape {tuple(inputs.shape)}")
-    if inputs.shape[1] == 0:
-        raise InputError("calibration sequences are empty; expected a length of at least one token")
-    if inputs.min() < 0 or inputs.max() >= config.vocab_size:
-        raise InputError(f"calibration token ids must lie in 0..{config.vocab_size - 1} (the model's vocabulary); "
-                         f"got {inputs.min().item()}..{inputs.max().item()}")
-    return inputs.long()
+            raise InputError(f"{what} images must be a float tensor of shape (N, {', '.join(map(str, expected))}); "
+                             f"got {inputs.dtype} of shape {tuple(inputs.shape)}")
+    else:
+        if inputs.is_floating_point() or inputs.is_complex() or inputs.dtype == torch.bool or inputs.dim() != 2:
+            raise InputError(f"{what} inputs must be an integer tensor of token ids of shape (N, L); got "
+                             f"{inputs.dtype} of shape {tuple(inputs.shape)}")
+        if inputs.min() < 0 or inputs.max() >= config.vocab_size:
+            raise InputError(f"{what} token ids must lie in 0..{config.vocab_size - 1} (the model's vocabulary); "
+                             f"got {inputs.min().item()}..{inputs.max().item()}")
+    if inputs.is_floating_point() and not torch.isfinite(inputs).all():
+        raise InputError(f"{what} inputs contain NaN or Inf; expected finite values")
+    return inputs.float() if inputs.is_floating_point() else inputs.long()

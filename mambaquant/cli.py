@@ -15,6 +15,8 @@ from .errors import InputError
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 MAX_SEED = 2**63 - 1
+EVAL_DATA_HELP = ("your own labelled data, top-1 and agreement with FP: an .npz, .pt or .safetensors file with "
+                  "'inputs' and 'labels', or a directory of class subdirectories of images")
 
 
 class Parser(argparse.ArgumentParser):
@@ -97,6 +99,9 @@ def cmd_quantize(args) -> None:
     check_source(args.source)
     if args.out is not None:
         check_output_dir(args.out, args.overwrite, [args.source], source_bytes(args.source))
+    if args.eval_data is not None and args.no_eval:
+        raise InputError("--eval-data and --no-eval: expected one of them")
+    eval_data = eval_data_of(args)
     model = load(args.source)
     quantized = quantize(model, method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, calib=args.calib,
                          act_granularity=args.act_granularity, seed=args.seed, calib_samples=args.calib_samples,
@@ -108,8 +113,8 @@ def cmd_quantize(args) -> None:
     lines = [report.summary()]
     card_notes = [f"source: {args.source}"]
     if not args.no_eval:
-        fp = evaluate(model, args.source, max_samples=args.eval_samples)
-        result = evaluate(quantized, args.source, max_samples=args.eval_samples, reference=model)
+        fp = evaluate(model, args.source, max_samples=args.eval_samples, eval_data=eval_data)
+        result = evaluate(quantized, args.source, max_samples=args.eval_samples, reference=model, eval_data=eval_data)
         output.update({**result.to_dict(), "fp_value": fp.value, "method": args.method, "w_bits": args.w_bits,
                        "a_bits": args.a_bits, "backend": args.backend})
         agreement = f", agreement with FP {result.agreement:.2f} %" if result.agreement is not None else ""
@@ -122,6 +127,15 @@ def cmd_quantize(args) -> None:
         output["out"] = args.out
         lines.append(f"wrote {args.out}")
     print(json.dumps(output) if args.json else "\n".join(lines))
+
+
+def eval_data_of(args):
+    """--eval-data read (its first --eval-samples), before any model is loaded; None without it."""
+    if args.eval_data is None:
+        return None
+    from .evaluation.user_data import user_data
+
+    return user_data(args.eval_data, args.eval_samples, "--eval-data")
 
 
 def task_file(text: str) -> tuple[str, str]:
@@ -170,6 +184,7 @@ def cmd_compare(args) -> None:
     for source in sources:
         check_source(source)
     data = {"wikitext2": args.wikitext, "lambada": args.lambada}
+    eval_data = eval_data_of(args)
     if args.eval_samples:
         print(f"quick look: every evaluation uses a fixed subset of {args.eval_samples} samples, not the full set")
     print(f"up to {len(runs)} runs x {len(sources)} model(s): {', '.join(sources)}", flush=True)
@@ -178,7 +193,7 @@ def cmd_compare(args) -> None:
         try:
             rows += compare(source, args.methods, args.bits, args.granularity, args.tasks, args.eval_samples,
                             args.calib, args.calib_samples, args.calib_len, args.seed, data, args.tokenizer,
-                            progress=True, lm_eval=lm_eval)
+                            progress=True, lm_eval=lm_eval, eval_data=eval_data)
         except InputError as e:
             failure = e
             break
@@ -251,6 +266,9 @@ def cmd_eval(args) -> None:
     if config is not None and (args.task or args.eval_samples or args.data):
         raise InputError("--task, --eval-samples and --data choose a built-in protocol; with --lm-eval use "
                          "--limit and --lm-eval-data")
+    if args.eval_data is not None and (config is not None or args.task or args.data):
+        raise InputError("--eval-data is a protocol of its own; expected it without --task, --data and --lm-eval")
+    eval_data = eval_data_of(args)
     model = set_backend(load(args.source), args.backend)
     if config is not None:
         rows = lm_eval(model, config, args.source, args.tokenizer, progress=not args.json)
@@ -263,7 +281,7 @@ def cmd_eval(args) -> None:
                   f"{result.samples} samples)")
         return
     result = evaluate(model, args.source, max_samples=args.eval_samples, task=args.task, data=args.data,
-                      tokenizer=args.tokenizer)
+                      tokenizer=args.tokenizer, eval_data=eval_data)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -305,6 +323,7 @@ def build_parser() -> Parser:
     evaluate.add_argument("--task", help="evaluation task (default: the model's main one)")
     evaluate.add_argument("--data", help="data file for GPT-NeoX LM tasks (WikiText-2 raw test or LAMBADA jsonl)")
     evaluate.add_argument("--tokenizer", help="tokenizer.json for BPE models (default: GPT-NeoX's)")
+    evaluate.add_argument("--eval-data", type=path_value, metavar="PATH", help=EVAL_DATA_HELP)
     evaluate.add_argument("--backend", choices=BACKENDS, default="fake",
                           help="for a quantized model: simulated (fake) or int8 matrix products")
     add_lm_eval_options(evaluate)
@@ -321,13 +340,15 @@ def build_parser() -> Parser:
     quantize.add_argument("--act-granularity", choices=GRANULARITIES,
                           help="activation scales: static per tensor, dynamic per token, or chosen per site (auto); "
                                "default auto for mambaquant, tensor for the baselines")
-    calib_help = (f"calibration set ({', '.join(sorted(CALIBRATION_SETS))}) or a training text file "
+    calib_help = (f"calibration set ({', '.join(sorted(CALIBRATION_SETS))}), a training text file, a "
+                  ".pt/.npz/.npy/.safetensors file of inputs or a directory of class subdirectories of images "
                   "(default: the model's set)")
     quantize.add_argument("--calib", help=calib_help)
     quantize.add_argument("--calib-samples", type=positive_int, default=32)
     quantize.add_argument("--calib-len", type=positive_int, help="calibration sequence length (text)")
     quantize.add_argument("--seed", type=seed_value, default=0)
     quantize.add_argument("--eval-samples", type=positive_int, help="evaluate on a fixed subset only")
+    quantize.add_argument("--eval-data", type=path_value, metavar="PATH", help=EVAL_DATA_HELP)
     quantize.add_argument("--no-eval", action="store_true", help="print the summary only")
     quantize.add_argument("--json", action="store_true", help="print one JSON object")
     quantize.add_argument("--tokenizer", help="tokenizer.json for text calibration of a BPE model (default GPT-NeoX)")
@@ -356,6 +377,8 @@ def build_parser() -> Parser:
     compare.add_argument("--tasks", type=comma_list, help="built-in evaluation tasks (default: every one that "
                                                           "applies; none with --lm-eval)")
     compare.add_argument("--eval-samples", type=positive_int, help="evaluate on a fixed subset (a quick look)")
+    compare.add_argument("--eval-data", type=path_value, metavar="PATH",
+                         help=EVAL_DATA_HELP + " (then no built-in task unless --tasks)")
     compare.add_argument("--calib", help=calib_help)
     compare.add_argument("--calib-samples", type=positive_int, default=32)
     compare.add_argument("--calib-len", type=positive_int, help="calibration sequence length (text)")

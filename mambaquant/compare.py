@@ -16,6 +16,7 @@ from .progress import progress as progress_of
 
 DEFAULT_BITS = ("w8a8", "w4a8", "w4a16")
 AUTO_METHODS = ("mambaquant",)  # the per-site granularity choice is part of MambaQuant's recipe
+USER_TASK = "user-data"  # the rows of the user's own labelled set (`eval_data`)
 
 
 @dataclass
@@ -92,12 +93,14 @@ class Memo(nn.Module):
 def compare(source, methods=None, bits=DEFAULT_BITS, granularities=GRANULARITIES, tasks=None,
             eval_samples: int | None = None, calib=None, calib_samples: int = 32, calib_len: int | None = None,
             seed: int = 0, data: dict | None = None, tokenizer: str | None = None, progress: bool = False,
-            on_row=None, lm_eval=None) -> list[Row]:
+            on_row=None, lm_eval=None, eval_data=None) -> list[Row]:
     """Quantize `source` (an embedded model name, a directory or a model object) with every planned run and
     evaluate each against the full-precision model on `tasks` (default: every protocol that applies, or none
     when `lm_eval` is given). `methods`: None for every method that applies to the model's block kind (Quamba2
     only to Mamba-2). `data` maps a task to its data file (GPT-NeoX LM tasks); `lm_eval` (an LMEvalConfig) adds
-    lm-evaluation-harness tasks and their mean; `on_row` is called with each row as it is done."""
+    lm-evaluation-harness tasks and their mean; `eval_data` (the user's own labelled set, see `evaluate`) adds its
+    top-1 as task "user-data" (and, as `lm_eval`, no built-in task by default); `on_row` is called with each row as
+    it is done. Calibration never takes `eval_data`: it is `calib`, or the model's default training set."""
     from .calibration import resolve_calibration
     from .evaluation import evaluate, tasks_for
     from .loaders import load
@@ -109,13 +112,24 @@ def compare(source, methods=None, bits=DEFAULT_BITS, granularities=GRANULARITIES
         from .evaluation.local_tasks import load_tasks
 
         load_tasks(lm_eval.tasks, lm_eval.data, lm_eval.include)  # so do unknown tasks and unreachable task data
+    if eval_data is not None:
+        from .evaluation.user_data import user_data
+
+        eval_data = user_data(eval_data, eval_samples, "eval_data")  # read once, and a bad file fails here
     model = load(source).eval()
     runs = plan(methods_for(model, methods), bits, granularities)
-    tasks = list(tasks or ([] if lm_eval is not None else tasks_for(model, name)))
+    tasks = list(tasks or ([] if lm_eval is not None or eval_data is not None else tasks_for(model, name)))
     data = data or {}
     batches = resolve_calibration(model, name, calib, calib_samples, calib_len, seed, tokenizer=tokenizer)
-    reference = {task: evaluate(model, name, eval_samples, task=task, data=data.get(task), tokenizer=tokenizer)
-                 for task in tasks}
+
+    def measure(m: nn.Module, ref: nn.Module | None) -> dict:
+        results = {task: evaluate(m, name, eval_samples, reference=ref, task=task, data=data.get(task),
+                                  tokenizer=tokenizer) for task in tasks}
+        if eval_data is not None:
+            results[USER_TASK] = evaluate(m, name, eval_samples, reference=ref, eval_data=eval_data)
+        return results
+
+    reference = measure(model, None)
     if lm_eval is not None:
         reference.update(lm_eval_rows(model, name, lm_eval, tokenizer))
     memo = Memo(model)
@@ -130,8 +144,7 @@ def compare(source, methods=None, bits=DEFAULT_BITS, granularities=GRANULARITIES
                                  act_granularity=None if granularity == "none" else granularity)
             quantized, _ = run_recipe(model, config, batches)
         seconds = time.perf_counter() - started
-        results = {task: evaluate(quantized, name, eval_samples, reference=None if method == "fp" else memo,
-                                  task=task, data=data.get(task), tokenizer=tokenizer) for task in tasks}
+        results = measure(quantized, None if method == "fp" else memo)
         if lm_eval is not None:
             results.update(reference if method == "fp" else lm_eval_rows(quantized, name, lm_eval, tokenizer))
         for task, result in results.items():

@@ -128,7 +128,8 @@ def test_smoothing_everywhere_including_smooth_fused_rotation(model):
     for layer in smoothed.layers:
         mixer, ssms = layer.mixer, branches(layer.mixer)
         smooth_norm_output(layer.norm, mixer.in_proj,
-                           smoothing_scales(absmax[layer.sites["norm"].name].absmax, mixer.in_proj.weight))
+                           smoothing_scales(absmax[layer.sites["norm"].name].absmax, mixer.in_proj.weight),
+                           layer.sites["norm"])
         smooth_conv_input(mixer, ssms, smoothing_scales(absmax[mixer.sites["x"].name].absmax, None))
         smooth_gate(mixer, smoothing_scales(absmax[mixer.sites["out_proj_in"].name].absmax, mixer.out_proj.weight))
         rotate_linear_input(mixer.sites["out_proj_in"], mixer.out_proj, Rotate(mixer.out_proj.in_features))

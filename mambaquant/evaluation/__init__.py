@@ -55,7 +55,8 @@ def task_for(model: nn.Module, source: str) -> str:
         return "typeseg"
     raise InputError(
         f"{source}: no evaluation protocol available for this model yet (supported: byte-level language models, "
-        "GPT-NeoX-tokenised language models, CIFAR-10 vision models (32x32, 10 classes), typeseg-style taggers)"
+        "GPT-NeoX-tokenised language models, CIFAR-10 vision models (32x32, 10 classes), typeseg-style taggers); "
+        "evaluate it on your own labelled data (eval_data=, --eval-data)"
     )
 
 
@@ -66,11 +67,23 @@ def wikitext2_tokens(tokenizer, data: str | None) -> list[int]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, source: str, max_samples: int | None = None, reference: nn.Module | None = None,
-             task: str | None = None, data: str | None = None, tokenizer: str | None = None) -> Result:
+             task: str | None = None, data: str | None = None, tokenizer: str | None = None,
+             eval_data=None) -> Result:
     """Measure `model` with `task` (default: its main protocol); `max_samples` limits it to a fixed subset;
     `reference` (the full-precision model) adds the agreement of the predictions where the protocol has discrete
     predictions. For GPT-NeoX-tokenised LMs, `data` is the WikiText-2 raw test file or the LAMBADA jsonl and
-    `tokenizer` the tokenizer.json (defaults: the data directory's)."""
+    `tokenizer` the tokenizer.json (defaults: the data directory's). `eval_data`, the user's own labelled set
+    instead of a built-in protocol (top-1 % on its first `max_samples`): (inputs, labels) tensors, a Dataset or
+    iterable of (input, label) pairs, an .npz or .pt file with "inputs" and "labels", or an ImageFolder-style
+    directory (see `user_data.user_data`)."""
+    if eval_data is not None:
+        from .user_data import user_data, user_top1
+
+        if task is not None:
+            raise InputError(f"task {task!r} and eval_data are two protocols; expected one of them")
+        accuracy, agreement, count, protocol = user_top1(model, user_data(eval_data, max_samples, "eval_data"),
+                                                         reference)
+        return Result(source, "top1", accuracy, True, protocol, count, agreement)
     task = task or task_for(model, source)
     if task not in tasks_for(model, source):
         raise InputError(f"{source}: task {task!r} does not apply to this model; expected one of "

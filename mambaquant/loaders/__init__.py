@@ -9,26 +9,31 @@ from torch import nn
 
 from ..errors import InputError
 from ..outputs import write_atomic_dir
-from ..runtime import Mamba2LMConfig, MambaLM, MambaTagger, TaggerConfig, VisionConfig, VisionMamba
-from . import hf, mamba2, quantized, typeseg, vim
+from ..runtime import (Mamba2LMConfig, MambaLM, MambaModel, MambaTagger, ModelConfig, TaggerConfig, VisionConfig,
+                      VisionMamba)
+from . import hf, layouts, mamba2, quantized, typeseg, vim
+from .layouts import load_state_dict  # noqa: F401 (mambaquant.load_state_dict)
 from ..schema import describe, display, read_json
 from .weights import find_weight_file, load_checked, open_checkpoint
 from .weights import read_tensors  # noqa: F401 (mambaquant.loaders.read_tensors)
 
 SUPPORTED = (
     "Mamba-1 and Mamba-2 language models (Hugging Face MambaForCausalLM / Mamba2ForCausalLM or the original "
-    "state-spaces layout), "
-    "Vision Mamba (hustvl/Vim state dicts) and typeseg's Mamba tagger (mamba_al.npz)"
+    "state-spaces layout, alxndrTL mamba.py, johnma2006 mamba-minimal), "
+    "Vision Mamba (hustvl/Vim state dicts), typeseg's Mamba tagger (mamba_al.npz) and models composed from "
+    "ModelConfig (saved by mambaquant)"
 )
 VISION_ARCHITECTURE = "vision-mamba"
 TAGGER_ARCHITECTURE = "mamba-tagger"
+MODEL_ARCHITECTURE = "mamba-model"
+OUR_MODELS = (MambaLM, MambaModel, VisionMamba, MambaTagger)
 
 
 def load(source, **options) -> nn.Module:
-    """Return a `MambaLM`, `VisionMamba` or `MambaTagger` in eval mode. `source`: an embedded model name (or
+    """Return a `MambaLM`, `MambaModel`, `VisionMamba` or `MambaTagger` in eval mode. `source`: an embedded model name (or
     `zoo:NAME`), a model directory, a checkpoint file or a model object. `options` complete a bare checkpoint where
     its state dict does not record something: img_size and stride for Vim, n_groups for Mamba-2."""
-    if isinstance(source, (MambaLM, VisionMamba, MambaTagger)):
+    if isinstance(source, OUR_MODELS):
         return source
     if isinstance(source, nn.Module):
         if type(source).__name__ == "MambaForCausalLM":
@@ -126,9 +131,11 @@ def load_directory(directory: Path) -> nn.Module:
     if architecture == VISION_ARCHITECTURE:
         vision_config = VisionConfig.from_dict(config, where=where)
         return vim.load_vim(vision_config, open_checkpoint(find_weight_file(directory)), source)
-    if architecture == TAGGER_ARCHITECTURE:
-        tagger_config = TaggerConfig.from_dict(config, where=where)
-        return load_checked(lambda: MambaTagger(tagger_config), open_checkpoint(find_weight_file(directory)), [],
+    if architecture in (TAGGER_ARCHITECTURE, MODEL_ARCHITECTURE):
+        model_class, config_class = ((MambaTagger, TaggerConfig) if architecture == TAGGER_ARCHITECTURE else
+                                     (MambaModel, ModelConfig))
+        model_config = config_class.from_dict(config, where=where)
+        return load_checked(lambda: model_class(model_config), open_checkpoint(find_weight_file(directory)), [],
                             source)
     if quantized.is_quantized_config(config):
         return quantized.build_quantized(config, open_checkpoint(find_weight_file(directory)), source)
@@ -138,6 +145,8 @@ def load_directory(directory: Path) -> nn.Module:
     if architecture is None and mamba2.is_state_spaces_config(config):
         return mamba2.load_lm(mamba2.lm_config_from_state_spaces(config, where),
                               open_checkpoint(find_weight_file(directory)), source)
+    if architecture is None and layouts.is_alxndrtl_config(config):
+        return layouts.load_public_lm(open_checkpoint(find_weight_file(directory)), source, config)
     if architecture is None and hf.is_hf_config(config):
         lm_config = hf.lm_config_from_hf(config, where)
     elif architecture is None and hf.is_state_spaces_config(config):
@@ -165,15 +174,44 @@ def load_checkpoint_file(path: Path, options: dict) -> nn.Module:
         return mamba2.load_lm_file(checkpoint, source, options)
     if hf.is_lm_state_dict(checkpoint.infos):
         return hf.load_lm_file(checkpoint, source)
+    if layouts.detect_layout(checkpoint.infos):
+        return layouts.load_public_lm(checkpoint, source)
     raise InputError(f"{source}: unrecognised checkpoint; supported: {SUPPORTED}")
+
+
+def check_saveable(model: nn.Module) -> None:
+    """Refuse, with one line, a model that `load` could not rebuild from its config: another class than ours, or
+    modules changed after it was built (a user subclass or a replaced part: compose it from ModelConfig fields
+    instead, see docs/own-models.md)."""
+    if type(model) not in OUR_MODELS:
+        raise InputError(f"cannot save a {type(model).__name__}: mambaquant rebuilds a saved model from its config, "
+                         f"so it saves {', '.join(c.__name__ for c in OUR_MODELS)} (not subclasses); compose a variant "
+                         "from ModelConfig fields (docs/own-models.md)")
+    for name, module in model.named_modules():
+        if not type(module).__module__.startswith(("mambaquant.", "torch.nn.")):
+            raise InputError(f"cannot save this {type(model).__name__}: its module {name} is a "
+                             f"{type(module).__name__}, which mambaquant cannot rebuild on load; compose the model "
+                             "from ModelConfig fields (docs/own-models.md)")
+    if not hasattr(model, "quantization_report"):
+        from .weights import on_meta_device
+
+        with on_meta_device():
+            expected = {k: tuple(v.shape) for k, v in type(model)(model.config).state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if expected != found:
+            changed = sorted(set(expected.items()) ^ set(found.items()))[0][0]
+            raise InputError(f"cannot save this {type(model).__name__}: its parameters differ from what its config "
+                             f"builds (first at {changed}), so load could not rebuild it; change the config, not the "
+                             "modules")
 
 
 def save(model: nn.Module, directory: str | Path, overwrite: bool = False, notes: tuple[str, ...] = ()) -> Path:
     """Write a model as config.json + model.safetensors (+ MODEL_CARD.md with `notes` for a quantized model).
     Full precision: the Hugging Face Mamba layout for language models (transformers can read it), the official
-    Vim names for vision models. Quantized (`mambaquant.quantize`'s output): integer codes and everything
+    Vim names for vision models, our own names and the composition's config for a `MambaModel`. Quantized (`mambaquant.quantize`'s output): integer codes and everything
     that rebuilds the quantized model (see `loaders.quantized`). Atomic: written to a temporary directory that is
     renamed into place at the end, so an interrupted save leaves nothing that looks complete."""
+    check_saveable(model)
     card = None
     if hasattr(model, "quantization_report"):
         tensors, layout = quantized.quantized_tensors_and_layout(model)
@@ -183,14 +221,13 @@ def save(model: nn.Module, directory: str | Path, overwrite: bool = False, notes
         config, tensors = mamba2.saved_config(model.config), mamba2.saved_state_dict(model)
     elif isinstance(model, MambaLM):
         config, tensors = hf.hf_config(model.config), hf.hf_state_dict(model)
-    elif isinstance(model, VisionMamba):
+    elif isinstance(model, VisionMamba) and vim.has_vim_layout(model.config):
         config = {"architecture": VISION_ARCHITECTURE, **model.config.to_dict()}
         tensors = vim.vim_state_dict(model)
-    elif isinstance(model, MambaTagger):
-        config = {"architecture": TAGGER_ARCHITECTURE, **model.config.to_dict()}
-        tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
     else:
-        raise InputError(f"cannot save a {type(model).__name__}; expected MambaLM, VisionMamba or MambaTagger")
+        architecture = TAGGER_ARCHITECTURE if isinstance(model, MambaTagger) else MODEL_ARCHITECTURE
+        config = {"architecture": architecture, **model.config.to_dict()}
+        tensors = {k: v.contiguous() for k, v in model.state_dict().items()}  # a VisionMamba beyond Vim's layout too
 
     def write(staging: Path) -> None:
         save_file({k: v.detach().cpu() for k, v in tensors.items()}, staging / "model.safetensors")

@@ -21,6 +21,7 @@ Format version 2 (version 1 had no hashes and is refused): `quantization_config.
 (the mixers with an S-SiLU smoothing vector) and `sha256` ({tensor: hex digest}). A tied language model stores its
 shared matrix once: as the head's codes when the head is quantized, as `embedding.weight` when it is not."""
 
+import dataclasses
 import hashlib
 import re
 
@@ -31,8 +32,8 @@ from ..errors import InputError
 from ..methods.config import CLUSTER_DEFAULTS, FULL_PRECISION, GRANULARITIES, METHODS, QuantReport
 from ..quant.linear import QuantizedLinear
 from ..quant.quantizer import ACTIVATION_GRANULARITIES, OBSERVERS, ActivationQuantizer, QuantSpec, dequantize_weight
-from ..runtime import (LMConfig, Mamba2LMConfig, MambaLM, MambaMixer, MambaTagger, Site, TaggerConfig, VisionConfig,
-                       VisionMamba)
+from ..runtime import (LMConfig, Mamba2LMConfig, MambaLM, MambaMixer, MambaModel, MambaTagger, ModelConfig, Site,
+                       TaggerConfig, VisionConfig, VisionMamba)
 from ..runtime.config import LIMITS
 from ..transforms.rotation import Rotate, append_op
 from ..transforms.smoothing import Scale
@@ -43,13 +44,19 @@ from .weights import Checkpoint, assign_weights, check_memory, dtype_name, on_me
 ARCHITECTURE = "mambaquant-quantized"
 FORMAT_VERSION = 2
 MODELS = {"MambaLM": (MambaLM, LMConfig), "Mamba2LM": (MambaLM, Mamba2LMConfig),
-          "VisionMamba": (VisionMamba, VisionConfig), "MambaTagger": (MambaTagger, TaggerConfig)}
+          "VisionMamba": (VisionMamba, VisionConfig), "MambaTagger": (MambaTagger, TaggerConfig),
+          "MambaModel": (MambaModel, ModelConfig)}
 WEIGHT_ROUNDINGS = ("rtn", "gptq")
 ADDED_FIELDS = {name: None for name in CLUSTER_DEFAULTS}  # quantization_config fields added within version 2
+# model_config fields added within version 2 (the composition of issue 16): an older checkpoint has their defaults
+COMPOSITION = ("stem", "in_features", "seq_len", "cls_token", "pos_embed", "final_norm", "pooling", "head",
+               "head_hidden", "head_act")
+ADDED_MODEL_FIELDS = {"MambaLM": ("residual",), "VisionMamba": ("residual", "vocab_size") + COMPOSITION,
+                      "MambaTagger": ("residual", "img_size", "patch_size", "stride", "in_chans") + COMPOSITION}
 ORTHOGONALITY_TOLERANCE = 1e-3  # max |R R^T - I| of a stored rotation (float32 rounding is ~1e-6)
 # Channel width of the tensor at each site kind (runtime/sites.py): D d_model, E d_inner, N d_state, R dt_rank,
-# K the head's outputs
-SITE_WIDTHS = {"embed": "D", "norm_f": "D", "residual": "D", "norm": "D", "out": "D", "logits": "K",
+# K the head's outputs, M an MLP head's hidden width
+SITE_WIDTHS = {"embed": "D", "norm_f": "D", "hidden": "M", "residual": "D", "norm": "D", "out": "D", "logits": "K",
                "x": "E", "z": "E", "gate": "E", "out_proj_in": "E", "conv": "E", "x_proj_in": "E", "dt": "E",
                "hC": "E", "y": "E", "dt_low": "R", "B": "N", "C": "N", "dA": "N", "dBu": "N", "h": "N"}
 # Mamba-2 mixer sites: S d_ssm, K the conv channels, G*N the B/C groups, H heads
@@ -141,8 +148,9 @@ def quantized_tensors_and_layout(model: nn.Module) -> tuple[dict[str, torch.Tens
 
 def quantized_config(model: nn.Module, layout: dict) -> dict:
     report = model.quantization_report
-    if not isinstance(model, tuple(model_class for model_class, _ in MODELS.values())):
-        raise InputError(f"cannot save a {type(model).__name__}; expected MambaLM, VisionMamba or MambaTagger")
+    if type(model) not in {model_class for model_class, _ in MODELS.values()}:
+        raise InputError(f"cannot save a {type(model).__name__}; expected one of "
+                         f"{', '.join(sorted({m.__name__ for m, _ in MODELS.values()}))}")
     mamba2 = isinstance(model.config, Mamba2LMConfig)
     return {"architecture": ARCHITECTURE, "model_class": "Mamba2LM" if mamba2 else type(model).__name__,
             "model_config": model.config.to_dict(),
@@ -241,6 +249,9 @@ class Verifier:
         where = f"{self.source}: config.json"
         config = validate(config, CHECKPOINT, where, wording=EXACT)
         config_class = MODELS[config["model_class"]][1]
+        defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
+        for name in ADDED_MODEL_FIELDS.get(config["model_class"], ()):
+            config["model_config"].setdefault(name, defaults[name])
         config["model_config"] = validate(config["model_config"], config_class.schema(MODEL_LIMITS), where,
                                           "model_config.", EXACT)
         self.check_layout(config["quantization_config"])
@@ -396,6 +407,7 @@ def site_width(site: Site, c) -> int | None:
                   "E": c.d_inner}
         return widths[MAMBA2_SITE_WIDTHS[site.kind]]
     widths = {"D": c.d_model, "E": c.d_inner, "N": c.d_state, "R": getattr(c, "dt_rank", None),
+              "M": getattr(c, "head_hidden", None),
               "K": c.num_classes if hasattr(c, "num_classes") else getattr(c, "vocab_size", None)}
     return widths.get(SITE_WIDTHS.get(site.kind))
 
@@ -414,7 +426,7 @@ def build_skeleton(config: dict, q: dict, verifier: Verifier) -> tuple[nn.Module
         verifier.fail(f"config.json model_config does not describe a {model_class.__name__} "
                       f"({str(e).splitlines()[0] if str(e) else type(e).__name__})")
     tied = isinstance(model, MambaLM) and model_config.tie_embeddings
-    positions = model_config.num_patches + 1 if isinstance(model, VisionMamba) else None
+    positions = getattr(model, "fixed_positions", None)
     modules = dict(model.named_modules())
     checks = []
 
@@ -422,8 +434,8 @@ def build_skeleton(config: dict, q: dict, verifier: Verifier) -> tuple[nn.Module
         module = ActivationQuantizer(QuantSpec(**spec))
         if module.spec.granularity == "position":
             if positions is None:
-                verifier.config_error(where, f"per-position activation ranges need a fixed-length model "
-                                             f"(VisionMamba), not a {model_class.__name__}")
+                verifier.config_error(where, f"per-position activation ranges need a fixed-length model, not "
+                                             f"this {model_class.__name__}")
             module.low, module.high = torch.zeros(positions), torch.zeros(positions)
         elif module.spec.granularity == "channel":
             if width is None:

@@ -81,5 +81,12 @@ def load_vim(config: VisionConfig, checkpoint: Checkpoint, source: str) -> Visio
     return load_checked(lambda: VisionMamba(config), checkpoint, TO_RUNTIME, source, TO_VIM)
 
 
+def has_vim_layout(config: VisionConfig) -> bool:
+    """Whether the official Vim names describe this composition (otherwise it is saved as a composed model)."""
+    return (config.stem, config.cls_token, config.pos_embed, config.pooling, config.head, config.final_norm,
+            config.residual) == ("patch", "middle", True, "cls", "linear", "same", True) and config.norm != "none" \
+        and config.bidirectional in ("none", "separate")
+
+
 def vim_state_dict(model: VisionMamba) -> dict[str, torch.Tensor]:
     return {name: tensor.contiguous() for name, (_, tensor) in rename(model.state_dict(), TO_VIM).items()}

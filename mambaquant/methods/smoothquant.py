@@ -14,7 +14,8 @@ from .stages import Runner, by_block_kind, has_mamba2_blocks, no_op
 def conv_weight_columns(mixer) -> torch.Tensor:
     """The conv1d taps of every branch as rows (taps x branches, channels): the "weight" a conv input smoothing
     balances."""
-    convs = [mixer.conv1d] if hasattr(mixer, "conv1d") else [ssm.conv1d for ssm in branches(mixer)]
+    convs = [mixer.conv1d] if hasattr(mixer, "conv1d") else [ssm.conv1d for ssm in branches(mixer)
+                                                            if ssm.conv1d is not None]
     return torch.cat([conv.weight[:, 0, :].T for conv in convs])
 
 
@@ -23,7 +24,8 @@ def smoothquant_block_mamba2(layer, runner: Runner, config: QuantConfig, report:
     absmax = {site: AbsMaxObserver() for site in (layer.sites["norm"], mixer.sites["xBC"], mixer.sites["out_proj_in"])}
     runner.observe(absmax)
     smooth_norm_output(layer.norm, mixer.in_proj,
-                       smoothing_scales(absmax[layer.sites["norm"]].absmax, mixer.in_proj.weight, config.alpha))
+                       smoothing_scales(absmax[layer.sites["norm"]].absmax, mixer.in_proj.weight, config.alpha),
+                       layer.sites["norm"])
     smooth_conv_input_mamba2(mixer, smoothing_scales(absmax[mixer.sites["xBC"]].absmax, conv_weight_columns(mixer),
                                                      config.alpha))
     smooth_gated_norm(mixer, smoothing_scales(absmax[mixer.sites["out_proj_in"]].absmax, mixer.out_proj.weight,
@@ -36,7 +38,8 @@ def smoothquant_block_mamba1(layer, runner: Runner, config: QuantConfig, report:
     absmax.update({ssm.sites["dt_low"]: AbsMaxObserver() for ssm in branches(mixer)})
     runner.observe(absmax)
     smooth_norm_output(layer.norm, mixer.in_proj,
-                       smoothing_scales(absmax[layer.sites["norm"]].absmax, mixer.in_proj.weight, config.alpha))
+                       smoothing_scales(absmax[layer.sites["norm"]].absmax, mixer.in_proj.weight, config.alpha),
+                       layer.sites["norm"])
     smooth_conv_input(mixer, branches(mixer),
                       smoothing_scales(absmax[mixer.sites["x"]].absmax, conv_weight_columns(mixer), config.alpha))
     for ssm in branches(mixer):
@@ -48,7 +51,8 @@ def smoothquant_head(model, runner: Runner, config: QuantConfig, report: QuantRe
     runner.observe({model.sites["norm_f"]: absmax})
     untie_head(model)  # the head's columns are about to be scaled, the embedding's must not be
     head = head_of(model)
-    smooth_norm_output(model.norm_f, head, smoothing_scales(absmax.absmax, head.weight, config.alpha))
+    smooth_norm_output(model.norm_f, head, smoothing_scales(absmax.absmax, head.weight, config.alpha),
+                       model.sites["norm_f"])
     inputs = "in_proj, conv1d, out_proj" if has_mamba2_blocks(model) else "in_proj, conv1d, dt_proj"
     report.transforms.append(f"SmoothQuant (alpha {config.alpha}) at {inputs} and head inputs")
 

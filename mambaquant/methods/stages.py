@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..runtime import Mamba2Mixer, MambaLM, Site
+from ..runtime.model import MLPHead
 from ..transforms.rotation import branches
 
 
@@ -63,13 +64,22 @@ def block_linears(layer) -> list[tuple[nn.Module, str, Site]]:
     return slots + [(mixer, "out_proj", mixer.sites["out_proj_in"])]
 
 
-def head_slot(model) -> tuple[nn.Module, str, Site]:
-    return model, "lm_head" if isinstance(model, MambaLM) else "head", model.sites["norm_f"]
+def head_slots(model) -> list[tuple[nn.Module, str, Site]]:
+    """The head's linear layers (an MLP head has two) with the sites carrying their inputs."""
+    if isinstance(model, MambaLM):
+        return [(model, "lm_head", model.sites["norm_f"])]
+    if isinstance(model.head, MLPHead):
+        return [(model.head, "fc1", model.sites["norm_f"]), (model.head, "fc2", model.head.sites["hidden"])]
+    return [(model, "head", model.sites["norm_f"])]
+
+
+def head_activation_sites(model) -> list[Site]:
+    return [site for _, _, site in head_slots(model)]
 
 
 def linear_slots(model) -> list[tuple[nn.Module, str, Site]]:
     """Every quantized linear layer of the model with the site that carries its input."""
-    return [slot for layer in model.layers for slot in block_linears(layer)] + [head_slot(model)]
+    return [slot for layer in model.layers for slot in block_linears(layer)] + head_slots(model)
 
 
 def block_activation_sites(layer) -> list[Site]:
@@ -86,4 +96,4 @@ def block_activation_sites(layer) -> list[Site]:
 
 
 def activation_sites(model: nn.Module) -> list[Site]:
-    return [site for layer in model.layers for site in block_activation_sites(layer)] + [model.sites["norm_f"]]
+    return [site for layer in model.layers for site in block_activation_sites(layer)] + head_activation_sites(model)

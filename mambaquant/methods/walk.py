@@ -20,13 +20,14 @@ from ..progress import progress as progress_of
 from ..quant.gptq import gptq_quantize
 from ..quant.linear import BACKENDS, QuantizedLinear
 from ..quant.quantizer import ActivationQuantizer, quantize_weight
-from ..runtime import Mamba2Mixer, MambaLM, Site, VisionMamba
+from ..runtime import Mamba2Mixer, MambaLM, Site
 from ..transforms.klt import CovarianceObserver
 from ..transforms.rotation import append_op
 from .config import FULL_PRECISION, MAMBA2_ONLY_METHODS, METHODS, QuantConfig, QuantReport
 from .granularity import CHUNKED_SITES, TokenStatistics, make_quantizer
 from .recipes import RECIPES
-from .stages import Runner, block_activation_sites, block_linears, has_mamba2_blocks, head_slot, linear_slots
+from .stages import (Runner, block_activation_sites, block_linears, has_mamba2_blocks, head_activation_sites,
+                     head_slots, linear_slots)
 
 # Static ranges from the 99.99th percentile instead of min-max: Quamba's SSM input and state; for MambaQuant the
 # heavy-tailed state h (as the paper's official code does). On training data (never the evaluation split), W8A8
@@ -108,7 +109,7 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
     model_transform, block_transform, head_transform = RECIPES[config.method]
     model_transform(model, batches, config, report)
     quantize_acts, quantize_weights = config.a_bits != FULL_PRECISION, config.w_bits != FULL_PRECISION
-    fixed_length = isinstance(model, VisionMamba)
+    fixed_length = getattr(model, "fixed_positions", None) is not None
     pending = []
     with torch.no_grad():
         hidden = check_finite_activations([model.embed(batch) for batch in batches], "the embedding's output")
@@ -127,9 +128,11 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
     head_runner = Runner(model.output, hidden)
     head_transform(model, head_runner, config, report)
     if quantize_acts:
-        pending += calibrate_quantizers([model.sites["norm_f"]], head_runner, config, fixed_length, report)
+        pooled = getattr(model.config, "pooling", "none") != "none"  # the head reads one token: no positions
+        pending += calibrate_quantizers(head_activation_sites(model), head_runner, config, fixed_length and not pooled,
+                                        report)
     if quantize_weights:
-        quantize_linears([head_slot(model)], head_runner, config)
+        quantize_linears(head_slots(model), head_runner, config)
         spec = config.weight_spec()
         rounding = "GPTQ" if config.weight_rounding == "gptq" else "round-to-nearest"
         linears = "in_proj, out_proj" if has_mamba2_blocks(model) else "in_proj, x_proj, dt_proj, out_proj"
@@ -198,9 +201,11 @@ def quantize(model, method: str = "mambaquant", w_bits: int = 8, a_bits: int = 8
              progress: bool = False, tokenizer: str | None = None, backend: str = "fake", **options) -> nn.Module:
     """Quantize `model` (a model object, an embedded model name, a directory or a checkpoint) with `method`.
 
-    `calib`: a tensor of inputs (token ids (N, L) or images (N, C, H, W)), the name of a calibration set
-    (see `mambaquant.calibration.CALIBRATION_SETS`), the path of a training text file, or None for the model's
-    default set (embedded models and models whose task is known). `tokenizer`: the tokenizer.json for text
+    `calib`: inputs in the model's form (token ids (N, L), images (N, C, H, W), a time series (N, L, C), ...) as a
+    tensor, a Dataset or an iterable of inputs or (input, label) pairs, or a .pt / .npz / .safetensors file of
+    them; the name of a calibration set (see `mambaquant.calibration.CALIBRATION_SETS`), the path of a training
+    text file, or None for the model's default set (embedded models and models whose task is known). The first
+    `calib_samples` inputs are used. `tokenizer`: the tokenizer.json for text
     calibration of a BPE-vocabulary model (default: GPT-NeoX's from the data directory). `backend`: "fake" runs the
     quantized linears as a float32 simulation of their integer arithmetic, "int8" with int8 matrix products (see
     `set_backend`; both give the same numbers). Bits of 16 quantize nothing there: `w_bits=16, a_bits=16` applies

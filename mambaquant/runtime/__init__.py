@@ -1,17 +1,18 @@
 """Our own Mamba-1 and Mamba-2 runtime: explicit modules, every quantizable tensor at a named site."""
 
-from .block import MambaBlock, RMSNorm
-from .config import LMConfig, Mamba2Config, Mamba2LMConfig, MambaConfig, TaggerConfig, VisionConfig
+from .build import build
+from .block import MambaBlock, NoNorm, RMSNorm
+from .config import (LMConfig, Mamba2Config, Mamba2LMConfig, MambaConfig, ModelConfig, TaggerConfig,
+                     VisionConfig)
 from .conv import SSMState
 from .init import init_weights
 from .lm import MambaLM
 from .mixer import MambaMixer, SelectiveSSM
 from .mixer2 import GroupRMSNorm, Mamba2Mixer
+from .model import MambaModel, MambaTagger, VisionMamba
 from .scan import selective_scan, selective_scan_reference
 from .sites import MAMBA2_SITES, SITES, Site, find_sites
 from .ssd import ssd_scan, ssd_scan_reference
-from .tagger import MambaTagger
-from .vision import VisionMamba
 
 
 def use_reference_scan(model, on: bool = True):
@@ -32,9 +33,12 @@ __all__ = [
     "Mamba2Mixer",
     "MambaBlock",
     "MambaConfig",
+    "ModelConfig",
     "MambaLM",
     "MambaMixer",
+    "MambaModel",
     "MambaTagger",
+    "NoNorm",
     "RMSNorm",
     "SSMState",
     "SelectiveSSM",
@@ -42,6 +46,7 @@ __all__ = [
     "TaggerConfig",
     "VisionConfig",
     "VisionMamba",
+    "build",
     "find_sites",
     "init_weights",
     "selective_scan",

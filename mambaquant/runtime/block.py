@@ -1,4 +1,5 @@
-"""A pre-norm residual Mamba block: residual + mixer(norm(residual)), with a Mamba-1 or a Mamba-2 mixer."""
+"""A pre-norm residual Mamba block: residual + mixer(norm(residual)) (or mixer(norm(x)) without the residual
+connection), with a Mamba-1 or a Mamba-2 mixer."""
 
 import torch
 from torch import nn
@@ -20,10 +21,17 @@ class RMSNorm(nn.Module):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
 
-def make_norm(config: MambaConfig | Mamba2Config) -> nn.Module:
-    if config.norm == "rms":
+class NoNorm(nn.Identity):
+    """A block or final norm left out (norm "none"): the identity, with nothing to fuse."""
+
+
+def make_norm(config: MambaConfig | Mamba2Config, kind: str | None = None) -> nn.Module:
+    kind = kind or config.norm
+    if kind == "rms":
         return RMSNorm(config.d_model, config.norm_eps)
-    return nn.LayerNorm(config.d_model, eps=config.norm_eps)
+    if kind == "layer":
+        return nn.LayerNorm(config.d_model, eps=config.norm_eps)
+    return NoNorm()
 
 
 class MambaBlock(nn.Module):
@@ -32,8 +40,11 @@ class MambaBlock(nn.Module):
         self.sites = make_sites("residual", "norm", "out")
         self.norm = make_norm(config)
         self.mixer = Mamba2Mixer(config) if isinstance(config, Mamba2Config) else MambaMixer(config)
+        self.residual = config.residual
+
+    forward_order = ("sites.residual", "norm", "sites.norm", "mixer", "sites.out")
 
     def forward(self, residual: torch.Tensor, state: SSMState | None = None) -> torch.Tensor:
         residual = self.sites.residual(residual)
-        out = self.mixer(self.sites.norm(self.norm(residual)), state)
-        return residual + self.sites.out(out)
+        out = self.sites.out(self.mixer(self.sites.norm(self.norm(residual)), state))
+        return residual + out if self.residual else out

@@ -5,10 +5,17 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-NORMS = ("rms", "layer")
+NORMS = ("rms", "layer", "none")
 CONVS = ("causal", "same")
-BIDIRECTIONAL = ("none", "separate", "shared")
-CHOICES = {"norm": NORMS, "conv": CONVS, "bidirectional": BIDIRECTIONAL}
+BIDIRECTIONAL = ("none", "separate", "shared-conv", "shared")
+STEMS = ("embedding", "patch", "flatten", "linear")
+CLS_TOKENS = ("none", "start", "middle", "end")
+POOLINGS = ("none", "cls", "mean", "max", "last")
+HEADS = ("linear", "mlp")
+ACTIVATIONS = ("gelu", "relu", "silu", "tanh")
+FINAL_NORMS = ("same", "rms", "none")
+CHOICES = {"norm": NORMS, "conv": CONVS, "bidirectional": BIDIRECTIONAL, "stem": STEMS, "cls_token": CLS_TOKENS,
+           "pooling": POOLINGS, "head": HEADS, "head_act": ACTIVATIONS, "final_norm": FINAL_NORMS}
 # field -> (lowest, highest) accepted by `from_dict`: sizes are bounded so that no config asks for an absurd
 # allocation or divides by zero (a larger model still has to fit the memory check before it is built)
 LIMITS = {
@@ -26,6 +33,9 @@ LIMITS = {
     "patch_size": (1, 1024),
     "stride": (1, 1024),
     "in_chans": (1, 64),
+    "in_features": (1, 2**24),
+    "seq_len": (0, 2**24),  # 0: any length
+    "head_hidden": (0, 65536),  # 0: d_model
     "head_dim": (1, 65536),
     "n_groups": (1, 65536),
     "d_ssm": (0, 16 * 65536),  # 0: d_inner
@@ -99,19 +109,23 @@ class MambaConfig(BlockConfig):
     x_proj_bias: bool = False
     conv: str = "causal"  # "causal" (Mamba) or "same" (centred, non-causal)
     dt_offset: float = 0.0  # added after the softplus: dt = softplus(dt_proj(.)) + dt_offset
-    norm: str = "rms"  # "rms" (Mamba, Vim) or "layer" (LayerNorm with bias)
+    norm: str = "rms"  # the block norm: "rms" (Mamba, Vim), "layer" (LayerNorm with bias) or "none"
     norm_eps: float = 1e-5
     # "none"; "separate": a second SSM branch (own conv, x_proj, dt_proj, A, D) on the reversed sequence (Vim v2);
-    # "shared": the same SSM inputs also scanned backwards in time with the same parameters
+    # "shared-conv": one conv for both directions, a second SSM (own x_proj, dt_proj, A, D) scanning its output
+    # backwards; "shared": the same SSM inputs also scanned backwards in time with the same parameters
     bidirectional: str = "none"
     divide_out: bool = True  # bidirectional only: average the two directions instead of adding them
+    residual: bool = True  # block output = input + mixer(norm(input)); False: mixer(norm(input))
 
     def __post_init__(self):
         if self.dt_rank == 0:
             self.dt_rank = math.ceil(self.d_model / 16)
-        for field, allowed in (("norm", NORMS), ("conv", CONVS), ("bidirectional", BIDIRECTIONAL)):
-            if getattr(self, field) not in allowed:
-                raise ValueError(f"{field} must be one of {', '.join(allowed)}; got {getattr(self, field)!r}")
+        for field in dataclasses.fields(self):
+            allowed = CHOICES.get(field.name)
+            if allowed is not None and getattr(self, field.name) not in allowed:
+                raise ValueError(f"{field.name} must be one of {', '.join(allowed)}; got "
+                                 f"{getattr(self, field.name)!r}")
 
 @dataclass
 class LMConfig(MambaConfig):
@@ -122,6 +136,11 @@ class LMConfig(MambaConfig):
 
     @classmethod
     def check_consistency(cls, values: dict, where: str) -> None:
+        if values["norm"] == "none" or not values["residual"]:
+            from ..errors import InputError
+
+            raise InputError(f"{where}: a language model here has RMSNorm residual blocks (norm 'rms', residual "
+                             f"true); build other variants as a MambaModel")
         if values["bidirectional"] != "none" or values["conv"] != "causal":
             from ..errors import InputError
 
@@ -130,22 +149,38 @@ class LMConfig(MambaConfig):
 
 
 @dataclass
-class VisionConfig(MambaConfig):
-    """Vision Mamba (Vim): patch embedding, absolute position embedding, middle class token, bidirectional blocks."""
+class ModelConfig(MambaConfig):
+    """A model composed from parts around a stack of Mamba-1 blocks (`MambaModel`): stem -> class token ->
+    position embedding -> blocks -> final norm -> pooling -> head. Stems: "embedding" (token ids (B, L)), "patch"
+    (a conv over images (B, in_chans, img_size, img_size), patch_size x patch_size taps at `stride`), "flatten"
+    (any input flattened to one token of in_features), "linear" (a linear per time step of (B, L, in_features)).
+    Pooling "none" gives one output per token."""
 
-    img_size: int = 224
-    patch_size: int = 16
-    stride: int = 16
+    stem: str = "embedding"
+    vocab_size: int = 256  # embedding stem
+    img_size: int = 32  # patch stem
+    patch_size: int = 4
+    stride: int = 4
     in_chans: int = 3
-    num_classes: int = 1000
-    bidirectional: str = "separate"
+    in_features: int = 1  # flatten and linear stems
+    seq_len: int = 0  # the fixed input length of an embedding or linear stem (needed by a position embedding)
+    cls_token: str = "none"  # where a learned class token is inserted: "none", "start", "middle", "end"
+    pos_embed: bool = False  # a learned absolute position embedding added after the class token is inserted
+    final_norm: str = "same"  # "same" (the block norm's kind), "rms" or "none"
+    pooling: str = "none"  # "none" (per token), "cls", "mean", "max", "last"
+    head: str = "linear"  # "linear", or "mlp": Linear -> head_act -> Linear
+    head_hidden: int = 0  # the MLP head's width; 0: d_model
+    head_act: str = "gelu"
+    num_classes: int = 10
 
-    @classmethod
-    def check_consistency(cls, values: dict, where: str) -> None:
-        if values["patch_size"] > values["img_size"]:
-            from ..errors import InputError
+    def __post_init__(self):
+        super().__post_init__()
+        if self.head_hidden == 0:
+            self.head_hidden = self.d_model
 
-            raise InputError(f"{where}: patch_size {values['patch_size']} is larger than img_size {values['img_size']}")
+    @property
+    def final_norm_kind(self) -> str:
+        return self.norm if self.final_norm == "same" else self.final_norm
 
     @property
     def grid_size(self) -> int:
@@ -155,12 +190,61 @@ class VisionConfig(MambaConfig):
     def num_patches(self) -> int:
         return self.grid_size**2
 
+    @property
+    def stem_tokens(self) -> int:
+        """Tokens out of the stem: 0 where the input length varies."""
+        return {"patch": self.num_patches, "flatten": 1}.get(self.stem, self.seq_len)
+
+    @property
+    def positions(self) -> int:
+        """Sequence length through the blocks (class token included); 0 where the input length varies."""
+        tokens = self.stem_tokens
+        return tokens + (self.cls_token != "none") if tokens else 0
+
+    @classmethod
+    def check_consistency(cls, values: dict, where: str) -> None:
+        from ..errors import InputError
+
+        problem = model_config_problem(values)
+        if problem:
+            raise InputError(f"{where}: {problem}")
+
+
+def model_config_problem(c: dict) -> str | None:
+    """What is inconsistent in a ModelConfig's fields (a dict), or None."""
+    if c["stem"] == "patch" and c["patch_size"] > c["img_size"]:
+        return f"patch_size {c['patch_size']} is larger than img_size {c['img_size']}"
+    if c["pos_embed"] and c["stem"] in ("embedding", "linear") and not c["seq_len"]:
+        return f"a position embedding with the {c['stem']} stem needs the input length: set seq_len"
+    if c["pooling"] == "cls" and c["cls_token"] == "none":
+        return "pooling 'cls' needs a class token: set cls_token to start, middle or end"
+    final = c["norm"] if c["final_norm"] == "same" else c["final_norm"]
+    if "layer" in (c["norm"], final) and (c["norm"], final) != ("layer", "layer"):
+        return (f"a LayerNorm must be every reader of the residual stream (norm and final norm both 'layer'); got "
+                f"norm {c['norm']!r} and final norm {final!r}")
+    return None
+
 
 @dataclass
-class TaggerConfig(MambaConfig):
+class VisionConfig(ModelConfig):
+    """Vision Mamba (Vim): patch embedding, middle class token, absolute position embedding, bidirectional blocks,
+    head on the class token."""
+
+    stem: str = "patch"
+    img_size: int = 224
+    patch_size: int = 16
+    stride: int = 16
+    num_classes: int = 1000
+    cls_token: str = "middle"
+    pos_embed: bool = True
+    pooling: str = "cls"
+    bidirectional: str = "separate"
+
+
+@dataclass
+class TaggerConfig(ModelConfig):
     """A per-token classifier: embedding, Mamba blocks, final norm, a head giving one label per token."""
 
-    vocab_size: int = 256
     num_classes: int = 2
 
 
@@ -185,7 +269,8 @@ class Mamba2Config(BlockConfig):
     dt_limit_min: float = 0.0  # dt = clamp(softplus(dt + dt_bias), dt_limit_min, dt_limit_max)
     dt_limit_max: float = 0.0  # 0 means no upper limit
 
-    norm = "rms"  # not a field: Mamba-2 blocks always use RMSNorm
+    norm = "rms"  # not fields: Mamba-2 blocks are always RMSNorm residual blocks
+    residual = True
 
     def __post_init__(self):
         if self.d_ssm == 0:

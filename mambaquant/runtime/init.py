@@ -30,10 +30,11 @@ def init_weights(model: nn.Module, std: float = 0.02, seed: int = 0, dt_min: flo
             getattr(model, name).normal_(0.0, std, generator=generator)
     for ssm in (m for m in model.modules() if isinstance(m, SelectiveSSM)):
         E, N = ssm.A_log.shape
-        bound = 1 / math.sqrt(ssm.conv1d.kernel_size[0])
-        ssm.conv1d.weight.uniform_(-bound, bound, generator=generator)
-        if ssm.conv1d.bias is not None:
-            ssm.conv1d.bias.zero_()
+        if ssm.conv1d is not None:
+            bound = 1 / math.sqrt(ssm.conv1d.kernel_size[0])
+            ssm.conv1d.weight.uniform_(-bound, bound, generator=generator)
+            if ssm.conv1d.bias is not None:
+                ssm.conv1d.bias.zero_()
         ssm.A_log.copy_(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).expand(E, N))
         ssm.D.fill_(1.0)
         ssm.dt_proj.weight.uniform_(-(ssm.dt_rank**-0.5), ssm.dt_rank**-0.5, generator=generator)

@@ -29,6 +29,8 @@ class MambaLM(nn.Module):
             self.lm_head.weight = self.embedding.weight
         name_sites(self)
 
+    forward_order = ("sites.embed", "layers", "norm_f", "sites.norm_f", "lm_head", "sites.logits")
+
     def forward(self, input_ids: torch.Tensor, cache: list[SSMState] | None = None) -> torch.Tensor:
         """input_ids (B, L) -> logits (B, L, vocab). With a cache, continues from its state and updates it."""
         return self.output(self.hidden_states(input_ids, cache))

@@ -12,16 +12,17 @@ from .sites import make_sites
 
 class SelectiveSSM(nn.Module):
     """conv1d + SiLU -> x_proj (dt, B, C) -> dt_proj + softplus -> selective scan -> + D skip.
-    With `both_ways` the same inputs are also scanned backwards in time and the two results added."""
+    With `both_ways` the same inputs are also scanned backwards in time and the two results added. Without
+    `with_conv` the branch has no conv of its own: it scans another branch's conv output (`selective`)."""
 
-    def __init__(self, config: MambaConfig, both_ways: bool = False):
+    def __init__(self, config: MambaConfig, both_ways: bool = False, with_conv: bool = True):
         super().__init__()
         E, N, R = config.d_inner, config.d_state, config.dt_rank
         self.d_state, self.dt_rank = N, R
         self.causal = config.conv == "causal"
         self.dt_offset = config.dt_offset
         self.both_ways = both_ways
-        self.conv1d = nn.Conv1d(E, E, config.d_conv, groups=E, bias=config.conv_bias)
+        self.conv1d = nn.Conv1d(E, E, config.d_conv, groups=E, bias=config.conv_bias) if with_conv else None
         self.x_proj = nn.Linear(E, R + 2 * N, bias=config.x_proj_bias)
         self.dt_proj = nn.Linear(R, E, bias=True)
         self.A_log = nn.Parameter(torch.zeros(E, N))
@@ -45,8 +46,12 @@ class SelectiveSSM(nn.Module):
         return hC
 
     def forward(self, x: torch.Tensor, state: SSMState | None = None) -> torch.Tensor:
+        return self.selective(F.silu(self.conv(x, state)), state)
+
+    def selective(self, u: torch.Tensor, state: SSMState | None = None) -> torch.Tensor:
+        """The SSM on the conv output u = SiLU(conv1d(x))."""
         sites = self.sites
-        u = sites.conv(F.silu(self.conv(x, state)))
+        u = sites.conv(u)
         dt_low, B, C = self.x_proj(sites.x_proj_in(u)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt_low, B, C = sites.dt_low(dt_low), sites.B(B), sites.C(C)
         dt = sites.dt(F.softplus(self.dt_proj(dt_low)) + self.dt_offset)
@@ -60,14 +65,17 @@ class SelectiveSSM(nn.Module):
 
 
 class MambaMixer(nn.Module):
-    """in_proj -> x, z; y = SSM(x) (with a separate reversed-sequence branch: averaged, or added when not
-    `divide_out`); out_proj(y * SiLU(z))."""
+    """in_proj -> x, z; y = SSM(x) (with a reversed-sequence branch: averaged, or added when not `divide_out`);
+    out_proj(y * SiLU(z)). The reversed branch `ssm_b` has its own conv ("separate") or scans the reversed output
+    of the forward branch's conv ("shared-conv")."""
 
     def __init__(self, config: MambaConfig):
         super().__init__()
         self.in_proj = nn.Linear(config.d_model, 2 * config.d_inner, bias=config.bias)
         self.ssm = SelectiveSSM(config, both_ways=config.bidirectional == "shared")
-        self.ssm_b = SelectiveSSM(config) if config.bidirectional == "separate" else None
+        self.shared_conv = config.bidirectional == "shared-conv"
+        self.ssm_b = SelectiveSSM(config, with_conv=not self.shared_conv) \
+            if config.bidirectional in ("separate", "shared-conv") else None
         self.divide_out = config.divide_out
         self.out_proj = nn.Linear(config.d_inner, config.d_model, bias=config.bias)
         self.register_buffer("gate_scale", None)  # S-SiLU: gate = z * sigmoid(gate_scale * z) (smooth-fused rotation)
@@ -79,12 +87,18 @@ class MambaMixer(nn.Module):
         return SSMState(conv=weight.new_zeros(batch_size, self.d_conv - 1, self.d_inner),
                         h=weight.new_zeros(batch_size, self.d_inner, self.d_state))
 
+    forward_order = ("in_proj", "sites.x", "sites.z", "ssm", "ssm_b", "sites.gate", "sites.out_proj_in", "out_proj")
+
     def forward(self, hidden: torch.Tensor, state: SSMState | None = None) -> torch.Tensor:
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
         x, z = self.sites.x(x), self.sites.z(z)
-        y = self.ssm(x, state)
-        if self.ssm_b is not None:
-            y_b = self.ssm_b(x.flip(1)).flip(1)
+        if self.shared_conv:
+            u = F.silu(self.ssm.conv(x, state))
+            y, y_b = self.ssm.selective(u, state), self.ssm_b.selective(u.flip(1)).flip(1)
+        else:
+            y = self.ssm(x, state)
+            y_b = self.ssm_b(x.flip(1)).flip(1) if self.ssm_b is not None else None
+        if y_b is not None:
             y = (y + y_b) / 2 if self.divide_out else y + y_b
         gate = F.silu(z) if self.gate_scale is None else z * torch.sigmoid(self.gate_scale * z)
         gate = self.sites.gate(gate)

@@ -71,10 +71,16 @@ def selective_scan(
         if dBu_hook is not None:  # the hook may return a view of its input; the loop below writes in place
             hs = hs.clone()
         steps, decays = hs.unbind(1), dA.unbind(1)  # views made in one call: the loop is bound by per-op overhead
-        steps[0].addcmul_(h, decays[0])
-        for t in range(1, stop - start):
-            steps[t].addcmul_(steps[t - 1], decays[t])
-        h = steps[-1].clone()
+        if torch.is_grad_enabled():  # autograd refuses in-place writes into unbind's views: out of place
+            states = [h]
+            for t in range(stop - start):
+                states.append(torch.addcmul(steps[t], states[-1], decays[t]))
+            hs = torch.stack(states[1:], dim=1)
+        else:
+            steps[0].addcmul_(h, decays[0])
+            for t in range(1, stop - start):
+                steps[t].addcmul_(steps[t - 1], decays[t])
+        h = hs[:, -1].clone()
         h_used = _apply(h_hook, hs)
         hC[:, start:stop] = torch.einsum("bten,btn->bte", h_used, C[:, start:stop])
     return hC, h

@@ -16,6 +16,7 @@ SITES = {
     # model
     "embed": "embedding output, the residual stream entering the first block (B, L, D)",
     "norm_f": "final norm output = head input (B, L, D)",
+    "hidden": "an MLP head's hidden activation = its second linear's input (B, hidden) or (B, L, hidden)",
     "logits": "head output (B, L, vocab) or (B, classes)",
     # block
     "residual": "residual stream entering the block (B, L, D)",
@@ -99,5 +100,19 @@ def name_sites(model: nn.Module) -> None:
 
 
 def find_sites(model: nn.Module) -> dict[str, Site]:
-    """All sites of a model by full name, in forward order."""
-    return {m.name: m for m in model.modules() if isinstance(m, Site)}
+    """All sites of a model by full name, in forward order: a module's `forward_order` (its children and its own
+    sites, as `sites.KIND`, in the order its forward reaches them) where it has one, registration order after."""
+    found = {}
+
+    def visit(module: nn.Module) -> None:
+        if isinstance(module, Site):
+            found[module.name] = module
+            return
+        children = {name: child for name, child in module.named_children() if name != "sites"}
+        children.update({f"sites.{kind}": site for kind, site in getattr(module, "sites", {}).items()})
+        order = [name for name in getattr(module, "forward_order", ()) if name in children]
+        for name in order + [name for name in children if name not in order]:
+            visit(children[name])
+
+    visit(model)
+    return found

@@ -1,7 +1,8 @@
 """Function-preserving rotations. Convention: a rotation by an orthogonal M maps an activation x to x' = x M; the
 consumer weight absorbs it as W' = W M (so x' W'^T = x W^T), a linear producer as W_p' = M^T W_p.
 
-Offline (fused into weights): the residual stream (embedding/patches, in_proj, out_proj, head), the dt path
+Offline (fused into weights): the residual stream (the stem, class token and position embedding, in_proj, out_proj,
+the head; before a max pooling the head input is turned back online), the dt path
 between x_proj's dt rows and dt_proj, the state dimension on the C side (x_proj's C rows).
 Online (a `Rotate` op at a site, since no linear producer can absorb it): out_proj input, x_proj input, state h.
 Mamba-2: the residual stream and the out_proj input as above; the state dimension is online on both sides
@@ -12,7 +13,8 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..runtime import MambaLM, MambaTagger, RMSNorm, Site, VisionMamba
+from ..runtime import MambaLM, NoNorm, RMSNorm, Site
+from ..runtime.model import MLPHead
 from .hadamard import fast_hadamard, hadamard, hadamard_or_orthogonal
 
 
@@ -58,7 +60,9 @@ def random_hadamard(n: int, seed: int) -> torch.Tensor:
 
 
 def head_of(model: nn.Module) -> nn.Linear:
-    return model.head if isinstance(model, (VisionMamba, MambaTagger)) else model.lm_head
+    """The linear layer that reads the head input (an MLP head's first)."""
+    head = model.lm_head if isinstance(model, MambaLM) else model.head
+    return head.fc1 if isinstance(head, MLPHead) else head
 
 
 def branches(mixer: nn.Module) -> list[nn.Module]:
@@ -69,6 +73,28 @@ def is_tied(model: nn.Module) -> bool:
     return isinstance(model, MambaLM) and model.config.tie_embeddings
 
 
+def max_pooled(model: nn.Module) -> bool:
+    """A max over tokens commutes with no rotation and no sign change: the head input is kept unrotated."""
+    return getattr(model.config, "pooling", None) == "max"
+
+
+def stream_writers(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """What writes the residual stream before the first block: tensors with d_model as their first dimension
+    (producer weights: the patch conv's, an input linear's) and as their last (embedding rows, producer biases,
+    the class token, the position embedding)."""
+    first, last = [], []
+    if hasattr(model, "embedding"):
+        last.append(model.embedding.weight)
+    producers = [model.patch_embed.proj] if hasattr(model, "patch_embed") else []
+    producers += [model.input_proj] if hasattr(model, "input_proj") else []
+    for producer in producers:
+        first.append(producer.weight)
+        if producer.bias is not None:
+            last.append(producer.bias)
+    last += [getattr(model, name) for name in ("cls_token", "pos_embed") if hasattr(model, name)]
+    return first, last
+
+
 @torch.no_grad()
 def untie_head(model: nn.Module) -> None:
     if is_tied(model):
@@ -77,8 +103,9 @@ def untie_head(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def fuse_norm_into(norm: nn.Module, linear: nn.Linear) -> None:
-    """norm(x) = n(x) * g (+ b)  ->  the norm keeps n(x) only; the linear absorbs g (and b into its bias)."""
+def fuse_norm_into(norm: nn.Module, linear: nn.Linear, scale: bool = True) -> None:
+    """norm(x) = n(x) * g (+ b)  ->  the norm keeps n(x) only; the linear absorbs g (and b into its bias). With
+    `scale` False only b moves (the caller keeps g elsewhere)."""
     weight = linear.weight.detach().clone()
     if getattr(norm, "bias", None) is not None:
         shift = weight @ norm.bias
@@ -87,23 +114,21 @@ def fuse_norm_into(norm: nn.Module, linear: nn.Linear) -> None:
         else:
             linear.bias += shift
         norm.bias.zero_()
-    linear.weight.copy_(weight * norm.weight)
-    norm.weight.fill_(1.0)
+    if scale:
+        linear.weight.copy_(weight * norm.weight)
+        norm.weight.fill_(1.0)
 
 
 @torch.no_grad()
 def center_residual(model: nn.Module) -> None:
     """Make every write to the residual stream zero-mean over its channels. Every reader of the stream is a
     LayerNorm, which ignores the mean, so the function is unchanged; afterwards LayerNorm = RMSNorm (SliceGPT)."""
-    if isinstance(model, VisionMamba):
-        proj = model.patch_embed.proj
-        proj.weight -= proj.weight.mean(0, keepdim=True)
-        proj.bias -= proj.bias.mean()
-        model.cls_token -= model.cls_token.mean(-1, keepdim=True)
-        model.pos_embed -= model.pos_embed.mean(-1, keepdim=True)
-    else:
-        untie_head(model)
-        model.embedding.weight -= model.embedding.weight.mean(-1, keepdim=True)
+    untie_head(model)
+    first, last = stream_writers(model)
+    for tensor in first:
+        tensor -= tensor.mean(0, keepdim=True)
+    for tensor in last:
+        tensor -= tensor.mean(-1, keepdim=True)
     for layer in model.layers:
         out_proj = layer.mixer.out_proj
         out_proj.weight -= out_proj.weight.mean(0, keepdim=True)
@@ -115,14 +140,19 @@ def center_residual(model: nn.Module) -> None:
 def fuse_norms(model: nn.Module) -> nn.Module:
     """Fold every block norm into in_proj and the final norm into the head. A tied LM head is the embedding, so
     there the final norm's scale g becomes an online x -> x diag(g) at the head input instead (a D x D product,
-    ~1/vocab of the head's cost): the checkpoint keeps one matrix for both. LayerNorm models are first centred
-    (`center_residual`), and their norms become scale-free RMSNorms."""
+    ~1/vocab of the head's cost): the checkpoint keeps one matrix for both; so it does before a max pooling, which
+    a negative g would not pass. LayerNorm models are first centred (`center_residual`), and their norms become
+    scale-free RMSNorms. Absent norms (norm "none") have nothing to fold."""
     layer_norm = isinstance(model.norm_f, nn.LayerNorm)
     if layer_norm:
         center_residual(model)
     for layer in model.layers:
-        fuse_norm_into(layer.norm, layer.mixer.in_proj)
-    if is_tied(model):
+        if not isinstance(layer.norm, NoNorm):
+            fuse_norm_into(layer.norm, layer.mixer.in_proj)
+    if isinstance(model.norm_f, NoNorm):
+        pass
+    elif is_tied(model) or max_pooled(model):
+        fuse_norm_into(model.norm_f, head_of(model), scale=False)
         append_op(model.sites["norm_f"], Rotate(model.config.d_model, torch.diag(model.norm_f.weight.clone())))
         model.norm_f.weight.fill_(1.0)
     else:
@@ -138,31 +168,34 @@ def fuse_norms(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def rotate_residual(model: nn.Module, M: torch.Tensor) -> nn.Module:
-    """Rotate the residual stream by M (D x D orthogonal). Needs RMSNorms with unit scale (run `fuse_norms`
-    first): an RMSNorm without scale commutes with any rotation, a LayerNorm does not."""
+    """Rotate the residual stream by M (D x D orthogonal). Needs RMSNorms with unit scale, or no norms (run
+    `fuse_norms` first): an RMSNorm without scale commutes with any rotation, a LayerNorm does not. Before a max
+    pooling the head input is turned back (x M -> x) online, and the head keeps its weights."""
     norms = [layer.norm for layer in model.layers] + [model.norm_f]
-    if not all(isinstance(n, RMSNorm) and torch.all(n.weight == 1) for n in norms):
+    if not all(isinstance(n, NoNorm) or isinstance(n, RMSNorm) and torch.all(n.weight == 1) for n in norms):
         raise InputError("rotating the residual stream needs RMSNorm blocks with fused (unit) scales")
-    if isinstance(model, VisionMamba):
-        proj = model.patch_embed.proj
-        proj.weight.copy_(torch.einsum("dchw,de->echw", proj.weight, M))
-        proj.bias.copy_(proj.bias @ M)
-        model.cls_token.copy_(model.cls_token @ M)
-        model.pos_embed.copy_(model.pos_embed @ M)
-    else:
-        model.embedding.weight.copy_(model.embedding.weight @ M)  # a tied head turns with it
+    first, last = stream_writers(model)
+    for tensor in first:
+        tensor.copy_((M.T @ tensor.flatten(1)).view_as(tensor))
+    for tensor in last:  # a tied head turns with the embedding
+        tensor.copy_(tensor @ M)
     for layer in model.layers:
         mixer = layer.mixer
         mixer.in_proj.weight.copy_(mixer.in_proj.weight @ M)
         mixer.out_proj.weight.copy_(M.T @ mixer.out_proj.weight)
         if mixer.out_proj.bias is not None:
             mixer.out_proj.bias.copy_(mixer.out_proj.bias @ M)
-    if not is_tied(model):
+    head_input = model.sites["norm_f"].op
+    if head_input is not None and (not isinstance(head_input, Rotate) or head_input.matrix is None):
+        raise InputError("rotate the residual stream before other ops are added at the head input")
+    if max_pooled(model):  # the head-input product G (see fuse_norms), or none, becomes M^T G
+        if head_input is None:
+            append_op(model.sites["norm_f"], Rotate(len(M), M.T.clone()))
+        else:
+            head_input.matrix = M.T @ head_input.matrix
+    elif not is_tied(model):
         head_of(model).weight.copy_(head_of(model).weight @ M)
-    elif model.sites["norm_f"].op is not None:  # the head-input product G (see fuse_norms) becomes M^T G M
-        head_input = model.sites["norm_f"].op
-        if not isinstance(head_input, Rotate) or head_input.matrix is None:
-            raise InputError("rotate the residual stream before other ops are added at the head input")
+    elif head_input is not None:  # the head-input product G (see fuse_norms) becomes M^T G M
         head_input.matrix = M.T @ head_input.matrix @ M
     return model
 

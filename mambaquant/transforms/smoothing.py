@@ -1,7 +1,7 @@
 """Function-preserving channel smoothing (SmoothQuant): divide an activation's channels by s and multiply the
 consumer weight's input columns by s; the division is fused into the producer, so it costs nothing at run time.
 
-- in_proj input (and head input): the preceding norm's scale;
+- in_proj input (and head input): the preceding norm's scale (online where the model has no norm there);
 - out_proj input: the smooth-fused rotation's S-SiLU. in_proj's z rows are divided by s and the gate becomes
   z * sigmoid(s * z), which is SiLU(z) / s exactly;
 - conv1d input: in_proj's x rows divided by s, the depthwise conv weights multiplied by s;
@@ -60,10 +60,15 @@ def divide_rows(linear: nn.Linear, rows: slice, s: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def smooth_norm_output(norm: nn.Module, linear: nn.Linear, s: torch.Tensor) -> None:
-    norm.weight.div_(s)
-    if getattr(norm, "bias", None) is not None:
-        norm.bias.div_(s)
+def smooth_norm_output(norm: nn.Module, linear: nn.Linear, s: torch.Tensor, site) -> None:
+    """The norm's scale (and bias) divided by s; where there is no norm, an online division at its output `site`
+    (s > 0, so it passes a max pooling too)."""
+    if isinstance(norm, nn.Identity):
+        append_op(site, Scale(1 / s))
+    else:
+        norm.weight.div_(s)
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.div_(s)
     linear.weight.mul_(s)
 
 
@@ -80,7 +85,8 @@ def smooth_gate(mixer: nn.Module, s: torch.Tensor) -> None:
 def smooth_conv_input(mixer: nn.Module, ssms: list[nn.Module], s: torch.Tensor) -> None:
     divide_rows(mixer.in_proj, slice(0, mixer.out_proj.in_features), s)
     for ssm in ssms:
-        ssm.conv1d.weight.mul_(s[:, None, None])
+        if ssm.conv1d is not None:  # a shared-conv backward branch reads the forward branch's conv
+            ssm.conv1d.weight.mul_(s[:, None, None])
 
 
 @torch.no_grad()

@@ -1,0 +1,34 @@
+"""`build(config)`: the model a config describes, with Mamba's random initialisation."""
+
+from ..errors import InputError
+from .config import BlockConfig, LMConfig, Mamba2LMConfig, ModelConfig, TaggerConfig, VisionConfig
+from .init import init_weights
+from .lm import MambaLM
+from .model import MambaModel, MambaTagger, VisionMamba
+
+# config class -> model class, most specific first; a config dict names its kind under "architecture"
+MODEL_CLASSES = {VisionConfig: VisionMamba, TaggerConfig: MambaTagger, ModelConfig: MambaModel,
+                 Mamba2LMConfig: MambaLM, LMConfig: MambaLM}
+ARCHITECTURES = {"mamba-model": ModelConfig, "vision-mamba": VisionConfig, "mamba-tagger": TaggerConfig,
+                 "mamba-lm": LMConfig, "mamba2-lm": Mamba2LMConfig}
+
+
+def build(config, seed: int = 0):
+    """A model from a config object (`ModelConfig`, `VisionConfig`, `TaggerConfig`, `LMConfig`, `Mamba2LMConfig`)
+    or a dict of its fields (with "architecture": one of `ARCHITECTURES`, default "mamba-model"), every field
+    checked; initialised as Mamba does (`init_weights`, deterministic for `seed`), in eval mode."""
+    if isinstance(config, dict):
+        kind = config.get("architecture", "mamba-model")
+        if kind not in ARCHITECTURES:
+            raise InputError(f"unknown architecture {kind!r}; expected one of {', '.join(ARCHITECTURES)}")
+        config = ARCHITECTURES[kind].from_dict({k: v for k, v in config.items() if k != "architecture"},
+                                               where=f"{kind} config")
+    elif isinstance(config, BlockConfig):
+        config = type(config).from_dict(config.to_dict(), where=f"{type(config).__name__}")
+    else:
+        raise InputError(f"expected a model config or a dict of its fields, got a {type(config).__name__}")
+    model_class = next((m for c, m in MODEL_CLASSES.items() if type(config) is c), None)
+    if model_class is None:
+        raise InputError(f"a {type(config).__name__} describes blocks, not a model; expected one of "
+                         f"{', '.join(c.__name__ for c in MODEL_CLASSES)}")
+    return init_weights(model_class(config), seed=seed).eval()
