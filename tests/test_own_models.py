@@ -4,6 +4,7 @@ with the public API alone, equal to the reference, quantized with every method, 
 method keeps the function of every composition at 16 bits (a hypothesis test over the variant space); the docs'
 examples run as written."""
 
+import json
 import math
 import re
 from pathlib import Path
@@ -195,6 +196,27 @@ def test_a_full_precision_variant_saves_and_reloads_without_user_classes(variant
     reloaded = mambaquant.load(mambaquant.save(model, tmp_path / "fp"))
     assert type(reloaded) is type(model) and reloaded.config == model.config
     assert torch.equal(reloaded(x), model(x))
+
+
+def test_a_variant_is_analysed_and_compared_on_its_own_data(variant, tmp_path):
+    from mambaquant.analysis import AnalysisConfig, analyze
+    from mambaquant.compare import USER_TASK, compare
+
+    model, _, inputs = variant
+    calibration, x = inputs(8), inputs(12)
+    with torch.no_grad():
+        labels = model(x).argmax(-1)  # labels the FP model gets right: top-1 100 % at full precision
+    rows = compare(model, methods=("fp", "rtn", "mambaquant"), bits=("w8a8",), granularities=("tensor",),
+                   calib=calibration, eval_data=(x, labels))
+    by_method = {row.method: row for row in rows if row.task == USER_TASK}
+    assert set(by_method) == {"fp", "rtn", "mambaquant"}
+    assert by_method["fp"].value == 100.0 and "user data" in by_method["fp"].protocol
+    assert all(0 <= row.value <= 100 for row in by_method.values())
+    out = tmp_path / "analysis"
+    analyze(model, out, AnalysisConfig(calib=calibration, calib_samples=8, methods=("rtn",)))
+    assert (out / "index.html").is_file()
+    sites = json.loads((out / "stats.json").read_text())["sites"]
+    assert "tokens" in sites["layers.0.mixer.out_proj_in"]  # token-wise outliers beside the channel statistics
 
 
 # Every combination keeps the function under every method at 16 bits

@@ -14,16 +14,23 @@ import torch
 
 from ..calibration import resolve_calibration
 from ..errors import InputError
-from ..methods import METHODS, PRESETS, Runner, methods_for, quantize
+from ..methods import METHODS, PRESETS, Runner, activation_sites, methods_for, quantize
+from ..methods.granularity import CHUNKED_SITES
+from ..methods.stages import fixed_length
 from ..outputs import check_output_dir, write_atomic_dir
 from ..progress import progress as progress_of
 from ..runtime import find_sites
 from .error import SQNR, measure
 from .stats import (
+    AUTO,
     HISTOGRAM_EDGES,
     KURTOSIS,
     MAMBAQUANT_TRANSFORM,
+    POSITION_BINS,
+    TOKEN,
+    TOKEN_OUTLIER_RATIOS,
     TRANSFORM_NAMES,
+    SequenceClock,
     SiteStatistics,
     SketchConfig,
     key_site_names,
@@ -37,7 +44,7 @@ CHANNEL = ("the last dimension of the site's tensor: d_model or d_inner at the (
 
 @dataclass
 class AnalysisConfig:
-    calib: str | None = None  # calibration set or training text file; None: the model's default set
+    calib: object = None  # a tensor of inputs, a calibration set or training text file; None: the model's default
     calib_samples: int = 32
     calib_len: int | None = None
     methods: tuple[str, ...] | None = None  # None: every quantizing method for the model's block kind
@@ -59,12 +66,29 @@ class AnalysisConfig:
 
 def capture(model, batches: list[torch.Tensor], sketch: SketchConfig, progress: bool) -> dict[str, SiteStatistics]:
     """Statistics at every site over the calibration inputs, in one full-precision pass."""
-    key = set(key_site_names(model))
-    sites = find_sites(model)
-    statistics = {name: SiteStatistics(sketch, key=name in key) for name in sites}
-    bar = progress_of(batches, "statistics", "batch", progress)
-    Runner(model, bar).observe({sites[name]: observer for name, observer in statistics.items()})
+    key, auto = set(key_site_names(model)), {site.name for site in activation_sites(model)}
+    sites, clock = find_sites(model), SequenceClock()
+    statistics = {name: SiteStatistics(sketch, key=name in key, auto=name in auto, absolute=fixed_length(model),
+                                       clock=clock) for name in sites}
+    Runner(model, restarting(progress_of(batches, "statistics", "batch", progress), clock)).observe(
+        {sites[name]: observer for name, observer in statistics.items()})
     return statistics
+
+
+def restarting(batches, clock: SequenceClock):
+    for batch in batches:
+        clock.restart()
+        yield batch
+
+
+def describe_calibration(calib) -> str:
+    if calib is None:
+        return "the model's default training set"
+    if isinstance(calib, (str, Path)):
+        return str(calib)
+    if isinstance(calib, torch.Tensor):
+        return f"user tensor {tuple(calib.shape)}"
+    return f"user {type(calib).__name__}" + (f" of {len(calib)} items" if hasattr(calib, "__len__") else "")
 
 
 def quantization_error(model, batches: list[torch.Tensor], config: AnalysisConfig, progress: bool) -> dict:
@@ -77,14 +101,19 @@ def quantization_error(model, batches: list[torch.Tensor], config: AnalysisConfi
         w_bits, a_bits = PRESETS[bits.lower()]
         quantized = quantize(model, method=method, w_bits=w_bits, a_bits=a_bits, calib=inputs,
                              calib_samples=len(inputs), seed=config.seed)
-        results.setdefault(method, {})[bits.lower()] = measure(quantized, model, batches)
+        run = results.setdefault(method, {})[bits.lower()] = measure(quantized, model, batches)
+        if quantized.quantization_report.granularity_reasons:  # "auto" (MambaQuant's default), after its transforms
+            run["granularity_reasons"] = quantized.quantization_report.granularity_reasons
     return results
 
 
-def site_record(name: str, site, statistics: SiteStatistics) -> dict:
+def site_record(name: str, site, statistics: SiteStatistics, fixed: bool) -> dict:
     parts = name.split(".")
     layer = int(parts[1]) if parts[0] == "layers" else None
-    return {"kind": site.kind, "layer": layer, **statistics.summary()}
+    record = {"kind": site.kind, "layer": layer, **statistics.summary()}
+    if statistics.auto is not None:
+        record["auto"] = statistics.auto_choice(fixed and site.kind not in CHUNKED_SITES)
+    return record
 
 
 def plot_layers(n_layer: int) -> list[int]:
@@ -101,7 +130,7 @@ def analyze(source, out_dir: str | Path, config: AnalysisConfig | None = None, o
 
     config = config or AnalysisConfig(**options)
     out_dir = check_output_dir(out_dir, overwrite, sources=[source])
-    name = source if isinstance(source, str) else type(source).__name__
+    name = str(source) if isinstance(source, (str, Path)) else type(source).__name__
     model = load(source).eval()
     methods_for(model, config.methods)  # a method that does not apply to this block kind fails before any work
     batches = resolve_calibration(model, name, config.calib, config.calib_samples, config.calib_len, config.seed,
@@ -111,7 +140,7 @@ def analyze(source, out_dir: str | Path, config: AnalysisConfig | None = None, o
     results = {
         "model": name,
         "architecture": type(model).__name__,
-        "calibration": {"set": config.calib or "the model's default training set", "samples": sum(map(len, batches)),
+        "calibration": {"set": describe_calibration(config.calib), "samples": sum(map(len, batches)),
                         "input_shape": list(batches[0].shape[1:]), "seed": config.seed},
         "definitions": {
             "channel": CHANNEL, "kurtosis": KURTOSIS, "sqnr": SQNR,
@@ -122,12 +151,23 @@ def analyze(source, out_dir: str | Path, config: AnalysisConfig | None = None, o
                         f"transform) over at most {config.sketch.covariance_rows} rows of each tensor (uniform, "
                         f"seeded); max profiles after a transform over the {config.sketch.kept_rows} rows of "
                         "largest norm",
+            "token": TOKEN,
+            "token_outliers": (f"share of tokens whose max exceeds k x the median token max, k = "
+                               f"{' and '.join(f'{k:g}' for k in TOKEN_OUTLIER_RATIOS)}; positions "
+                               + ("absolute (inputs of one length)" if fixed_length(model) else
+                                  f"relative: bin i of {POSITION_BINS} holds [i / {POSITION_BINS}, (i + 1) / "
+                                  f"{POSITION_BINS}) of a sequence") + ", in input order (a backward scan mapped "
+                               "back); the median from a histogram of 16 log bins a decade (approximate)"),
+            "auto": (f"what the methods' auto activation granularity (methods/granularity.py) chooses from the site's "
+                     f"full-precision token maxima before any transform, with its defaults (token_outlier_ratio "
+                     f"{AUTO.token_outlier_ratio:g}, token_outlier_share {AUTO.token_outlier_share:g}); MambaQuant "
+                     "decides after its transforms (granularity_reasons of its runs)"),
         },
         "transform_names": TRANSFORM_NAMES,
         "mambaquant_transform": MAMBAQUANT_TRANSFORM,
         "histogram_edges": HISTOGRAM_EDGES.tolist(),
         "plot_layers": plot_layers(len(model.layers)),
-        "sites": {n: site_record(n, sites[n], s) for n, s in statistics.items()},
+        "sites": {n: site_record(n, sites[n], s, fixed_length(model)) for n, s in statistics.items()},
         "transforms": transform_statistics(model, statistics, config.seed),
     }
     del statistics

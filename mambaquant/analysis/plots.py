@@ -150,6 +150,59 @@ def kurtosis(results, directory):
     return save(figure, directory, "kurtosis.png", "Kurtosis per layer (Pearson, normal = 3)")
 
 
+def token_outliers(results, directory):
+    """Share of outlier tokens per layer, a panel per ratio k, at the key sites and along the scan."""
+    ratios = list(next(iter(results["sites"].values()))["tokens"]["outliers"])
+    figure = Figure(figsize=(6 * len(ratios) + 2, 4.5), layout="constrained")
+    axes = figure.subplots(1, len(ratios), squeeze=False, sharey=True)[0]
+    for ax, k in zip(axes, ratios):
+        series: dict[str, dict[int, float]] = {}
+        for name, site in results["sites"].items():
+            if site["layer"] is not None and site["kind"] in KURTOSIS_KINDS:
+                series.setdefault(site_key(name), {})[site["layer"]] = 100 * site["tokens"]["outliers"][k]["share"]
+        for key, layers in series.items():
+            ax.plot(list(layers), list(layers.values()), marker="o", label=label(key),
+                    color=f"C{KURTOSIS_KINDS.index(key.rpartition('.')[2])}",
+                    linestyle="--" if key.startswith("ssm_b.") else "-")
+        ax.set_xticks(sorted({layer for layers in series.values() for layer in layers}))
+        ax.set_xlabel("layer")
+        ax.set_title(f"tokens whose max |x| exceeds {k}x the median token max")
+    axes[0].set_ylabel("share of tokens (%)")
+    axes[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
+    figure.suptitle(f"{results['model']}: token-wise outliers per layer at the key sites and along the scan")
+    return save(figure, directory, "token_outliers.png", "Share of outlier tokens per layer (token max over the "
+                f"median token max above {' and '.join(ratios)})")
+
+
+def token_positions(results, directory, key, names):
+    """Per position: the largest and the median token max over the site's median token max (log), per layer."""
+    figure = Figure(figsize=(12, 4.5), layout="constrained")
+    ax = figure.subplots()
+    ratios = []
+    for index, (layer, name) in enumerate(names.items()):
+        tokens = results["sites"][name]["tokens"]
+        ratios = list(tokens["outliers"])
+        bins = len(tokens["position_max"])
+        absolute = tokens["positions"] == "absolute"
+        x = np.arange(bins) if absolute else (np.arange(bins) + 0.5) * 100 / bins
+        median = max(tokens["median_max"], 1e-300)
+        share = tokens["outliers"][ratios[-1]]["share"]
+        ax.plot(x, np.array(tokens["position_max"]) / median, color=f"C{index}", marker=".",
+                label=f"layer {layer}: largest ({100 * share:.2f} % of tokens above {ratios[-1]}x)")
+        ax.plot(x, np.array(tokens["position_median_max"]) / median, color=f"C{index}", linestyle=":",
+                label=f"layer {layer}: median")
+    for k in ratios:
+        ax.axhline(float(k), color="gray", linestyle="--", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("position" if absolute else "position in the sequence (%)")
+    ax.set_ylabel("token max / median token max (log)")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.set_title(f"{results['model']}: token max per position at the {label(key)} ({key}); dashed: "
+                 f"{' and '.join(ratios)}x")
+    return save(figure, directory, f"token_positions_{key}.png",
+                f"Token max per position at the {label(key)}, layers {', '.join(map(str, names))}")
+
+
 def sqnr_layers(results, directory):
     bits = list(next(iter(results["sqnr"].values())))
     figure = Figure(figsize=(6 * len(bits), 4.5), layout="constrained")
@@ -170,12 +223,13 @@ def sqnr_layers(results, directory):
 def write_plots(results: dict, directory: Path) -> list[tuple[str, str]]:
     """Every plot into `directory`; (relative path, caption) for each, in reading order."""
     directory.mkdir()
-    figures = [kurtosis(results, directory), variance_spread(results, directory)]
+    figures = [kurtosis(results, directory), variance_spread(results, directory), token_outliers(results, directory)]
     if results["sqnr"]:
         figures.append(sqnr_layers(results, directory))
     keys = key_sites(results)
     figures += [channel_profiles(results, directory, key, names) for key, names in keys.items()]
     figures += [histograms(results, directory, key, names) for key, names in keys.items()]
+    figures += [token_positions(results, directory, key, names) for key, names in keys.items()]
     figures += [transforms(results, directory, key, layer, name)
                 for key, names in keys.items() for layer, name in names.items()]
     return figures

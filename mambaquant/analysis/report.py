@@ -9,17 +9,59 @@ def number(value: float) -> str:
     return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.2e}"
 
 
+def percent(share: float) -> str:
+    return f"{100 * share:.2f} %"
+
+
+def position_label(tokens: dict, position: int) -> str:
+    """An absolute position, or a relative bin as its part of the sequence."""
+    if tokens["positions"] == "absolute":
+        return str(position)
+    bins = len(tokens["position_tokens"])
+    return f"{100 * position / bins:.0f}-{100 * (position + 1) / bins:.0f} %"
+
+
+def where(tokens: dict, k: str) -> str:
+    """The positions holding most of the tokens above k x the median, each with the share of its tokens above."""
+    top = tokens["outliers"][k].get("top_positions", [])
+    return ", ".join(f"{position_label(tokens, p['position'])} ({percent(p['share'])})" for p in top) or "-"
+
+
 def site_row(name: str, site: dict) -> list[str]:
+    tokens = site["tokens"]
+    ratios = list(tokens["outliers"])
     return [name, str(site["channels"]), number(site["absmax"]), number(site["channel_max_ratio"]),
-            number(site["kurtosis"]), number(site["variance_max_min"]), f"{site['variance_cv']:.2f}"]
+            number(site["kurtosis"]), number(site["variance_max_min"]), f"{site['variance_cv']:.2f}",
+            number(tokens["largest_max_ratio"]), " / ".join(percent(tokens["outliers"][k]["share"]) for k in ratios),
+            where(tokens, ratios[-1])]
 
 
-SITE_HEADER = ["site", "channels", "abs max", "channel max / median", "kurtosis", "variance max / min", "variance CV"]
+def site_header(results: dict) -> list[str]:
+    ratios = list(next(iter(results["sites"].values()))["tokens"]["outliers"])
+    return ["site", "channels", "abs max", "channel max / median", "kurtosis", "variance max / min", "variance CV",
+            "token max largest / median", f"tokens > {' / '.join(ratios)}x median token max",
+            f"where the > {ratios[-1]}x tokens sit (share of that position's tokens)"]
+
+
+def auto_table(results: dict) -> Table:
+    """Per quantized site: what `auto` chooses from the untransformed tensor, and what each method that used it
+    chose after its transforms (the first bit widths of its runs)."""
+    runs = {f"{method} {bits.upper()} (after its transforms)": run["granularity_reasons"]
+            for method, per_bits in results["sqnr"].items() for bits, run in list(per_bits.items())[:1]
+            if "granularity_reasons" in run}
+    header, rows = site_header(results), []
+    for name, site in results["sites"].items():
+        if "auto" in site:
+            row = site_row(name, site)
+            rows.append(row[:1] + row[-2:] + [site["auto"]["reason"]] + [r.get(name, "-") for r in runs.values()])
+    return ("Token-wise outliers and the auto activation granularity at the quantized sites",
+            header[:1] + header[-2:] + ["auto on the full-precision tensor, before any transform"] + list(runs), rows)
 
 
 def tables(results: dict) -> list[Table]:
     sites = results["sites"]
     key = [site_row(name, sites[name]) for name in results["transforms"]]
+    header = site_header(results)
     every = [site_row(name, site) for name, site in sites.items()]
     names = results["transform_names"]
     transform_rows = []
@@ -29,7 +71,8 @@ def tables(results: dict) -> list[Table]:
             f"{number(s['variance_max_min'])} / {s['variance_cv']:.2f} / {s['crest_factor']:.1f}"
             + (" *" if t == chosen else "")
             for t, s in per_transform.items()])
-    out = [("Key sites (in_proj input, gate (Mamba-1), out_proj input, h, C), every layer", SITE_HEADER, key),
+    out = [("Key sites (in_proj input, gate (Mamba-1), out_proj input, h, C), every layer", header, key),
+           auto_table(results),
            scan_table(results),
            (("After each transform: channel variance max / min, variance CV, crest factor (largest |x| of the kept "
             "rows / RMS); * what MambaQuant applies there"),
@@ -44,13 +87,14 @@ def tables(results: dict) -> list[Table]:
         layers = list(runs[0][2]["layers_db"])
         out.append(("Activation SQNR (dB) per layer", ["layer"] + [f"{m} {b.upper()}" for m, b, _ in runs],
                     [[layer] + [number(r["layers_db"][layer]) for _, _, r in runs] for layer in layers]))
-    out.append(("Every site", SITE_HEADER, every))
+    out.append(("Every site", header, every))
     return out
 
 
 DEFINITION_LABELS = {"channel": "Channel", "kurtosis": "Kurtosis", "sqnr": "SQNR",
                      "channel_max_ratio": "Channel max / median", "variance_max_min": "Variance max / min",
-                     "variance_cv": "Variance CV", "sampling": "Sampling"}
+                     "variance_cv": "Variance CV", "sampling": "Sampling", "token": "Token",
+                     "token_outliers": "Token outliers", "auto": "Auto granularity"}
 SCAN_KINDS = ("conv", "dBu", "h", "hC", "y")  # the scan's input u, its discretised input, state, outputs
 
 

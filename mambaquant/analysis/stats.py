@@ -11,13 +11,21 @@ most `covariance_rows` rows of each tensor, drawn uniformly with a seeded genera
 row would dominate the run). Memory is a few vectors per site, plus, at the key sites, the C x C covariance and the
 `kept_rows` rows of largest norm (for max profiles after a rotation: a row left out has norm, hence |value| in any
 rotated channel, at most the smallest kept norm).
+
+Token-wise outliers (`TokenMaxima`): a token is one (sample, position); its max is the largest |x| over every other
+dimension of the site's tensor, as the methods' `auto` granularity reads it (`TokenStatistics`, which runs beside it
+at the quantized sites). Every token enters a count over (position, log token max) bins: the median token max, the
+share of tokens above k times it and where those tokens sit come from it, approximately (log-uniform within a bin of
+a factor 10^(1/16) = 1.155). Counts are float32: exact to 2^24 tokens per (position, bin).
 """
 
 from dataclasses import dataclass
-from math import comb
+from math import comb, log
 
 import torch
 
+from ..methods.config import QuantConfig
+from ..methods.granularity import CHUNKED_SITES, TokenStatistics
 from ..runtime import Mamba2Mixer
 from ..transforms.klt import CovarianceObserver, klt_hadamard
 from ..transforms.rotation import Rotate, branches, random_hadamard
@@ -31,6 +39,14 @@ TRANSFORM_NAMES = {"none": "none", "hadamard": "Hadamard", "klt_hadamard": "KLT 
 MAMBAQUANT_TRANSFORM = {"norm": "klt_hadamard", "gate": "smooth_hadamard", "out_proj_in": "smooth_hadamard",
                         "h": "smooth_hadamard", "C": "smooth_hadamard"}
 HISTOGRAM_EDGES = torch.logspace(-8, 8, 65, dtype=torch.float64)  # |x| bins, 4 a decade; below and above: 2 more
+TOKEN_EDGES = torch.logspace(-8, 8, 257, dtype=torch.float64)  # token max bins, 16 a decade; below, above: 2 more
+TOKEN_OUTLIER_RATIOS = (5.0, QuantConfig.token_outlier_ratio)  # k; the second (10) is what `auto` decides from
+POSITION_BINS = 32  # relative positions of variable-length inputs: bin i holds [i / 32, (i + 1) / 32) of a sequence
+TOP_POSITIONS = 3
+TOKEN = ("one (sample, position); its max is the largest |x| over every other dimension of the site's tensor (the "
+         "channels; (E, N) or (H, P, N) at the scan sites), as the methods' auto granularity reads it")
+# What the methods' "auto" granularity is asked here: its defaults (token_outlier_ratio, token_outlier_share)
+AUTO = QuantConfig(method="mambaquant", w_bits=8, a_bits=8, act_granularity="auto")
 KURTOSIS = "Pearson kurtosis (fourth central moment / variance^2; 3 for a normal distribution) of all values pooled"
 
 
@@ -58,12 +74,121 @@ def sampled_rows(flat: torch.Tensor, limit: int, generator: torch.Generator) -> 
     return flat[torch.randint(flat.shape[0], (limit,), generator=generator)]
 
 
-class SiteStatistics:
-    """A site observer: per-channel |x| max, per-channel power sums about a shift (float64), an |x| histogram; at key
-    sites also the covariance (`CovarianceObserver`) and the rows of largest norm."""
+class SequenceClock:
+    """The input position of each time step a site sees in a forward pass (`restart` before each one). The scan
+    sites see the sequence in chunks: each keeps its next step, and the length is that of the last site that saw all
+    of it. A backward branch (`ssm_b`) scans the reversed sequence; so does a shared bidirectional scan's second pass
+    (steps L to 2L - 1 at its chunked sites): their positions are mapped back to input order."""
 
-    def __init__(self, sketch: SketchConfig, key: bool = False):
+    def __init__(self):
+        self.length, self.offsets = 0, {}
+
+    def restart(self) -> None:
+        self.offsets.clear()
+
+    def positions(self, site, steps: int) -> torch.Tensor:
+        start = 0
+        if site.kind in CHUNKED_SITES and self.length:
+            start = self.offsets.get(site.name, 0)
+            self.offsets[site.name] = start + steps
+        else:
+            self.length = steps
+        t = torch.arange(start, start + steps)
+        backward = (t >= self.length) ^ ("ssm_b" in site.name.split("."))
+        t = t % self.length
+        return torch.where(backward, self.length - 1 - t, t)
+
+
+def log_bins() -> tuple[torch.Tensor, torch.Tensor]:
+    """log lower and upper edges of the `TOKEN_EDGES` bins (the outer two as one more bin of the same width)."""
+    edges = TOKEN_EDGES.log()
+    step = edges[1] - edges[0]
+    return torch.cat([edges[:1] - step, edges]), torch.cat([edges, edges[-1:] + step])
+
+
+def histogram_quantile(counts: torch.Tensor, q: float) -> float:
+    """The q-quantile of the values binned in `counts` (`TOKEN_EDGES`), log-uniform within its bin."""
+    total = counts.sum()
+    if total == 0:
+        return float("nan")
+    cumulative = counts.cumsum(0)
+    j = int(torch.searchsorted(cumulative, q * total))
+    lower, upper = log_bins()
+    fraction = (q * total - (cumulative[j - 1] if j else 0)) / counts[j]
+    return (lower[j] + fraction * (upper[j] - lower[j])).exp().item()
+
+
+def counts_above(counts: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The binned values above `threshold`, over the last dimension of `counts` (log-uniform within a bin)."""
+    lower, upper = log_bins()
+    return counts @ ((upper - log(max(threshold, 1e-300))) / (upper - lower)).clamp(0, 1)
+
+
+class TokenMaxima:
+    """Token maxima over (position, log token max) bins; the position absolute (fixed-length inputs) or one of
+    `POSITION_BINS` relative bins of the sequence. Also the largest token max per position, exactly."""
+
+    def __init__(self, absolute: bool, clock: SequenceClock):
+        self.absolute, self.clock = absolute, clock
+        self.counts = torch.zeros(0 if absolute else POSITION_BINS, len(TOKEN_EDGES) + 1)
+        self.position_max = torch.zeros(len(self.counts), dtype=torch.float64)
+        self.timed = False  # a (B, C) site (a vision model's logits) has one token per sample and no positions
+
+    def __call__(self, site, x: torch.Tensor, row_max: torch.Tensor) -> None:
+        """`row_max`: the largest |x| of each row of x (..., C), for every row."""
+        timed = x.dim() > 2
+        token_max = row_max.double().view(x.shape[0], x.shape[1] if timed else 1, -1).amax(-1)
+        index = torch.zeros(1, dtype=torch.long)
+        if timed:
+            self.timed = True
+            index = self.clock.positions(site, x.shape[1])
+            index = index if self.absolute else index * POSITION_BINS // self.clock.length
+        if len(self.counts) <= index.max():
+            grown = int(index.max()) + 1 - len(self.counts)
+            self.counts = torch.cat([self.counts, self.counts.new_zeros(grown, self.counts.shape[1])])
+            self.position_max = torch.cat([self.position_max, self.position_max.new_zeros(grown)])
+        bins = torch.bucketize(token_max, TOKEN_EDGES) + index * self.counts.shape[1]
+        self.counts.view(-1).add_(torch.bincount(bins.flatten(), minlength=self.counts.numel()).float())
+        self.position_max.scatter_reduce_(0, index, token_max.amax(0), "amax")
+
+    def summary(self) -> dict:
+        counts = self.counts.double()
+        tokens = counts.sum(1)
+        median = histogram_quantile(counts.sum(0), 0.5)
+        result = {"tokens": int(tokens.sum()), "median_max": median,
+                  "largest_max_ratio": self.position_max.max().item() / max(median, 1e-300)}
+        if self.timed:
+            result |= {"positions": "absolute" if self.absolute else f"relative, {POSITION_BINS} bins",
+                       "position_tokens": [int(n) for n in tokens],
+                       "position_max": rounded(self.position_max),
+                       "position_median_max": [float(f"{histogram_quantile(row, 0.5):.5g}") for row in counts]}
+        result["outliers"] = {f"{k:g}": self.outliers(counts, k * median) for k in TOKEN_OUTLIER_RATIOS}
+        return result
+
+    def outliers(self, counts: torch.Tensor, threshold: float) -> dict:
+        tokens = counts.sum(1)
+        above = counts_above(counts, threshold)
+        result = {"share": (above.sum() / tokens.sum()).item()}
+        if self.timed:
+            share = above / tokens.clamp(min=1)
+            result["position_share"] = rounded(share)
+            top = above.argsort(descending=True)[:TOP_POSITIONS]
+            result["top_positions"] = [{"position": int(p), "share": float(f"{share[p]:.5g}"),
+                                        "of_outliers": float(f"{above[p] / above.sum():.5g}")}
+                                       for p in top if above[p] > 0]
+        return result
+
+
+class SiteStatistics:
+    """A site observer: per-channel |x| max, per-channel power sums about a shift (float64), an |x| histogram, the
+    token maxima (`TokenMaxima`); at key sites also the covariance (`CovarianceObserver`) and the rows of largest
+    norm; at quantized sites (`auto`) the methods' own `TokenStatistics`."""
+
+    def __init__(self, sketch: SketchConfig, key: bool = False, auto: bool = False, absolute: bool = False,
+                 clock: SequenceClock | None = None):
         self.sketch = sketch
+        self.tokens = TokenMaxima(absolute, clock or SequenceClock())
+        self.auto = TokenStatistics() if auto else None
         self.rows = 0
         self.channel_absmax = self.shift = self.sums = None
         self.histogram = torch.zeros(len(HISTOGRAM_EDGES) + 1, dtype=torch.float64)
@@ -74,19 +199,26 @@ class SiteStatistics:
     @torch.no_grad()
     def __call__(self, site, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1, x.shape[-1])
-        absmax = torch.stack([part.abs().amax(0) for part in row_chunks(flat)]).amax(0).double()
-        self.channel_absmax = absmax if self.channel_absmax is None else torch.maximum(self.channel_absmax, absmax)
         if self.shift is None:  # moments about the first rows' channel means: no cancellation for offset data
             self.shift = row_chunks(flat)[0].double().mean(0)
             self.sums = torch.zeros(5, flat.shape[1], dtype=torch.float64)
+        channel_max, row_max = [], []
         for part in row_chunks(flat):
+            magnitude = part.abs()
+            channel_max.append(magnitude.amax(0))
+            row_max.append(magnitude.amax(1))
             centred = part.double() - self.shift
             power = torch.ones_like(centred)
             for k in range(5):
                 self.sums[k] += power.sum(0)
                 power = power * centred
-            bins = torch.bucketize(part.abs().flatten().double(), HISTOGRAM_EDGES)
+            bins = torch.bucketize(magnitude.flatten().double(), HISTOGRAM_EDGES)
             self.histogram += torch.bincount(bins, minlength=len(self.histogram)).double()
+        absmax = torch.stack(channel_max).amax(0).double()
+        self.channel_absmax = absmax if self.channel_absmax is None else torch.maximum(self.channel_absmax, absmax)
+        self.tokens(site, x, torch.cat(row_max))
+        if self.auto is not None:
+            self.auto(site, x)
         self.rows += flat.shape[0]
         if self.covariance is not None:
             self.covariance(site, sampled_rows(flat, self.sketch.covariance_rows, self.generator))
@@ -128,7 +260,14 @@ class SiteStatistics:
             "variance_max_min": spread_ratio(variance),
             "variance_cv": coefficient_of_variation(variance),
             "histogram": self.histogram.tolist(),
+            "tokens": self.tokens.summary(),
         }
+
+    def auto_choice(self, fixed_length: bool) -> dict:
+        """What the methods' `auto` granularity chooses from this site's full-precision, untransformed token maxima
+        (`fixed_length` as the walk passes it), with its reason: the numbers it decided from."""
+        granularity, reason = self.auto.decide(AUTO, fixed_length)
+        return {"granularity": granularity, "reason": reason}
 
 
 def spread_ratio(values: torch.Tensor, median: bool = False) -> float:

@@ -42,6 +42,11 @@ def is_mamba2(layer) -> bool:
     return isinstance(layer.mixer, Mamba2Mixer)
 
 
+def fixed_length(model) -> bool:
+    """Whether every input has the same length, so that per-position activation ranges mean something."""
+    return getattr(model, "fixed_positions", None) is not None
+
+
 def has_mamba2_blocks(model) -> bool:
     return any(is_mamba2(layer) for layer in model.layers)
 

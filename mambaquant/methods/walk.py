@@ -26,8 +26,8 @@ from ..transforms.rotation import append_op
 from .config import FULL_PRECISION, MAMBA2_ONLY_METHODS, METHODS, QuantConfig, QuantReport
 from .granularity import CHUNKED_SITES, TokenStatistics, make_quantizer
 from .recipes import RECIPES
-from .stages import (Runner, block_activation_sites, block_linears, has_mamba2_blocks, head_activation_sites,
-                     head_slots, linear_slots)
+from .stages import (Runner, block_activation_sites, block_linears, fixed_length, has_mamba2_blocks,
+                     head_activation_sites, head_slots, linear_slots)
 
 # Static ranges from the 99.99th percentile instead of min-max: Quamba's SSM input and state; for MambaQuant the
 # heavy-tailed state h (as the paper's official code does). On training data (never the evaluation split), W8A8
@@ -109,7 +109,7 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
     model_transform, block_transform, head_transform = RECIPES[config.method]
     model_transform(model, batches, config, report)
     quantize_acts, quantize_weights = config.a_bits != FULL_PRECISION, config.w_bits != FULL_PRECISION
-    fixed_length = getattr(model, "fixed_positions", None) is not None
+    fixed = fixed_length(model)
     pending = []
     with torch.no_grad():
         hidden = check_finite_activations([model.embed(batch) for batch in batches], "the embedding's output")
@@ -118,7 +118,7 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
         runner = Runner(layer, hidden)
         clusters = block_transform(layer, runner, config, report)
         if quantize_acts:
-            pending += calibrate_quantizers(block_activation_sites(layer), runner, config, fixed_length, report,
+            pending += calibrate_quantizers(block_activation_sites(layer), runner, config, fixed, report,
                                             clusters)
         # the next block's inputs, from this block in full precision
         outputs = check_finite_activations(runner.outputs(), f"the output of block {index}")
@@ -129,7 +129,7 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
     head_transform(model, head_runner, config, report)
     if quantize_acts:
         pooled = getattr(model.config, "pooling", "none") != "none"  # the head reads one token: no positions
-        pending += calibrate_quantizers(head_activation_sites(model), head_runner, config, fixed_length and not pooled,
+        pending += calibrate_quantizers(head_activation_sites(model), head_runner, config, fixed and not pooled,
                                         report)
     if quantize_weights:
         quantize_linears(head_slots(model), head_runner, config)
