@@ -12,6 +12,7 @@ from ..calibration import checked_inputs
 from ..data import normalise_images
 from ..errors import InputError
 from ..memory import check_allocation
+from .vision import top1_and_agreement
 
 FILES = (".pt", ".pth", ".npz", ".npy", ".safetensors")
 IMAGES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -190,12 +191,7 @@ def user_top1(model, data: UserData, reference=None, batch_size: int = 64):
     if labels.min() < 0 or labels.max() >= shape[-1]:
         raise InputError(f"{data.description}: labels must lie in 0..{shape[-1] - 1} (the model's {shape[-1]} "
                          f"classes); got {labels.min().item()}..{labels.max().item()}")
-    predictions = torch.cat([model(batch).argmax(-1) for batch in inputs.split(batch_size)])
-    agreement = None
-    if reference is not None:
-        reference_predictions = torch.cat([reference(batch).argmax(-1) for batch in inputs.split(batch_size)])
-        agreement = 100.0 * (predictions == reference_predictions).float().mean().item()
-    top1 = 100.0 * (predictions == labels).float().mean().item()
+    top1, agreement = top1_and_agreement(model, reference, inputs, labels, batch_size)
     tokens = f" ({labels.numel()} tokens), per-token" if len(shape) == 3 else ","
     protocol = (f"user data: {'the first ' if data.left_out else ''}{len(inputs)} labelled inputs from "
                 f"{data.description}{tokens} top-1 %")

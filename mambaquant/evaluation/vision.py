@@ -15,10 +15,16 @@ def cifar10_top1(model, max_samples: int | None = None, reference=None, batch_si
         order = order[:max_samples]
         description += f", fixed random subset of {max_samples}"
     x, y = normalise_images(images[order.numpy()]), torch.from_numpy(labels[order.numpy()])
-    predictions = torch.cat([model(batch).argmax(-1) for batch in x.split(batch_size)])
+    top1, agreement = top1_and_agreement(model, reference, x, y, batch_size)
+    return top1, agreement, len(y), f"{description}, top-1 %"
+
+
+@torch.no_grad()
+def top1_and_agreement(model, reference, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int):
+    """Top-1 % of the model's argmax against `labels`, and % agreement with the reference's argmax (or None)."""
+    predictions = torch.cat([model(batch).argmax(-1) for batch in inputs.split(batch_size)])
     agreement = None
     if reference is not None:
-        reference_predictions = torch.cat([reference(batch).argmax(-1) for batch in x.split(batch_size)])
+        reference_predictions = torch.cat([reference(batch).argmax(-1) for batch in inputs.split(batch_size)])
         agreement = 100.0 * (predictions == reference_predictions).float().mean().item()
-    top1 = 100.0 * (predictions == y).float().mean().item()
-    return top1, agreement, len(y), f"{description}, top-1 %"
+    return 100.0 * (predictions == labels).float().mean().item(), agreement
