@@ -2,6 +2,10 @@
 
 __version__ = "0.1.0"
 
+from .allocator import tune_allocator
+
+tune_allocator()  # before the first large tensor: see mambaquant/allocator.py
+
 from .errors import InputError
 from .loaders import load, load_state_dict, save
 from .methods import METHODS, QuantConfig, quantize
