@@ -11,4 +11,5 @@ from .loaders import load, load_state_dict, save
 from .methods import METHODS, QuantConfig, quantize
 from .runtime import build
 
-__all__ = ["METHODS", "InputError", "QuantConfig", "__version__", "build", "load", "load_state_dict", "quantize", "save"]
+__all__ = ["METHODS", "InputError", "QuantConfig", "__version__", "build", "load", "load_state_dict", "quantize",
+           "save"]

@@ -30,9 +30,9 @@ OUR_MODELS = (MambaLM, MambaModel, VisionMamba, MambaTagger)
 
 
 def load(source, **options) -> nn.Module:
-    """Return a `MambaLM`, `MambaModel`, `VisionMamba` or `MambaTagger` in eval mode. `source`: an embedded model name (or
-    `zoo:NAME`), a model directory, a checkpoint file or a model object. `options` complete a bare checkpoint where
-    its state dict does not record something: img_size and stride for Vim, n_groups for Mamba-2."""
+    """Return a `MambaLM`, `MambaModel`, `VisionMamba` or `MambaTagger` in eval mode. `source`: an embedded model
+    name (or `zoo:NAME`), a model directory, a checkpoint file or a model object. `options` complete a bare
+    checkpoint where its state dict does not record something: img_size and stride for Vim, n_groups for Mamba-2."""
     if isinstance(source, OUR_MODELS):
         return source
     if isinstance(source, nn.Module):
@@ -208,7 +208,8 @@ def check_saveable(model: nn.Module) -> None:
 def save(model: nn.Module, directory: str | Path, overwrite: bool = False, notes: tuple[str, ...] = ()) -> Path:
     """Write a model as config.json + model.safetensors (+ MODEL_CARD.md with `notes` for a quantized model).
     Full precision: the Hugging Face Mamba layout for language models (transformers can read it), the official
-    Vim names for vision models, our own names and the composition's config for a `MambaModel`. Quantized (`mambaquant.quantize`'s output): integer codes and everything
+    Vim names for vision models, our own names and the composition's config for a `MambaModel`. Quantized
+    (`mambaquant.quantize`'s output): integer codes and everything
     that rebuilds the quantized model (see `loaders.quantized`). Atomic: written to a temporary directory that is
     renamed into place at the end, so an interrupted save leaves nothing that looks complete."""
     check_saveable(model)
