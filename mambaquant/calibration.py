@@ -171,12 +171,7 @@ def checked_inputs(model: nn.Module, inputs: torch.Tensor, what: str = "calibrat
             model.check_input(inputs)
         except InputError as e:
             raise InputError(f"{what} inputs: {e}") from None
-    elif is_vision(model):
-        expected = (config.in_chans, config.img_size, config.img_size)
-        if not inputs.is_floating_point() or inputs.dim() != 4 or tuple(inputs.shape[1:]) != expected:
-            raise InputError(f"{what} images must be a float tensor of shape (N, {', '.join(map(str, expected))}); "
-                             f"got {inputs.dtype} of shape {tuple(inputs.shape)}")
-    else:
+    else:  # a language model: token ids
         if inputs.is_floating_point() or inputs.is_complex() or inputs.dtype == torch.bool or inputs.dim() != 2:
             raise InputError(f"{what} inputs must be an integer tensor of token ids of shape (N, L); got "
                              f"{inputs.dtype} of shape {tuple(inputs.shape)}")
