@@ -30,8 +30,8 @@ from torch import nn
 
 from ..errors import InputError
 from ..methods.config import CLUSTER_DEFAULTS, FULL_PRECISION, GRANULARITIES, METHODS, QuantReport
-from ..quant.linear import QuantizedLinear
-from ..quant.quantizer import ACTIVATION_GRANULARITIES, OBSERVERS, ActivationQuantizer, QuantSpec, dequantize_weight
+from ..quant.linear import QuantizedEmbedding, QuantizedLinear
+from ..quant.quantizer import ACTIVATION_GRANULARITIES, OBSERVERS, ActivationQuantizer, QuantSpec
 from ..runtime import (LMConfig, Mamba2LMConfig, MambaLM, MambaMixer, MambaModel, MambaTagger, ModelConfig, Site,
                        TaggerConfig, VisionConfig, VisionMamba)
 from ..runtime.config import LIMITS
@@ -39,7 +39,7 @@ from ..transforms.rotation import Rotate, append_op
 from ..transforms.smoothing import Scale
 from ..schema import (EXACT, Field, boolean, constant, display, integer, item, json_text, list_of, map_of, number, obj,
                      string, validate)
-from .weights import Checkpoint, assign_weights, check_memory, dtype_name, on_meta_device
+from .weights import Checkpoint, check_memory, dtype_name, on_meta_device
 
 ARCHITECTURE = "mambaquant-quantized"
 FORMAT_VERSION = 2
@@ -136,7 +136,9 @@ def quantized_tensors_and_layout(model: nn.Module) -> tuple[dict[str, torch.Tens
             gate_scales.append(name)
     if isinstance(model, MambaLM) and model.config.tie_embeddings:  # one matrix, stored once
         if isinstance(model.lm_head, QuantizedLinear):
-            del tensors["embedding.weight"]  # it is the head's matrix: rebuilt from the head's codes
+            if not isinstance(model.embedding, QuantizedEmbedding) or model.embedding.codes is not model.lm_head.codes:
+                raise InputError("cannot save this model: its config ties the embedding to the quantized head, but "
+                                 "the embedding does not read the head's codes")
         elif model.lm_head.weight is model.embedding.weight:
             del tensors["lm_head.weight"]  # it is the embedding: re-tied on load
         else:
@@ -542,15 +544,17 @@ def build_quantized(config: dict, checkpoint: Checkpoint, source: str) -> nn.Mod
     verifier.check_hashes(tensors, layout["sha256"])
     verifier.check_values(checks, tensors)
 
-    model, _ = build_skeleton(config, q, verifier)
+    # the verified tensors become the model's own (assigned, not copied), so no float weight is ever allocated
+    model = skeleton
     for name, entry in layout["linears"].items():
         if not entry.get("float") and entry["bits"] <= 4:
             tensors[f"{name}.codes"] = unpack_int4(tensors.pop(f"{name}.codes_int4"), tuple(entry["shape"]))
-    if isinstance(model, MambaLM) and model.config.tie_embeddings and isinstance(model.lm_head, QuantizedLinear):
-        # the embedding is the head's matrix
-        model.embedding.weight = nn.Parameter(torch.zeros_like(model.embedding.weight), requires_grad=False)
-        tensors["embedding.weight"] = dequantize_weight(tensors["lm_head.codes"], tensors["lm_head.scale"])
-    assign_weights(model, {k: (k, v) for k, v in tensors.items()}, source)
+    model.load_state_dict(tensors, strict=False, assign=True)  # check_tensors matched the names, dtypes and shapes
+    if isinstance(model, MambaLM) and model.config.tie_embeddings:
+        if isinstance(model.lm_head, QuantizedLinear):
+            model.embedding = QuantizedEmbedding(model.lm_head)
+        else:
+            model.lm_head.weight = model.embedding.weight
     for module in model.modules():
         if isinstance(module, ActivationQuantizer):
             module.batches = 1  # static ranges were calibrated before saving

@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import InputError
 from ..progress import progress as progress_of
 from ..quant.gptq import gptq_quantize
-from ..quant.linear import BACKENDS, QuantizedLinear
+from ..quant.linear import BACKENDS, QuantizedEmbedding, QuantizedLinear
 from ..quant.quantizer import ActivationQuantizer, quantize_weight
 from ..runtime import Mamba2Mixer, MambaLM, Site
 from ..transforms.klt import CovarianceObserver
@@ -76,7 +76,7 @@ def calibrate_quantizers(sites: list[Site], runner: Runner, config: QuantConfig,
 @torch.no_grad()
 def quantize_linears(slots: list[tuple[nn.Module, str, Site]], runner: Runner, config: QuantConfig) -> None:
     """Replace each linear layer by a `QuantizedLinear` (integer codes and scales), rounded to nearest or by GPTQ.
-    A tied LM head shares its matrix with the embedding, which then reads the dequantized codes too."""
+    A tied LM head shares its matrix with the embedding, which then reads its rows from the head's codes."""
     spec = config.weight_spec()
     if config.weight_rounding == "gptq":
         moments = {}
@@ -90,9 +90,9 @@ def quantize_linears(slots: list[tuple[nn.Module, str, Site]], runner: Runner, c
         else:
             codes, scale = quantize_weight(linear.weight, spec)
         quantized = QuantizedLinear(codes, scale, linear.bias, spec.bits)
-        if isinstance(owner, MambaLM) and owner.config.tie_embeddings:
-            owner.embedding.weight = nn.Parameter(quantized.dequantized_weight(), requires_grad=False)
         setattr(owner, name, quantized)
+        if isinstance(owner, MambaLM) and owner.config.tie_embeddings:
+            owner.embedding = QuantizedEmbedding(quantized)
 
 
 def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor],

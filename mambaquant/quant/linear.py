@@ -1,5 +1,6 @@
 """A linear layer with integer weights that quantizes its own input, run either as a floating-point simulation of
-the integer arithmetic ("fake") or with real int8 matrix products ("int8")."""
+the integer arithmetic ("fake") or with real int8 matrix products ("int8"); and the embedding of a tied language
+model that reads its rows from the quantized head."""
 
 import torch
 import torch.nn.functional as F
@@ -9,15 +10,68 @@ from ..errors import InputError
 from .quantizer import ActivationQuantizer, dequantize_weight
 
 BACKENDS = ("fake", "int8")
+# A float input of a weight-only linear on the int8 backend is split into this many int8 "limbs" (x ~ s1 q1 + s2 q2 +
+# s3 q3, each limb quantizing what the ones before left): the residual is below max|x| / (2 * 127 * 254^2) ~ 1.2e-7
+# max|x| per row, float32's own precision. A few rows cost the same as one in a product bound by reading the weights.
+LIMBS = 3
+LIMB_STEP = 254  # each limb's scale is the previous one's / 254: the residual of a rounding fits [-127, 127] again
+
+
+INT8_KERNELS_CHECKED = None  # per process: None before the check, then "" or what is wrong with torch._int_mm
+
+
+def check_int8_kernels() -> None:
+    """Once per process: `torch._int_mm` on the extreme codes at a wide input, against exact int64 sums (a CPU
+    whose int8 path saturates or falls back to float would give wrong numbers, not an error)."""
+    global INT8_KERNELS_CHECKED
+    if INT8_KERNELS_CHECKED is None:
+        q = torch.full((2, 4096), -128, dtype=torch.int8)
+        q[1, ::2] = 127
+        w = torch.full((4096, 16), -128, dtype=torch.int8)
+        w[::3, 1] = 127
+        try:
+            exact = torch.equal(torch._int_mm(q, w).long(), q.long() @ w.long())
+            INT8_KERNELS_CHECKED = "" if exact else "gives wrong sums for extreme codes"
+        except (RuntimeError, NotImplementedError) as e:
+            INT8_KERNELS_CHECKED = f"is not available ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    if INT8_KERNELS_CHECKED:
+        raise InputError(f"the int8 backend cannot run here: this CPU's int8 matrix product (torch._int_mm) "
+                         f"{INT8_KERNELS_CHECKED}; use --backend fake")
+
+
+def limb_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (rows, K) float -> int8 limbs stacked as (LIMBS * rows, K) and their scales (LIMBS, rows, 1)."""
+    scale = x.abs().amax(1, keepdim=True).clamp_(min=1e-30) / 127
+    residual, limbs, scales = x, [], []
+    for limb in range(LIMBS):
+        q = torch.div(residual, scale).round_().clamp_(-127, 127)
+        limbs.append(q.to(torch.int8))
+        scales.append(scale)
+        if limb < LIMBS - 1:
+            residual = torch.addcmul(residual, q, scale, value=-1)
+            scale = scale / LIMB_STEP
+    return torch.cat(limbs), torch.stack(scales)
+
+
+def combine_limbs(sums: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The limbs' integer sums (LIMBS * rows, N) -> sum_i s_i sums_i, (rows, N) float."""
+    parts = sums.view(LIMBS, -1, sums.shape[-1])
+    y = torch.mul(parts[0], scales[0])
+    for part, scale in zip(parts[1:], scales[1:]):
+        y.add_(torch.mul(part, scale))
+    return y
 
 
 class QuantizedLinear(nn.Module):
     """y = x W^T + b with W held as int8 codes (4-bit codes use [-7, 7]) and per-channel or per-group scales.
 
-    With an `input_quantizer` (activations quantized), the input becomes int8 codes and a scale per row, and
-    y = (q_x q_w^T) * s_x s_w + b: the integer products summed exactly, in float32 ("fake", exact while the sums stay
-    below 2^24) or in int32 (`torch._int_mm`, "int8"); so the two backends agree to the last rounding of the final
-    multiply. Without one (weight-only quantization), the dequantized weight in a floating-point product."""
+    With an `input_quantizer` (activations quantized), the input becomes int8 codes q_x and a scale s_x per row or
+    per tensor, and y = ((q_x q_w^T) * s_w) * s_x + b, per group of inputs summed over the groups when the weight
+    scales are per group: the integer products summed exactly, in float32 ("fake", exact while the sums stay below
+    2^24) or in int32 (`torch._int_mm`, "int8"), then the same float operations in the same order; so the two
+    backends give the same numbers, bit for bit. Without one (weight-only quantization), "fake" multiplies by the
+    dequantized weight in float32 and "int8" splits the float input into int8 limbs (`limb_codes`): the same result
+    to float32 precision (the difference is bounded in tests/test_integer_kernels.py), with no float copy of W."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, bits: int,
                  input_quantizer: ActivationQuantizer | None = None):
@@ -34,7 +88,7 @@ class QuantizedLinear(nn.Module):
         return dequantize_weight(self.codes, self.scale)
 
     def cached(self, name: str, make) -> torch.Tensor:
-        """A derived copy of the codes, made on first use and kept out of the state dict."""
+        """A float copy of the codes for the simulation, made on first use and kept out of the state dict."""
         if getattr(self, name, None) is None:
             self.register_buffer(name, make(), persistent=False)
         return getattr(self, name)
@@ -42,28 +96,65 @@ class QuantizedLinear(nn.Module):
     def set_backend(self, backend: str) -> None:
         if backend not in BACKENDS:
             raise InputError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-        if backend == "int8" and self.input_quantizer is None:
-            raise InputError("the int8 backend needs activations quantized to 8 bits or fewer at every linear input; "
-                             "this model keeps them in floating point (use the fake backend)")
-        if backend == "int8" and self.scale.dim() == 3:
-            raise InputError("the int8 backend needs per-channel weight scales, not per-group ones")
+        if backend == "int8":
+            check_int8_kernels()
         self.backend = backend
+        if backend == "int8":  # the simulation's float copies are not needed any more
+            for name in ("weight_f", "codes_f"):
+                if getattr(self, name, None) is not None:
+                    delattr(self, name)
+
+    def integer_sums(self, q: torch.Tensor, columns: slice) -> torch.Tensor:
+        """q (rows, K') int8 times the codes' input columns `columns`, transposed: exact integer sums (rows, N)."""
+        if self.backend == "int8":
+            return torch._int_mm(q, self.codes[:, columns].t())
+        return F.linear(q.float(), self.cached("codes_f", self.codes.float)[:, columns])
+
+    def weight_scaled_sums(self, q: torch.Tensor) -> torch.Tensor:
+        """sum over weight-scale groups of (q W_g^T) * s_w,g: (rows, N) float."""
+        if self.scale.dim() == 2:
+            return torch.mul(self.integer_sums(q, slice(None)), self.scale.view(-1))
+        groups = self.scale.shape[1]
+        width = self.in_features // groups
+        y = None
+        for g in range(groups):
+            part = torch.mul(self.integer_sums(q[:, g * width:(g + 1) * width], slice(g * width, (g + 1) * width)),
+                             self.scale[:, g, 0])
+            y = part if y is None else y.add_(part)
+        return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_quantizer is None:
-            y = F.linear(x, self.cached("weight_f", self.dequantized_weight))
+        rows = x.reshape(-1, x.shape[-1])
+        if self.input_quantizer is not None:
+            q, input_scale = self.input_quantizer.codes(x)
+            y = self.weight_scaled_sums(q).mul_(input_scale)
+        elif self.backend == "int8":
+            limbs, scales = limb_codes(rows)
+            y = combine_limbs(self.weight_scaled_sums(limbs), scales)
         else:
-            q, row_scale = self.input_quantizer.codes(x)
-            if self.scale.dim() == 3:  # per-group weight scales (fake backend only): dequantize both sides
-                y = F.linear(q.float() * row_scale, self.cached("weight_f", self.dequantized_weight))
-            elif self.backend == "int8":
-                y = torch._int_mm(q, self.cached("codes_t", lambda: self.codes.t().contiguous())).float()
-                y.mul_(row_scale * self.scale.view(1, -1))
-            else:
-                y = F.linear(q.float(), self.cached("codes_f", self.codes.float)).mul_(row_scale * self.scale.view(1, -1))
-            y = y.view(*x.shape[:-1], self.out_features)
-        return y + self.bias if self.bias is not None else y
+            y = F.linear(rows, self.cached("weight_f", self.dequantized_weight))
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         granularity = "per group" if self.scale.dim() == 3 else "per channel"
         return f"{self.in_features} -> {self.out_features}, int{self.bits} {granularity}, backend {self.backend}"
+
+
+class QuantizedEmbedding(nn.Module):
+    """The embedding of a tied language model whose head is quantized: row i is the head's codes of output i times
+    their scales, read from the head's own tensors (shared, not copied, and not saved twice)."""
+
+    def __init__(self, head: QuantizedLinear):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = head.codes.shape
+        self.register_buffer("codes", head.codes, persistent=False)
+        self.register_buffer("scale", head.scale, persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        return dequantize_weight(self.codes[flat], self.scale[flat]).view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rows of the quantized head"

@@ -186,13 +186,16 @@ class ActivationQuantizer(nn.Module):
         return fake_quantize(x, scale, zero, self.spec)
 
     def codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (..., channels) -> int8 codes and one scale per row of x.flatten(0, -2), shaped (rows, 1)."""
+        """x (..., channels) -> int8 codes (rows, channels), rows = x.flatten(0, -2), and their scale: one for the
+        tensor (a 0-d tensor), or one per row, shaped (rows, 1)."""
         if not self.spec.symmetric:
             raise InputError("the int8 backend needs symmetric activation quantization")
         if self.spec.granularity == "channel":
             raise InputError("an integer linear takes one input scale per row, not per channel")
         scale, _ = self.scale_and_zero(x)
         q = torch.div(x, scale).round_().clamp_(self.spec.qmin, self.spec.qmax).to(torch.int8)
+        if scale.numel() == 1:
+            return q.reshape(-1, x.shape[-1]), scale.reshape(())
         return q.reshape(-1, x.shape[-1]), scale.expand(*x.shape[:-1], 1).reshape(-1, 1)
 
     def extra_repr(self) -> str:
