@@ -1,19 +1,26 @@
-"""Integer execution against full precision, in the same runtime: prefill latency, single-token decode throughput
-and checkpoint size, W8A8 with int8 matrix products (`backend="int8"`) against the FP32 model.
+"""Integer execution against full precision, in the same runtime and process: prefill latency (batch 1 and 8),
+decode throughput (batch 1 and 8), resident memory of the loaded model and checkpoint size, for the rtn and
+mambaquant recipes at W8A8, W4A8, W8A16 and W4A16 with `backend="int8"`.
 
-Models: random-initialised models of the mamba-130m and mamba2-130m configurations (calibrated on random token ids:
-speed and size do not depend on the weights' values) and the embedded models. Two W8A8 recipes: `rtn` (plain integer
-linears) and `mambaquant` (`auto` granularity, with its online Hadamards and state rotation); weights rounded to
-nearest in both (GPTQ would give the same speed and size, and takes minutes on the 130m model). FP32 and int8
-timings alternate within one run, so their ratio is measured under the same conditions.
+Models: random-initialised models of the mamba-130m and mamba2-130m configurations, calibrated on random token ids
+(speed and size do not depend on the weights' values), or embedded models by name. Weights are rounded to nearest
+(GPTQ gives the same speed and size and takes minutes on a 130m model). Every variant is saved, then loaded back with
+`mambaquant.load` as a user runs it; the timed models are those reloaded ones. The variants' timings alternate
+within each repeat, so their ratios are measured under the same machine conditions. Time is wall time, with the
+process's system (kernel) time of the same calls beside it. Resident memory: RSS after `mambaquant.load(DIR)` and
+`set_backend(model, "int8")` in a fresh process, minus the RSS of that process after its imports.
 
-    python benchmarks/int8.py [--models mamba-130m mamba2-130m mamba-shakespeare typeseg vim-cifar10] [--repeats 5]
-                              [--markdown FILE]
+    python benchmarks/int8.py [--models mamba-130m mamba2-130m] [--recipes rtn mambaquant]
+                              [--precisions W8A8 W4A8 W8A16 W4A16] [--repeats 3] [--markdown FILE]
 """
 
 import argparse
+import json
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,11 +30,24 @@ import torch
 import mambaquant
 from mambaquant.methods import set_backend
 from mambaquant.runtime import LMConfig, Mamba2LMConfig, MambaLM, VisionMamba, init_weights
-from mambaquant.zoo import ZOO
 
-RECIPES = ("rtn", "mambaquant")
+PRECISIONS = {"W8A8": (8, 8), "W4A8": (4, 8), "W8A16": (8, 16), "W4A16": (4, 16)}
 RANDOM_MODELS = {"mamba-130m": LMConfig(d_model=768, n_layer=24, vocab_size=50280),
                  "mamba2-130m": Mamba2LMConfig(d_model=768, n_layer=24, d_state=128, head_dim=64, vocab_size=50280)}
+PREFILL_SHAPES = ((1, 128), (1, 1024), (8, 128))  # (batch, tokens)
+DECODE_BATCHES = (1, 8)
+RESIDENT_PROBE = """
+import json, sys
+import mambaquant
+from mambaquant.methods import set_backend
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+baseline = rss()
+model = mambaquant.load(sys.argv[1])
+if sys.argv[2] == "int8":
+    set_backend(model, "int8")
+print(json.dumps({"resident": rss() - baseline}))
+"""
 
 
 def load_model(name: str):
@@ -36,115 +56,144 @@ def load_model(name: str):
     return mambaquant.load(name)
 
 
-def example_input(model, tokens: int, generator: torch.Generator) -> torch.Tensor:
-    if isinstance(model, VisionMamba):
-        return torch.randn(tokens, 3, model.config.img_size, model.config.img_size, generator=generator)
-    return torch.randint(0, model.config.vocab_size, (1, tokens), generator=generator)
-
-
 def calibration(model, name: str) -> torch.Tensor | None:
     """The model's own calibration set; random token ids for the random-initialised 130m models."""
     if name in RANDOM_MODELS:
-        return torch.randint(0, model.config.vocab_size, (8, 128), generator=torch.Generator().manual_seed(0))
+        return torch.randint(0, model.config.vocab_size, (4, 128), generator=torch.Generator().manual_seed(0))
     return None
 
 
-@torch.no_grad()
-def timed(run, repeats: int) -> list[float]:
-    run()  # warm-up (builds the int8 layouts)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return times
+def resident_mib(directory: Path, backend: str) -> float:
+    result = subprocess.run([sys.executable, "-c", RESIDENT_PROBE, str(directory), backend], capture_output=True,
+                            text=True, check=True)
+    return json.loads(result.stdout.splitlines()[-1])["resident"]
 
 
-@torch.no_grad()
-def decode_tokens_per_second(model, steps: int = 32) -> float:
-    cache = model.new_cache(1)
-    token = torch.zeros(1, 1, dtype=torch.long)
-    model(token, cache)
-    start = time.perf_counter()
-    for _ in range(steps):
-        model(token, cache)
-    return steps / (time.perf_counter() - start)
-
-
-def directory_mib(directory: Path) -> float:
+def checkpoint_mib(directory: Path) -> float:
     return sum(f.stat().st_size for f in directory.iterdir() if f.suffix == ".safetensors") / 2**20
 
 
-def benchmark(name: str, repeats: int) -> list[dict]:
+def clock() -> tuple[float, float]:
+    """(wall seconds, this process's system seconds) now."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return time.perf_counter(), usage.ru_stime
+
+
+@torch.no_grad()
+def timed(run) -> tuple[float, float]:
+    """(wall seconds, system seconds) of one call."""
+    wall, system = clock()
+    run()
+    wall_end, system_end = clock()
+    return wall_end - wall, system_end - system
+
+
+@torch.no_grad()
+def decode(model, batch: int, steps: int = 16) -> None:
+    cache = model.new_cache(batch)
+    token = torch.zeros(batch, 1, dtype=torch.long)
+    model(token, cache)
+    for _ in range(steps):
+        model(token, cache)
+
+
+def build_variants(model, name: str, recipes, precisions, directory: Path) -> tuple[dict, dict, dict]:
+    """Save the FP32 model and every quantized variant, reload each, and measure its size on disk and in memory."""
+    sizes, resident, variants = {}, {}, {}
+    fp32_dir = mambaquant.save(model, directory / "fp32")
+    sizes["fp32"], resident["fp32"] = checkpoint_mib(fp32_dir), resident_mib(fp32_dir, "fake")
+    variants["fp32"] = mambaquant.load(fp32_dir)
+    for recipe in recipes:
+        for precision in precisions:
+            w_bits, a_bits = PRECISIONS[precision]
+            label = f"{recipe} {precision}"
+            quantized = mambaquant.quantize(model, method=recipe, w_bits=w_bits, a_bits=a_bits,
+                                            calib=calibration(model, name), calib_samples=4, weight_rounding="rtn")
+            saved = mambaquant.save(quantized, directory / label.replace(" ", "-"))
+            del quantized
+            sizes[label], resident[label] = checkpoint_mib(saved), resident_mib(saved, "int8")
+            variants[label] = set_backend(mambaquant.load(saved), "int8")
+            print(f"  {label}: saved and reloaded", flush=True)
+    return variants, sizes, resident
+
+
+def benchmark(name: str, recipes, precisions, repeats: int) -> list[dict]:
     model = load_model(name)
-    is_vision = isinstance(model, VisionMamba)
-    shapes = (32, 128) if is_vision else (128, 1024)  # images per batch, or tokens
-    variants = {"fp32": model}
-    sizes = {}
+    if isinstance(model, VisionMamba):
+        raise SystemExit(f"{name} is a vision model; this benchmark measures language models (prefill, decode)")
     with tempfile.TemporaryDirectory() as tmp:
-        sizes["fp32"] = directory_mib(mambaquant.save(model, Path(tmp) / "fp32"))
-        for method in RECIPES:
-            quantized = mambaquant.quantize(model, method=method, calib=calibration(model, name), calib_samples=8,
-                                            weight_rounding="rtn")
-            variants[method] = set_backend(quantized, "int8")
-            sizes[method] = directory_mib(mambaquant.save(quantized, Path(tmp) / method))
-        w4 = mambaquant.quantize(model, method="mambaquant", w_bits=4, calib=calibration(model, name), calib_samples=8,
-                                 weight_rounding="rtn")
-        sizes["mambaquant-w4a8"] = directory_mib(mambaquant.save(w4, Path(tmp) / "w4"))
-    rows = []
+        variants, sizes, resident = build_variants(model, name, recipes, precisions, Path(tmp))
+    del model
     generator = torch.Generator().manual_seed(1)
-    for shape in shapes:
-        x = example_input(model, shape, generator)
+    rows = []
+    for batch, tokens in PREFILL_SHAPES:
+        ids = torch.randint(0, variants["fp32"].config.vocab_size, (batch, tokens), generator=generator)
         samples = {label: [] for label in variants}
-        for _ in range(repeats):  # alternate, so that every variant sees the same machine conditions
+        for variant in variants.values():
+            variant(ids)  # warm-up
+        for _ in range(repeats):
             for label, variant in variants.items():
-                samples[label] += timed(lambda v=variant, x=x: v(x), 1)
-        fp = statistics.median(samples["fp32"])
-        for label in RECIPES:
-            seconds = statistics.median(samples[label])
-            what = f"batch of {shape} images" if is_vision else f"prefill {shape} tokens"
-            rows.append({"model": name, "what": what, "recipe": label, "fp32": fp, "int8": seconds, "speedup": fp / seconds})
-    if not is_vision and hasattr(model, "new_cache"):
-        fp = statistics.median(decode_tokens_per_second(model) for _ in range(3))
-        for label in RECIPES:
-            rate = statistics.median(decode_tokens_per_second(variants[label]) for _ in range(3))
-            rows.append({"model": name, "what": "decode, tokens/s", "recipe": label, "fp32": fp, "int8": rate,
-                         "speedup": rate / fp})
-    for label in ("rtn", "mambaquant", "mambaquant-w4a8"):
-        rows.append({"model": name, "what": "checkpoint MiB", "recipe": label, "fp32": sizes["fp32"],
-                     "int8": sizes[label], "speedup": sizes[label] / sizes["fp32"]})
+                samples[label].append(timed(lambda v=variant: v(ids)))
+        rows += result_rows(name, f"prefill {batch}x{tokens}", samples, lower_is_better=True)
+    for batch in DECODE_BATCHES:
+        steps = 16
+        samples = {label: [] for label in variants}
+        for variant in variants.values():
+            decode(variant, batch, 2)
+        for _ in range(repeats):
+            for label, variant in variants.items():
+                wall, system = timed(lambda v=variant: decode(v, batch, steps))
+                samples[label].append((batch * (steps + 1) / wall, system))
+        rows += result_rows(name, f"decode batch {batch}, tokens/s", samples, lower_is_better=False)
+    for label in sizes:
+        rows.append({"model": name, "what": "checkpoint MiB", "variant": label, "value": sizes[label],
+                     "system": None, "ratio": sizes[label] / sizes["fp32"]})
+    for label in resident:
+        rows.append({"model": name, "what": "resident MiB after load", "variant": label, "value": resident[label],
+                     "system": None, "ratio": resident[label] / resident["fp32"]})
     return rows
 
 
+def result_rows(name: str, what: str, samples: dict, lower_is_better: bool) -> list[dict]:
+    medians = {label: (statistics.median(v for v, _ in runs), statistics.median(s for _, s in runs))
+               for label, runs in samples.items()}
+    fp32 = medians["fp32"][0]
+    return [{"model": name, "what": what, "variant": label, "value": value, "system": system,
+             "ratio": fp32 / value if lower_is_better else value / fp32} for label, (value, system) in medians.items()]
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| model | measurement | W8A8 recipe | FP32 | int8 | ratio |", "|---|---|---|---:|---:|---:|"]
+    lines = ["| model | measurement | variant | value | system s | ratio to FP32 |", "|---|---|---|---:|---:|---:|"]
     for row in rows:
-        is_size, is_rate = row["what"] == "checkpoint MiB", row["what"].startswith("decode")
-        ratio = (f"{row['speedup']:.3f}x FP32 size" if is_size else f"{row['speedup']:.2f}x faster")
-        fmt = "{:.1f}" if (is_size or is_rate) else "{:.3f} s"
-        recipe = row["recipe"] if row["recipe"] != "mambaquant-w4a8" else "mambaquant W4A8"
-        lines.append(f"| {row['model']} | {row['what']} | {recipe} | {fmt.format(row['fp32'])} | "
-                     f"{fmt.format(row['int8'])} | {ratio} |")
+        if row["what"].startswith("prefill"):
+            value, ratio = f"{row['value']:.3f} s", f"{row['ratio']:.2f}x faster"
+        elif row["what"].startswith("decode"):
+            value, ratio = f"{row['value']:.1f}", f"{row['ratio']:.2f}x faster"
+        else:
+            value, ratio = f"{row['value']:.1f}", f"{row['ratio']:.3f}x"
+        system = "" if row["system"] is None else f"{row['system']:.3f}"
+        lines.append(f"| {row['model']} | {row['what']} | {row['variant']} | {value} | {system} | {ratio} |")
     return "\n".join(lines)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=[*RANDOM_MODELS, *ZOO])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--models", nargs="+", default=list(RANDOM_MODELS))
+    parser.add_argument("--recipes", nargs="+", default=["rtn", "mambaquant"])
+    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--markdown", help="also write the table to this file")
     args = parser.parse_args()
-    rows = []
-    for name in args.models:
-        rows += benchmark(name, args.repeats)
-        print(f"{name} done", flush=True)
-    text = table(rows)
     header = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
               f"median of {args.repeats}")
+    rows = []
+    for name in args.models:
+        rows += benchmark(name, args.recipes, args.precisions, args.repeats)
+        print(f"{name} done", flush=True)
+        if args.markdown:  # a partial table survives a run cut short
+            Path(args.markdown).write_text(header + "\n\n" + table(rows) + "\n")
     print(header)
-    print(text)
-    if args.markdown:
-        Path(args.markdown).write_text(header + "\n\n" + text + "\n")
+    print(table(rows))
 
 
 if __name__ == "__main__":

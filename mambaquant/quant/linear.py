@@ -10,9 +10,10 @@ from ..errors import InputError
 from .quantizer import ActivationQuantizer, dequantize_weight
 
 BACKENDS = ("fake", "int8")
-# A float input of a weight-only linear on the int8 backend is split into this many int8 "limbs" (x ~ s1 q1 + s2 q2 +
-# s3 q3, each limb quantizing what the ones before left): the residual is below max|x| / (2 * 127 * 254^2) ~ 1.2e-7
-# max|x| per row, float32's own precision. A few rows cost the same as one in a product bound by reading the weights.
+# A float input of a weight-only linear on the int8 backend is split into this many int8 "limbs" (x ~ s q1 + s/254 q2
+# + s/254^2 q3, each limb the rounding of what the ones before left): they miss x by at most 2^-23 of the row's
+# largest |x| (the first division's rounding and the last limb's), float32's own precision. A few rows cost the same
+# as one in a product bound by reading the weights.
 LIMBS = 3
 LIMB_STEP = 254  # each limb's scale is the previous one's / 254: the residual of a rounding fits [-127, 127] again
 
@@ -40,26 +41,27 @@ def check_int8_kernels() -> None:
 
 
 def limb_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (rows, K) float -> int8 limbs stacked as (LIMBS * rows, K) and their scales (LIMBS, rows, 1)."""
-    scale = x.abs().amax(1, keepdim=True).clamp_(min=1e-30) / 127
-    residual, limbs, scales = x, [], []
-    for limb in range(LIMBS):
-        q = torch.div(residual, scale).round_().clamp_(-127, 127)
-        limbs.append(q.to(torch.int8))
-        scales.append(scale)
+    """x (rows, K) float -> int8 limbs stacked as (LIMBS * rows, K) and the first limb's scale per row (rows, 1);
+    limb i has scale s / LIMB_STEP^i. Written in few ops: at decoding a linear's input is one row, and each op
+    costs more than its arithmetic."""
+    scale = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True).div_(127).clamp_(min=1e-30)
+    y = torch.div(x, scale)  # |y| <= 127
+    limbs = torch.empty((LIMBS, *x.shape), dtype=torch.int8)
+    for limb, out in enumerate(limbs.unbind(0)):
+        q = torch.round(y)
+        out.copy_(q)
         if limb < LIMBS - 1:
-            residual = torch.addcmul(residual, q, scale, value=-1)
-            scale = scale / LIMB_STEP
-    return torch.cat(limbs), torch.stack(scales)
+            y = y.sub_(q).mul_(LIMB_STEP)  # y - q is exact and within [-1/2, 1/2]: the next limb's range [-127, 127]
+    return limbs.view(-1, x.shape[1]), scale
 
 
-def combine_limbs(sums: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The limbs' integer sums (LIMBS * rows, N) -> sum_i s_i sums_i, (rows, N) float."""
-    parts = sums.view(LIMBS, -1, sums.shape[-1])
-    y = torch.mul(parts[0], scales[0])
-    for part, scale in zip(parts[1:], scales[1:]):
-        y.add_(torch.mul(part, scale))
-    return y
+def combine_limbs(sums: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The limbs' weight-scaled sums (LIMBS * rows, N) -> s * sum_i sums_i / LIMB_STEP^i, (rows, N), by Horner's rule."""
+    parts = sums.view(LIMBS, -1, sums.shape[-1]).unbind(0)
+    y = torch.div(parts[-1], LIMB_STEP)
+    for part in parts[-2:0:-1]:
+        y.add_(part).div_(LIMB_STEP)
+    return y.add_(parts[0]).mul_(scale)
 
 
 class QuantizedLinear(nn.Module):
@@ -105,21 +107,23 @@ class QuantizedLinear(nn.Module):
                     delattr(self, name)
 
     def integer_sums(self, q: torch.Tensor, columns: slice) -> torch.Tensor:
-        """q (rows, K') int8 times the codes' input columns `columns`, transposed: exact integer sums (rows, N)."""
+        """q (rows, K') int8 times the codes' input columns `columns`, transposed: the exact integer sums (rows, N)
+        as float32."""
         if self.backend == "int8":
-            return torch._int_mm(q, self.codes[:, columns].t())
+            sums = torch._int_mm(q, self.codes[:, columns].t())
+            return sums.view(torch.float32).copy_(sums)  # int32 -> float32 in place: no second output-sized buffer
         return F.linear(q.float(), self.cached("codes_f", self.codes.float)[:, columns])
 
     def weight_scaled_sums(self, q: torch.Tensor) -> torch.Tensor:
         """sum over weight-scale groups of (q W_g^T) * s_w,g: (rows, N) float."""
         if self.scale.dim() == 2:
-            return torch.mul(self.integer_sums(q, slice(None)), self.scale.view(-1))
+            return self.integer_sums(q, slice(None)).mul_(self.scale.view(-1))
         groups = self.scale.shape[1]
         width = self.in_features // groups
         y = None
         for g in range(groups):
-            part = torch.mul(self.integer_sums(q[:, g * width:(g + 1) * width], slice(g * width, (g + 1) * width)),
-                             self.scale[:, g, 0])
+            part = self.integer_sums(q[:, g * width:(g + 1) * width], slice(g * width, (g + 1) * width))
+            part.mul_(self.scale[:, g, 0])
             y = part if y is None else y.add_(part)
         return y
 
@@ -129,8 +133,8 @@ class QuantizedLinear(nn.Module):
             q, input_scale = self.input_quantizer.codes(x)
             y = self.weight_scaled_sums(q).mul_(input_scale)
         elif self.backend == "int8":
-            limbs, scales = limb_codes(rows)
-            y = combine_limbs(self.weight_scaled_sums(limbs), scales)
+            limbs, scale = limb_codes(rows)
+            y = combine_limbs(self.weight_scaled_sums(limbs), scale)
         else:
             y = F.linear(rows, self.cached("weight_f", self.dequantized_weight))
         if self.bias is not None:

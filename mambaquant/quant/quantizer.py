@@ -134,6 +134,7 @@ class ActivationQuantizer(nn.Module):
         self.register_buffer("low", torch.tensor(0.0))
         self.register_buffer("high", torch.tensor(0.0))
         self.batches = 0
+        self.static_cache = None  # (low, high, their versions, scale, zero): static ranges change only in calibration
 
     @torch.no_grad()
     def observe(self, site, x: torch.Tensor) -> None:
@@ -159,18 +160,27 @@ class ActivationQuantizer(nn.Module):
         """The scale and zero point for `x`, broadcastable to it."""
         if self.spec.dynamic:
             low, high = token_range(x) if self.spec.granularity == "token" else (x.min(), x.max())
-        else:
-            if self.batches == 0:
-                raise RuntimeError("static activation quantizer used before calibration")
-            low, high = self.low, self.high
-            if self.spec.granularity == "position":
-                if x.shape[1] != low.shape[0]:
-                    raise InputError(f"per-position ranges for {low.shape[0]} positions, got {x.shape[1]}")
-                shape = (1, -1) + (1,) * (x.dim() - 2)
-                low, high = low.view(shape), high.view(shape)
-            elif self.spec.granularity == "channel" and x.shape[-1] != low.shape[0]:
-                raise InputError(f"per-channel ranges for {low.shape[0]} channels, got {x.shape[-1]}")
-        return scale_and_zero(low, high, self.spec)
+            return scale_and_zero(low, high, self.spec)
+        if self.batches == 0:
+            raise RuntimeError("static activation quantizer used before calibration")
+        scale, zero = self.static_scale_and_zero()
+        if self.spec.granularity == "position":
+            if x.shape[1] != scale.shape[0]:
+                raise InputError(f"per-position ranges for {scale.shape[0]} positions, got {x.shape[1]}")
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            return scale.view(shape), zero.view(shape)
+        if self.spec.granularity == "channel" and x.shape[-1] != scale.shape[0]:
+            raise InputError(f"per-channel ranges for {scale.shape[0]} channels, got {x.shape[-1]}")
+        return scale, zero
+
+    def static_scale_and_zero(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The static range's scale and zero point, computed again only when the range tensors change (decoding
+        calls each quantizer once per token and layer, where these few small ops would cost more than the rest)."""
+        key = (self.low, self.high, self.low._version, self.high._version)
+        cached = self.static_cache
+        if cached is None or cached[0] is not key[0] or cached[1] is not key[1] or cached[2:4] != key[2:]:
+            self.static_cache = (*key, *scale_and_zero(self.low, self.high, self.spec))
+        return self.static_cache[4], self.static_cache[5]
 
     @torch.no_grad()
     def share_ranges(self, clusters: torch.Tensor) -> None:
