@@ -8,7 +8,9 @@ Models: random-initialised models of the mamba-130m and mamba2-130m configuratio
 `mambaquant.load` as a user runs it; the timed models are those reloaded ones. The variants' timings alternate
 within each repeat, so their ratios are measured under the same machine conditions. Time is wall time, with the
 process's system (kernel) time of the same calls beside it. Resident memory: RSS after `mambaquant.load(DIR)` and
-`set_backend(model, "int8")` in a fresh process, minus the RSS of that process after its imports.
+`set_backend(model, "int8")` in a fresh process, minus the RSS of that process after its imports, once glibc has
+returned the loader's freed temporaries (`malloc_trim`; mambaquant's allocator settings keep freed memory for reuse,
+so the RSS right after loading also counts the largest temporaries of the load; the table gives both).
 
     python benchmarks/int8.py [--models mamba-130m mamba2-130m] [--recipes rtn mambaquant]
                               [--precisions W8A8 W4A8 W8A16 W4A16] [--repeats 3] [--markdown FILE]
@@ -37,16 +39,19 @@ RANDOM_MODELS = {"mamba-130m": LMConfig(d_model=768, n_layer=24, vocab_size=5028
 PREFILL_SHAPES = ((1, 128), (1, 1024), (8, 128))  # (batch, tokens)
 DECODE_BATCHES = (1, 8)
 RESIDENT_PROBE = """
-import json, sys
+import ctypes, json, sys
 import mambaquant
 from mambaquant.methods import set_backend
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+trim = ctypes.CDLL(None).malloc_trim
 baseline = rss()
 model = mambaquant.load(sys.argv[1])
 if sys.argv[2] == "int8":
     set_backend(model, "int8")
-print(json.dumps({"resident": rss() - baseline}))
+loaded = rss()
+trim(0)
+print(json.dumps({"resident": rss() - baseline, "before_trim": loaded - baseline}))
 """
 
 
@@ -66,7 +71,8 @@ def calibration(model, name: str) -> torch.Tensor | None:
 def resident_mib(directory: Path, backend: str) -> float:
     result = subprocess.run([sys.executable, "-c", RESIDENT_PROBE, str(directory), backend], capture_output=True,
                             text=True, check=True)
-    return json.loads(result.stdout.splitlines()[-1])["resident"]
+    measured = json.loads(result.stdout.splitlines()[-1])
+    return measured["resident"], measured["before_trim"]
 
 
 def checkpoint_mib(directory: Path) -> float:
@@ -148,9 +154,11 @@ def benchmark(name: str, recipes, precisions, repeats: int) -> list[dict]:
     for label in sizes:
         rows.append({"model": name, "what": "checkpoint MiB", "variant": label, "value": sizes[label],
                      "system": None, "ratio": sizes[label] / sizes["fp32"]})
-    for label in resident:
-        rows.append({"model": name, "what": "resident MiB after load", "variant": label, "value": resident[label],
-                     "system": None, "ratio": resident[label] / resident["fp32"]})
+    for label, (held, before_trim) in resident.items():
+        rows.append({"model": name, "what": "resident MiB after load", "variant": label, "value": held,
+                     "system": None, "ratio": held / resident["fp32"][0]})
+        rows.append({"model": name, "what": "resident MiB before trim", "variant": label, "value": before_trim,
+                     "system": None, "ratio": before_trim / resident["fp32"][1]})
     return rows
 
 

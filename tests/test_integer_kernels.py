@@ -3,6 +3,8 @@ simulation (per channel and per group, static and dynamic input scales), weight-
 precision of the dequantized product with no float copy of the weights, and a tied embedding that reads the
 quantized head's codes (in memory and after reloading)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -140,3 +142,16 @@ def test_a_loaded_quantized_model_holds_no_float_weight_matrix(tmp_path):
     floats = {name: tuple(t.shape) for name, t in tensors.items() if t.is_floating_point()}
     assert not [name for name, shape in floats.items() if shape in shapes or shape[::-1] in shapes]
     assert not any(t.is_meta for t in tensors.values())
+
+
+def test_a_loaded_int4_model_keeps_no_mapping_of_its_packed_file(tmp_path):
+    """The int4 codes are unpacked at load: the checkpoint's packed bytes must not stay resident beside them."""
+    model = tied_lm()
+    calib = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(0))
+    quantized = mambaquant.quantize(model, method="rtn", w_bits=4, a_bits=16, calib=calib, calib_samples=4,
+                                    weight_rounding="rtn")
+    directory = mambaquant.save(quantized, tmp_path / "q")
+    reloaded = mambaquant.load(directory)
+    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(directory) in line]
+    assert not mapped
+    assert torch.equal(reloaded(calib[:1]), quantized(calib[:1]))

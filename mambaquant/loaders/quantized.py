@@ -546,9 +546,13 @@ def build_quantized(config: dict, checkpoint: Checkpoint, source: str) -> nn.Mod
 
     # the verified tensors become the model's own (assigned, not copied), so no float weight is ever allocated
     model = skeleton
+    unpacked = set()
     for name, entry in layout["linears"].items():
         if not entry.get("float") and entry["bits"] <= 4:
             tensors[f"{name}.codes"] = unpack_int4(tensors.pop(f"{name}.codes_int4"), tuple(entry["shape"]))
+            unpacked.add(f"{name}.codes")
+    if unpacked:  # the file's mapping would keep the packed codes resident beside the unpacked ones: let it go
+        tensors = {name: t if name in unpacked else t.clone() for name, t in tensors.items()}
     model.load_state_dict(tensors, strict=False, assign=True)  # check_tensors matched the names, dtypes and shapes
     if isinstance(model, MambaLM) and model.config.tie_embeddings:
         if isinstance(model.lm_head, QuantizedLinear):

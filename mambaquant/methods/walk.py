@@ -167,8 +167,10 @@ def check_blocks_for(method: str, model: nn.Module) -> None:
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
-    """Run the quantized linear layers as a float32 simulation of their integer arithmetic ("fake") or as int8 x
-    int8 -> int32 products ("int8"). The other quantization points (conv1d input, h, C) are simulated in both."""
+    """Run the quantized linear layers as a float32 simulation of their integer arithmetic ("fake") or on int8
+    kernels ("int8"): int8 x int8 -> int32 products where the activations are quantized (the same numbers as the
+    simulation, bit for bit), the float input split into int8 limbs where only the weights are (the same to
+    float32 precision). The other quantization points (conv1d input, h, C) are simulated in both."""
     linears = [module for module in model.modules() if isinstance(module, QuantizedLinear)]
     check_backend(backend, bool(linears))
     for linear in linears:
@@ -208,7 +210,7 @@ def quantize(model, method: str = "mambaquant", w_bits: int = 8, a_bits: int = 8
     `calib_samples` inputs are used. `tokenizer`: the tokenizer.json for text
     calibration of a BPE-vocabulary model (default: GPT-NeoX's from the data directory). `backend`: "fake" runs the
     quantized linears as a float32 simulation of their integer arithmetic, "int8" with int8 matrix products (see
-    `set_backend`; both give the same numbers). Bits of 16 quantize nothing there: `w_bits=16, a_bits=16` applies
+    `set_backend`: the same numbers, to float32 precision for weight-only models). Bits of 16 quantize nothing there: `w_bits=16, a_bits=16` applies
     the method's transforms alone, which must keep the model's function. `options` are `QuantConfig` fields. The
     returned model carries `quantization_report` (a `QuantReport`)."""
     from ..calibration import resolve_calibration
