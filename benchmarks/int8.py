@@ -192,8 +192,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--markdown", help="also write the table to this file")
     args = parser.parse_args()
-    header = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-              f"median of {args.repeats}")
+    header = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+              f"{platform.processor() or platform.machine()}, median of {args.repeats}")
     rows = []
     for name in args.models:
         rows += benchmark(name, args.recipes, args.precisions, args.repeats)

@@ -210,9 +210,9 @@ def quantize(model, method: str = "mambaquant", w_bits: int = 8, a_bits: int = 8
     `calib_samples` inputs are used. `tokenizer`: the tokenizer.json for text
     calibration of a BPE-vocabulary model (default: GPT-NeoX's from the data directory). `backend`: "fake" runs the
     quantized linears as a float32 simulation of their integer arithmetic, "int8" with int8 matrix products (see
-    `set_backend`: the same numbers, to float32 precision for weight-only models). Bits of 16 quantize nothing there: `w_bits=16, a_bits=16` applies
-    the method's transforms alone, which must keep the model's function. `options` are `QuantConfig` fields. The
-    returned model carries `quantization_report` (a `QuantReport`)."""
+    `set_backend`: the same numbers, to float32 precision for weight-only models). Bits of 16 quantize nothing
+    there: `w_bits=16, a_bits=16` applies the method's transforms alone, which must keep the model's function.
+    `options` are `QuantConfig` fields. The returned model carries `quantization_report` (a `QuantReport`)."""
     from ..calibration import resolve_calibration
     from ..loaders import load  # not at the top: the loaders import this package (loaders/quantized.py)
 

@@ -56,7 +56,8 @@ def limb_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def combine_limbs(sums: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The limbs' weight-scaled sums (LIMBS * rows, N) -> s * sum_i sums_i / LIMB_STEP^i, (rows, N), by Horner's rule."""
+    """The limbs' weight-scaled sums (LIMBS * rows, N) -> s * sum_i sums_i / LIMB_STEP^i, (rows, N), by Horner's
+    rule."""
     parts = sums.view(LIMBS, -1, sums.shape[-1]).unbind(0)
     y = torch.div(parts[-1], LIMB_STEP)
     for part in parts[-2:0:-1]:

@@ -176,11 +176,11 @@ class ActivationQuantizer(nn.Module):
     def static_scale_and_zero(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The static range's scale and zero point, computed again only when the range tensors change (decoding
         calls each quantizer once per token and layer, where these few small ops would cost more than the rest)."""
-        key = (self.low, self.high, self.low._version, self.high._version)
+        versions = (self.low._version, self.high._version)  # in-place writes (load_state_dict) bump them
         cached = self.static_cache
-        if cached is None or cached[0] is not key[0] or cached[1] is not key[1] or cached[2:4] != key[2:]:
-            self.static_cache = (*key, *scale_and_zero(self.low, self.high, self.spec))
-        return self.static_cache[4], self.static_cache[5]
+        if cached is None or cached[0] is not self.low or cached[1] is not self.high or cached[2] != versions:
+            self.static_cache = (self.low, self.high, versions, *scale_and_zero(self.low, self.high, self.spec))
+        return self.static_cache[3], self.static_cache[4]
 
     @torch.no_grad()
     def share_ranges(self, clusters: torch.Tensor) -> None:
