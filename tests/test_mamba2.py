@@ -14,8 +14,12 @@ from transformers import Mamba2Config, Mamba2ForCausalLM
 
 import mambaquant
 from mambaquant.errors import InputError
+from mambaquant.quant.quantizer import ActivationQuantizer, QuantSpec
 from mambaquant.runtime import (MAMBA2_SITES, Mamba2LMConfig, MambaLM, find_sites, init_weights, ssd_scan,
                                 ssd_scan_reference, use_reference_scan)
+from mambaquant.runtime import ssd
+from mambaquant.runtime.sites import Site
+from mambaquant.transforms.rotation import Rotate
 
 from .cli_cases import assert_refused
 from .helpers import rel_err
@@ -87,6 +91,65 @@ def test_h_hook_changes_only_the_output_operand_in_both_scans():
     assert rel_err(got, expected) < 1e-5
     assert rel_err(got_h, ssd_scan_reference(x, dt, A, B, C, state=h0)[1]) < 1e-5  # the recurrence stays exact
     assert rel_err(got, ssd_scan(x, dt, A, B, C, state=h0)[0]) > 1e-3  # and the hook did act
+
+
+class RecordSteps(torch.nn.Module):
+    per_token = True
+
+    def __init__(self, sizes: list):
+        super().__init__()
+        self.sizes = sizes
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(h.shape[1])
+        return h
+
+
+def per_token_h_site(seed: int, state: int) -> Site:
+    """A calibrated h site as the methods leave it: a rotation along the state, then a static 8-bit quantizer."""
+    site = Site("h", "mamba2")
+    quantizer = ActivationQuantizer(QuantSpec(8))
+    quantizer.observe(site, 3 * torch.randn(1000, generator=torch.Generator().manual_seed(seed)))
+    rotation = torch.linalg.qr(torch.randn(state, state, generator=torch.Generator().manual_seed(seed)))[0]
+    site.op = torch.nn.Sequential(Rotate(state, rotation), quantizer)
+    return site
+
+
+def test_a_per_token_h_site_is_handed_a_few_steps_at_a_time_with_the_same_result(monkeypatch):
+    """The states of a chunk are handed to a per-token site in pieces of at most HOOK_BYTES (at the 130m
+    configuration a chunk's states are 50 MiB): the output equals the site applied to whole chunks."""
+    x, dt, A, B, C, h0 = scan_inputs(4, 2, 70, 4, 8, 2, 16)
+    site = per_token_h_site(4, 16)
+    assert site.per_token
+    whole, whole_h = ssd_scan(x, dt, A, B, C, state=h0, h_hook=lambda h: site(h))  # a plain callable: whole chunks
+    step_bytes = h0.numel() * h0.element_size()
+    monkeypatch.setattr(ssd, "HOOK_BYTES", 3 * step_bytes)
+    sizes = []
+    site.observers.append(lambda _, h: sizes.append(h.shape[1]))
+    assert not site.per_token  # an observer may pool what it is given: whole chunks again
+    ssd_scan(x, dt, A, B, C, state=h0, h_hook=site)
+    assert sizes == [64, 6]
+    site.observers.clear()
+    sizes.clear()
+    site.op.append(RecordSteps(sizes))
+    got, got_h = ssd_scan(x, dt, A, B, C, state=h0, h_hook=site)
+    assert sizes == [3] * 23 + [1]
+    assert torch.equal(got_h, whole_h)
+    assert rel_err(got, whole) < 1e-6
+    assert rel_err(got, ssd_scan_reference(x, dt, A, B, C, state=h0, h_hook=site)[0]) < 1e-5
+    assert rel_err(got, ssd_scan(x, dt, A, B, C, state=h0)[0]) > 1e-3  # the site did act
+    site.op.append(torch.nn.Identity())  # an op that does not declare per_token: whole chunks
+    assert not site.per_token
+
+
+@pytest.mark.parametrize("spec, per_token", [
+    (QuantSpec(8), True), (QuantSpec(8, granularity="token", dynamic=True), True),
+    (QuantSpec(8, dynamic=True), False), (QuantSpec(8, granularity="position"), False)],
+    ids=["static", "dynamic-per-token", "dynamic-per-tensor", "per-position"])
+def test_which_quantizers_treat_each_token_on_its_own(spec, per_token):
+    site = Site("h", "mamba2")
+    site.op = ActivationQuantizer(spec)
+    assert site.per_token is per_token
 
 
 @pytest.mark.parametrize("length, hook", [(45, None), (1, None), (7, lambda h: 1.5 * h)],

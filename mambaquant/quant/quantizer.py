@@ -156,6 +156,12 @@ class ActivationQuantizer(nn.Module):
         self.low, self.high = low.detach().float(), high.detach().float()
         self.batches += 1
 
+    @property
+    def per_token(self) -> bool:
+        """Whether each token is quantized on its own (see `Site.per_token`): all but a dynamic range over the whole
+        tensor and per-position ranges (those index the tensor's time dimension)."""
+        return not (self.spec.dynamic and self.spec.granularity == "tensor") and self.spec.granularity != "position"
+
     def scale_and_zero(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The scale and zero point for `x`, broadcastable to it."""
         if self.spec.dynamic:

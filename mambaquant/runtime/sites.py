@@ -78,6 +78,16 @@ class Site(nn.Module):
     def active(self) -> bool:
         return bool(self.observers) or self.op is not None
 
+    @property
+    def per_token(self) -> bool:
+        """Whether the site treats each token (time step) on its own, so that handing it a tensor a few steps at a
+        time gives the same result as all at once: no observers (their statistics may pool what they are given) and
+        every op declaring `per_token`."""
+        if self.observers:
+            return False
+        ops = [] if self.op is None else list(self.op) if isinstance(self.op, nn.Sequential) else [self.op]
+        return all(getattr(op, "per_token", False) for op in ops)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.op is not None:
             x = self.op(x)

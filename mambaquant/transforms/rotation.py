@@ -23,6 +23,8 @@ class Rotate(nn.Module):
     x -> x H^T with the fast Hadamard transform (`matrix` None). A last dim that is a multiple of `size` is rotated
     in blocks of `size` (Mamba-2's B and C: one block per group)."""
 
+    per_token = True  # each token on its own (see `Site.per_token`)
+
     def __init__(self, size: int, matrix: torch.Tensor | None = None):
         super().__init__()
         self.size = size

@@ -40,6 +40,8 @@ def state_smoothing_scales(h_absmax: torch.Tensor, c_absmax: torch.Tensor, alpha
 class Scale(nn.Module):
     """x -> x * scale along the last dim: an online smoothing vector where no producer can absorb it."""
 
+    per_token = True  # each token on its own (see `Site.per_token`)
+
     def __init__(self, scale: torch.Tensor):
         super().__init__()
         self.register_buffer("scale", scale)
