@@ -97,6 +97,8 @@ def cmd_quantize(args) -> None:
     from .outputs import check_output_dir
 
     check_source(args.source)
+    if args.stream:
+        return quantize_streamed_command(args)
     if args.out is not None:
         check_output_dir(args.out, args.overwrite, [args.source], source_bytes(args.source))
     if args.eval_data is not None and args.no_eval:
@@ -123,10 +125,37 @@ def cmd_quantize(args) -> None:
         card_notes.append(lines[-1])
     if args.out is not None:
         check_output_dir(args.out, args.overwrite, [args.source])
-        save(quantized, args.out, overwrite=args.overwrite, notes=card_notes)
+        save(quantized, args.out, overwrite=args.overwrite, notes=card_notes, shard_size=args.shard_size * 2**20)
         output["out"] = args.out
         lines.append(f"wrote {args.out}")
     print(json.dumps(output) if args.json else "\n".join(lines))
+
+
+def quantize_streamed_command(args) -> None:
+    """`quantize --stream`: block by block from a safetensors checkpoint into --out; no evaluation in the same run
+    (the full-precision model is not held): `mambaquant eval OUT` measures the result."""
+    from . import quantize
+    from .outputs import check_output_dir
+
+    if args.out is None:
+        raise InputError("--stream writes the quantized model block by block: expected --out DIR")
+    if args.eval_data is not None or args.eval_samples is not None:
+        raise InputError("--stream does not evaluate (the full-precision model is never held whole); run "
+                         "`mambaquant eval OUT` afterwards, without --eval-data / --eval-samples here")
+    if args.backend != "fake":
+        raise InputError("--stream writes a checkpoint; --backend applies when it is loaded (mambaquant eval OUT "
+                         "--backend int8)")
+    check_output_dir(args.out, args.overwrite, [args.source])
+    out = quantize(args.source, method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, calib=args.calib,
+                   act_granularity=args.act_granularity, seed=args.seed, calib_samples=args.calib_samples,
+                   calib_len=args.calib_len, progress=not args.json, tokenizer=args.tokenizer, out=args.out,
+                   stream=True, overwrite=args.overwrite, shard_size=args.shard_size * 2**20,
+                   head_clusters=args.head_clusters, channel_clusters=args.channel_clusters)
+    card = (out / "MODEL_CARD.md").read_text()
+    if args.json:
+        print(json.dumps({"out": str(out), "model_card": card}))
+    else:
+        print(f"{card}wrote {out} (evaluate it with: mambaquant eval {out})")
 
 
 def eval_data_of(args):
@@ -360,6 +389,11 @@ def build_parser() -> Parser:
                           help="quamba2 (Mamba-2): clusters of channels per head cluster (4)")
     quantize.add_argument("--out", type=path_value, help="write the quantized model to this directory (reload with mambaquant.load)")
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    quantize.add_argument("--stream", action="store_true",
+                          help="read a safetensors language model one block at a time and write --out as it goes "
+                               "(for models larger than memory; the same result as in memory; no evaluation)")
+    quantize.add_argument("--shard-size", type=positive_int, default=2048, metavar="MIB",
+                          help="largest output shard in MiB (Hugging Face shards + index above it; default 2048)")
     quantize.set_defaults(run=cmd_quantize)
 
     from .compare import DEFAULT_BITS

@@ -46,8 +46,8 @@ def describe(nbytes: float) -> str:
     return f"{nbytes / 1024**2:.0f} MiB"
 
 
-def check_allocation(nbytes: float, what: str) -> None:
-    """Refuse `what` if it needs more than the memory available now."""
+def check_allocation(nbytes: float, what: str, hint: str = "") -> None:
+    """Refuse `what` if it needs more than the memory available now (`hint` ends the line: what to do instead)."""
     available = available_bytes()
     if nbytes > available:
-        raise InputError(f"{what} needs {describe(nbytes)} of memory, and {describe(available)} is available")
+        raise InputError(f"{what} needs {describe(nbytes)} of memory, and {describe(available)} is available{hint}")

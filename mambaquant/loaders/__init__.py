@@ -4,7 +4,6 @@ import json
 import os
 from pathlib import Path
 
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import InputError
@@ -12,13 +11,15 @@ from ..outputs import write_atomic_dir
 from ..runtime import (Mamba2LMConfig, MambaLM, MambaModel, MambaTagger, ModelConfig, TaggerConfig, VisionConfig,
                       VisionMamba)
 from . import hf, layouts, mamba2, quantized, typeseg, vim
+from .shards import DEFAULT_SHARD_BYTES, ShardWriter
 from .layouts import load_state_dict  # noqa: F401 (mambaquant.load_state_dict)
 from ..schema import describe, display, read_json
 from .weights import find_weight_file, load_checked, open_checkpoint
 from .weights import read_tensors  # noqa: F401 (mambaquant.loaders.read_tensors)
 
 SUPPORTED = (
-    "Mamba-1 and Mamba-2 language models (Hugging Face MambaForCausalLM / Mamba2ForCausalLM or the original "
+    "Mamba-1 and Mamba-2 language models (Hugging Face MambaForCausalLM / FalconMambaForCausalLM / "
+    "Mamba2ForCausalLM or the original "
     "state-spaces layout, alxndrTL mamba.py, johnma2006 mamba-minimal), "
     "Vision Mamba (hustvl/Vim state dicts), typeseg's Mamba tagger (mamba_al.npz) and models composed from "
     "ModelConfig (saved by mambaquant)"
@@ -36,7 +37,7 @@ def load(source, **options) -> nn.Module:
     if isinstance(source, OUR_MODELS):
         return source
     if isinstance(source, nn.Module):
-        if type(source).__name__ == "MambaForCausalLM":
+        if type(source).__name__ in ("MambaForCausalLM", "FalconMambaForCausalLM"):
             return hf.from_transformers(source)
         if type(source).__name__ == "Mamba2ForCausalLM":
             return mamba2.from_transformers(source)
@@ -205,36 +206,47 @@ def check_saveable(model: nn.Module) -> None:
                              "modules")
 
 
-def save(model: nn.Module, directory: str | Path, overwrite: bool = False, notes: tuple[str, ...] = ()) -> Path:
-    """Write a model as config.json + model.safetensors (+ MODEL_CARD.md with `notes` for a quantized model).
+def save(model: nn.Module, directory: str | Path, overwrite: bool = False, notes: tuple[str, ...] = (),
+         shard_size: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write a model as config.json + model.safetensors (+ MODEL_CARD.md with `notes` for a quantized model); a
+    model above `shard_size` bytes as Hugging Face shards (model-0000k-of-0000n.safetensors + an index).
     Full precision: the Hugging Face Mamba layout for language models (transformers can read it), the official
     Vim names for vision models, our own names and the composition's config for a `MambaModel`. Quantized
     (`mambaquant.quantize`'s output): integer codes and everything
     that rebuilds the quantized model (see `loaders.quantized`). Atomic: written to a temporary directory that is
     renamed into place at the end, so an interrupted save leaves nothing that looks complete."""
     check_saveable(model)
-    card = None
-    if hasattr(model, "quantization_report"):
-        tensors, layout = quantized.quantized_tensors_and_layout(model)
-        config = quantized.quantized_config(model, layout)
-        card = quantized.model_card(config, notes)
-    elif isinstance(model, MambaLM) and isinstance(model.config, Mamba2LMConfig):
-        config, tensors = mamba2.saved_config(model.config), mamba2.saved_state_dict(model)
-    elif isinstance(model, MambaLM):
-        config, tensors = hf.hf_config(model.config), hf.hf_state_dict(model)
-    elif isinstance(model, VisionMamba) and vim.has_vim_layout(model.config):
-        config = {"architecture": VISION_ARCHITECTURE, **model.config.to_dict()}
-        tensors = vim.vim_state_dict(model)
-    else:
-        architecture = TAGGER_ARCHITECTURE if isinstance(model, MambaTagger) else MODEL_ARCHITECTURE
-        config = {"architecture": architecture, **model.config.to_dict()}
-        tensors = {k: v.contiguous() for k, v in model.state_dict().items()}  # a VisionMamba beyond Vim's layout too
+    check_shard_size(shard_size)
 
     def write(staging: Path) -> None:
-        save_file({k: v.detach().cpu() for k, v in tensors.items()}, staging / "model.safetensors")
+        shards = ShardWriter(staging, shard_size)
+        card = None
+        if hasattr(model, "quantization_report"):
+            parts = quantized.QuantizedParts(shards.add)
+            parts.add(model)
+            config = quantized.quantized_config(model, parts.layout())
+            card = quantized.model_card(config, notes)
+        elif isinstance(model, MambaLM) and isinstance(model.config, Mamba2LMConfig):
+            config = mamba2.saved_config(model.config)
+            shards.add(mamba2.saved_state_dict(model))
+        elif isinstance(model, MambaLM):
+            config = hf.hf_config(model.config)
+            shards.add(hf.hf_state_dict(model))
+        elif isinstance(model, VisionMamba) and vim.has_vim_layout(model.config):
+            config = {"architecture": VISION_ARCHITECTURE, **model.config.to_dict()}
+            shards.add(vim.vim_state_dict(model))
+        else:
+            architecture = TAGGER_ARCHITECTURE if isinstance(model, MambaTagger) else MODEL_ARCHITECTURE
+            config = {"architecture": architecture, **model.config.to_dict()}
+            shards.add(dict(model.state_dict()))  # a VisionMamba beyond Vim's layout too
+        shards.close()
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if card:
             (staging / "MODEL_CARD.md").write_text(card)
 
     return write_atomic_dir(directory, write, overwrite=overwrite)
 
+
+def check_shard_size(shard_size) -> None:
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 2**20:
+        raise InputError(f"shard_size must be a whole number of bytes, at least 1 MiB (2**20); got {shard_size!r}")

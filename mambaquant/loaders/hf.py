@@ -1,4 +1,5 @@
-"""Mamba-1 language models in the Hugging Face layout (`MambaForCausalLM`, state-spaces/mamba-*-hf) and in the
+"""Mamba-1 language models in the Hugging Face layout (`MambaForCausalLM`, state-spaces/mamba-*-hf;
+`FalconMambaForCausalLM`, the same layout with weight-less RMS norms on dt, B and C) and in the
 original state-spaces layout (config.json with d_model / n_layer / ssm_cfg, `backbone.embedding.weight`)."""
 
 import dataclasses
@@ -49,7 +50,9 @@ HF_SCHEMA = {
     "tie_word_embeddings": boolean(True),
     "hidden_act": string("silu", "swish", default="silu"),
     "residual_in_fp32": boolean(True),
+    "mixer_rms_eps": number(0, 1, default=1e-6, above=True),  # FalconMamba's
 }
+FALCON_MAMBA = ("falcon_mamba", "FalconMambaForCausalLM")
 
 # the original state-spaces/mamba config (mamba_ssm's MambaConfig)
 SSM_CFG_SCHEMA = {
@@ -80,8 +83,14 @@ STATE_SPACES_SCHEMA = {
 
 def is_hf_config(config: dict) -> bool:
     architectures = config.get("architectures")
-    return config.get("model_type") == "mamba" or (
-        isinstance(architectures, list) and "MambaForCausalLM" in architectures)
+    return config.get("model_type") in ("mamba", FALCON_MAMBA[0]) or (
+        isinstance(architectures, list) and bool({"MambaForCausalLM", FALCON_MAMBA[1]} & set(architectures)))
+
+
+def is_falcon_mamba(config: dict) -> bool:
+    architectures = config.get("architectures")
+    return config.get("model_type") == FALCON_MAMBA[0] or (
+        isinstance(architectures, list) and FALCON_MAMBA[1] in architectures)
 
 
 def is_state_spaces_config(config: dict) -> bool:
@@ -107,6 +116,7 @@ def lm_config_from_hf(config: dict, where: str) -> LMConfig:
         norm_eps=c["layer_norm_epsilon"],
         vocab_size=c["vocab_size"],
         tie_embeddings=c["tie_word_embeddings"],
+        mixer_rms_eps=c["mixer_rms_eps"] if is_falcon_mamba(config) else 0.0,
     )
 
 
@@ -204,7 +214,7 @@ def load_lm(config: LMConfig, checkpoint: Checkpoint, source: str) -> MambaLM:
 
 
 def from_transformers(hf_model) -> MambaLM:
-    """An in-memory transformers `MambaForCausalLM` -> our runtime, same weights."""
+    """An in-memory transformers `MambaForCausalLM` or `FalconMambaForCausalLM` -> our runtime, same weights."""
     config = lm_config_from_hf(hf_model.config.to_dict(), type(hf_model).__name__)
     tensors = {k: v.detach() for k, v in hf_model.state_dict().items()}
     return build_lm(config, tensors, type(hf_model).__name__)
@@ -214,9 +224,10 @@ def hf_config(config: LMConfig) -> dict:
     """Our LMConfig as a transformers MambaConfig dict (for writing checkpoints transformers can read)."""
     if config.norm != "rms" or config.bidirectional != "none" or config.x_proj_bias or config.dt_offset:
         raise ValueError("only RMSNorm causal models have a Hugging Face Mamba layout")
+    falcon = {"mixer_rms_eps": config.mixer_rms_eps} if config.mixer_rms_eps else {}
     return {
-        "architectures": ["MambaForCausalLM"],
-        "model_type": "mamba",
+        "architectures": [FALCON_MAMBA[1] if falcon else "MambaForCausalLM"],
+        "model_type": FALCON_MAMBA[0] if falcon else "mamba",
         "hidden_size": config.d_model,
         "num_hidden_layers": config.n_layer,
         "state_size": config.d_state,
@@ -231,6 +242,7 @@ def hf_config(config: LMConfig) -> dict:
         "tie_word_embeddings": config.tie_embeddings,
         "hidden_act": "silu",
         "residual_in_fp32": True,
+        **falcon,
     }
 
 

@@ -24,6 +24,7 @@ shared matrix once: as the head's codes when the head is quantized, as `embeddin
 import dataclasses
 import hashlib
 import re
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -51,8 +52,11 @@ ADDED_FIELDS = {name: None for name in CLUSTER_DEFAULTS}  # quantization_config 
 # model_config fields added within version 2 (the composition of issue 16): an older checkpoint has their defaults
 COMPOSITION = ("stem", "in_features", "seq_len", "cls_token", "pos_embed", "final_norm", "pooling", "head",
                "head_hidden", "head_act")
-ADDED_MODEL_FIELDS = {"MambaLM": ("residual",), "VisionMamba": ("residual", "vocab_size") + COMPOSITION,
-                      "MambaTagger": ("residual", "img_size", "patch_size", "stride", "in_chans") + COMPOSITION}
+ADDED_MODEL_FIELDS = {"MambaLM": ("residual", "mixer_rms_eps"),
+                      "VisionMamba": ("residual", "vocab_size", "mixer_rms_eps") + COMPOSITION,
+                      "MambaTagger": ("residual", "img_size", "patch_size", "stride", "in_chans",
+                                      "mixer_rms_eps") + COMPOSITION,
+                      "MambaModel": ("mixer_rms_eps",)}
 ORTHOGONALITY_TOLERANCE = 1e-3  # max |R R^T - I| of a stored rotation (float32 rounding is ~1e-6)
 # Channel width of the tensor at each site kind (runtime/sites.py): D d_model, E d_inner, N d_state, R dt_rank,
 # K the head's outputs, M an MLP head's hidden width
@@ -117,35 +121,67 @@ def describe_op(op: nn.Module, where: str) -> dict:
     raise InputError(f"cannot save the op {type(op).__name__} at {where}")
 
 
+class QuantizedParts:
+    """The tensors and layout of a quantized model, collected part by part: the whole model at once (`save`), or
+    each block as a streamed walk finishes it and then the rest (`add` with `skip`). Each part's tensors go to
+    `sink` (the shard writer) as they are collected; the layout keeps each tensor's sha256."""
+
+    def __init__(self, sink: Callable[[dict[str, torch.Tensor]], None]):
+        self.sink = sink
+        self.linears, self.sites, self.gate_scales, self.sha256 = {}, {}, [], {}
+
+    def add(self, module: nn.Module, prefix: str = "", skip: str | None = None) -> None:
+        """The tensors of `module` (named with `prefix`; names under `skip` left out)."""
+        def kept(name: str) -> bool:
+            return skip is None or not name.startswith(skip)
+
+        tensors = {prefix + k: v.detach().contiguous() for k, v in module.state_dict().items() if kept(k)}
+        for name, child in module.named_modules():
+            if not kept(name + "."):
+                continue
+            full = prefix + name
+            if isinstance(child, QuantizedLinear):
+                quantizer = child.input_quantizer
+                self.linears[full] = {"shape": list(child.codes.shape), "bits": child.bits,
+                                      "bias": child.bias is not None,
+                                      "input": vars(quantizer.spec).copy() if quantizer is not None else None}
+                if child.bits <= 4:
+                    tensors[f"{full}.codes_int4"] = pack_int4(tensors.pop(f"{full}.codes"))
+            elif isinstance(child, nn.Linear) and child.bias is not None:
+                self.linears[full] = {"float": True, "bias": True}
+            elif isinstance(child, Site) and child.op is not None:
+                self.sites[child.name] = [describe_op(op, child.name) for op in site_ops(child)]
+            elif isinstance(child, MambaMixer) and child.gate_scale is not None:
+                self.gate_scales.append(full)
+        if isinstance(module, MambaLM) and module.config.tie_embeddings:  # one matrix, stored once
+            untie_for_saving(module, tensors)
+        self.sha256.update({name: tensor_sha256(tensor) for name, tensor in tensors.items()})
+        self.sink(tensors)
+
+    def layout(self) -> dict:
+        """In name order, so that a streamed walk and an in-memory save write the same config.json."""
+        return {"linears": dict(sorted(self.linears.items())), "sites": dict(sorted(self.sites.items())),
+                "gate_scales": sorted(self.gate_scales), "sha256": dict(sorted(self.sha256.items()))}
+
+
+def untie_for_saving(model: MambaLM, tensors: dict[str, torch.Tensor]) -> None:
+    if isinstance(model.lm_head, QuantizedLinear):
+        if not isinstance(model.embedding, QuantizedEmbedding) or model.embedding.codes is not model.lm_head.codes:
+            raise InputError("cannot save this model: its config ties the embedding to the quantized head, but "
+                             "the embedding does not read the head's codes")
+    elif model.lm_head.weight is model.embedding.weight:
+        del tensors["lm_head.weight"]  # it is the embedding: re-tied on load
+    else:
+        raise InputError("cannot save this model: its config ties the head to the embedding, but the two hold "
+                         "different matrices")
+
+
 def quantized_tensors_and_layout(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors to write and the layout that rebuilds the modules holding them, with each tensor's sha256."""
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    linears, sites, gate_scales = {}, {}, []
-    for name, module in model.named_modules():
-        if isinstance(module, QuantizedLinear):
-            quantizer = module.input_quantizer
-            linears[name] = {"shape": list(module.codes.shape), "bits": module.bits, "bias": module.bias is not None,
-                             "input": vars(quantizer.spec).copy() if quantizer is not None else None}
-            if module.bits <= 4:
-                tensors[f"{name}.codes_int4"] = pack_int4(tensors.pop(f"{name}.codes"))
-        elif isinstance(module, nn.Linear) and module.bias is not None:
-            linears[name] = {"float": True, "bias": True}
-        elif isinstance(module, Site) and module.op is not None:
-            sites[module.name] = [describe_op(op, module.name) for op in site_ops(module)]
-        elif isinstance(module, MambaMixer) and module.gate_scale is not None:
-            gate_scales.append(name)
-    if isinstance(model, MambaLM) and model.config.tie_embeddings:  # one matrix, stored once
-        if isinstance(model.lm_head, QuantizedLinear):
-            if not isinstance(model.embedding, QuantizedEmbedding) or model.embedding.codes is not model.lm_head.codes:
-                raise InputError("cannot save this model: its config ties the embedding to the quantized head, but "
-                                 "the embedding does not read the head's codes")
-        elif model.lm_head.weight is model.embedding.weight:
-            del tensors["lm_head.weight"]  # it is the embedding: re-tied on load
-        else:
-            raise InputError("cannot save this model: its config ties the head to the embedding, but the two hold "
-                             "different matrices")
-    sha256 = {name: tensor_sha256(tensor) for name, tensor in tensors.items()}
-    return tensors, {"linears": linears, "sites": sites, "gate_scales": gate_scales, "sha256": sha256}
+    tensors = {}
+    parts = QuantizedParts(tensors.update)
+    parts.add(model)
+    return tensors, parts.layout()
 
 
 def quantized_config(model: nn.Module, layout: dict) -> dict:

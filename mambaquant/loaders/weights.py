@@ -60,11 +60,14 @@ def nbytes(tensor) -> int:
 
 @dataclass
 class Checkpoint:
-    """An opened checkpoint: its tensors' names, shapes and dtypes (`infos`), and `read` for the data."""
+    """An opened checkpoint: its tensors' names, shapes and dtypes (`infos`), and `read` for the data;
+    `read_names` reads some tensors only, each file opened for the call alone (safetensors files, which locate
+    every tensor from their header; None for a torch pickle)."""
 
     path: Path
     infos: dict  # name -> TensorInfo, or a memory-mapped tensor
     read: Callable[[], dict[str, torch.Tensor]]
+    read_names: Callable[[list[str]], dict[str, torch.Tensor]] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -106,14 +109,14 @@ def open_safetensors(path: Path, names: list[str] | None = None) -> Checkpoint:
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise unreadable(e) from None
 
-    def read() -> dict[str, torch.Tensor]:
+    def read_names(wanted) -> dict[str, torch.Tensor]:
         try:
-            with safe_open(path, "pt") as f:
-                return {name: f.get_tensor(name) for name in (infos if names is None else names)}
+            with safe_open(path, "pt") as f:  # the file's mapping lasts this call only: read pages leave the RSS
+                return {name: f.get_tensor(name) for name in wanted}
         except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
             raise unreadable(e) from None
 
-    return Checkpoint(path, infos, read)
+    return Checkpoint(path, infos, lambda: read_names(list(infos if names is None else names)), read_names)
 
 
 def open_torch(path: Path) -> Checkpoint:
@@ -210,7 +213,16 @@ def open_index(path: Path) -> Checkpoint:
             tensors.update({name: data[name] for name in names})
         return tensors
 
-    return Checkpoint(path, infos, read)
+    shard_of = {name: opened for opened, names in shards for name in names}
+
+    def read_names(wanted) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for opened in {id(shard_of[name]): shard_of[name] for name in wanted}.values():
+            tensors.update(opened.read_names([name for name in wanted if shard_of[name] is opened]))
+        return tensors
+
+    streamable = all(opened.read_names is not None for opened, _ in shards)
+    return Checkpoint(path, infos, read, read_names if streamable else None)
 
 
 def find_weight_file(directory: Path) -> Path:
@@ -313,7 +325,9 @@ def check_memory(model: nn.Module, data_bytes: int, source: str) -> None:
     """The memory to allocate `model` (built on the meta device) and to read `data_bytes` must be available."""
     count = sum(p.numel() for p in model.parameters())
     size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    check_allocation(size + data_bytes, f"{source}: loading this model ({count:,} parameters)")
+    check_allocation(size + data_bytes, f"{source}: loading this model ({count:,} parameters)",
+                     "; `mambaquant quantize SOURCE --stream --out DIR` quantizes a safetensors language model block "
+                     "by block")
 
 
 def tied_names(model: nn.Module) -> set[str]:
@@ -375,9 +389,7 @@ def assign_weights(model: nn.Module, weights: dict[str, tuple[str, torch.Tensor]
         for name, (original, tensor) in weights.items():
             if name in tied:
                 continue
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise InputError(f"{source}: weight {original} contains NaN or Inf")
-            targets[name].copy_(tensor)
+            copy_checked(targets[name], tensor, original, source)
     return model
 
 
@@ -385,7 +397,34 @@ def load_checked(make_model: Callable[[], nn.Module], checkpoint: Checkpoint, ru
                  source: str, names: list[tuple[str, str]] | None = None) -> nn.Module:
     """The model `make_model` builds, with the checkpoint's weights (renamed by `rules`; `names` the other way),
     every size checked first."""
-    check_before_loading(make_model, rename(checkpoint.infos, rules), checkpoint.nbytes, source, names)
-    tensors = checkpoint.read()
-    return assign_weights(make_model(), rename(tensors, rules), source).eval()
+    if checkpoint.read_names is None:
+        check_before_loading(make_model, rename(checkpoint.infos, rules), checkpoint.nbytes, source, names)
+        tensors = checkpoint.read()
+        return assign_weights(make_model(), rename(tensors, rules), source).eval()
+    # safetensors: one block's tensors read at a time into the model (a half-precision checkpoint is never held
+    # whole beside its float32 copy)
+    weights = rename(checkpoint.infos, rules)
+    groups: dict[str, dict] = {}
+    for name, (original, info) in weights.items():
+        match = re.match(r"layers\.\d+\.", name)
+        groups.setdefault(match.group(0) if match else "", {})[name] = (original, info)
+    largest = max((sum(nbytes(info) for _, info in group.values()) for group in groups.values()), default=0)
+    check_before_loading(make_model, weights, largest, source, names)
+    model = make_model()
+    tied = tied_names(model)
+    check_weights(model.state_dict(), tied, weights, source)
+    targets = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for group in groups.values():
+            data = checkpoint.read_names([original for original, _ in group.values()])
+            for name, (original, _) in group.items():
+                if name not in tied:
+                    copy_checked(targets[name], data[original], original, source)
+    return model.eval()
+
+
+def copy_checked(target: torch.Tensor, tensor: torch.Tensor, original: str, source: str) -> None:
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise InputError(f"{source}: weight {original} contains NaN or Inf")
+    target.copy_(tensor)
 

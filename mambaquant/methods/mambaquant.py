@@ -8,8 +8,6 @@ the online Hadamard), smoothing at the conv1d input (x B C), C.h smoothing per (
 Hadamard on the state dimension, both online at B, C and h (C leaves the conv through a SiLU: no weight absorbs
 them). Mamba-2 has no dt_proj or x_proj, so the dt-path rotation and the x_proj Hadamard have no place there."""
 
-from functools import partial
-
 import torch
 
 from ..transforms.klt import AbsMaxObserver, CovarianceObserver, klt_hadamard
@@ -23,22 +21,19 @@ from .smoothquant import conv_weight_columns
 from .stages import Runner, by_block_kind, has_mamba2_blocks, no_op
 
 
-def run_blocks(model, batch: torch.Tensor) -> torch.Tensor:
-    """The model up to its last block: a pass that observes the blocks never computes the head's output (for an LM
-    the largest tensor of the forward)."""
-    hidden = model.embed(batch)
-    for layer in model.layers:
-        hidden = layer(hidden)
-    return hidden
-
-
-def mambaquant_model(model, batches, config: QuantConfig, report: QuantReport) -> None:
+def mambaquant_model(model, blocks, batches, config: QuantConfig, report: QuantReport) -> None:
     """KLT-enhanced rotation of the residual stream: it is shared by every block, so it gets one rotation, from the
-    covariance of all in_proj inputs pooled."""
-    fuse_norms(model)
+    covariance of all in_proj inputs pooled, gathered in one full-precision pass over the blocks (block by block,
+    never the head: for an LM its output is the largest tensor of the forward)."""
+    fuse_norms(model, blocks.edit)
     residual = CovarianceObserver()
-    Runner(partial(run_blocks, model), batches).observe({layer.sites["norm"]: residual for layer in model.layers})
-    rotate_residual(model, klt_hadamard(residual.covariance()))
+    with torch.no_grad():
+        hidden = [model.embed(batch) for batch in batches]
+    for index in range(len(blocks)):
+        layer = blocks.load(index)
+        hidden = Runner(layer, hidden).outputs({layer.sites["norm"]: residual})
+        blocks.release(index)
+    rotate_residual(model, klt_hadamard(residual.covariance()), blocks.edit)
     per_block = ("smooth-fused rotation at out_proj (gated-norm smoothing + online Hadamard), conv1d input "
                  "smoothing, C.h smoothing per group and state channel and Hadamard on the state dimension (online "
                  "at B, C and h)" if has_mamba2_blocks(model) else

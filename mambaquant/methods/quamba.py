@@ -6,7 +6,7 @@ from .config import QuantConfig, QuantReport
 from .stages import Runner, has_mamba2_blocks, no_op
 
 
-def quamba_model(model, batches, config: QuantConfig, report: QuantReport) -> None:
+def quamba_model(model, blocks, batches, config: QuantConfig, report: QuantReport) -> None:
     scan_input = "x" if has_mamba2_blocks(model) else "x_proj_in"
     report.transforms.append(f"per block: online Hadamard at out_proj input; percentile ranges at the SSM input "
                              f"({scan_input}) and state (h)")

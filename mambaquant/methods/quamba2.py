@@ -71,7 +71,7 @@ def sort_and_cluster(absmax: torch.Tensor, config, head_clusters: int, channel_c
     return torch.tensor(head_order), torch.stack(channel_orders), torch.cat(clusters)
 
 
-def quamba2_model(model, batches, config: QuantConfig, report: QuantReport) -> None:
+def quamba2_model(model, blocks, batches, config: QuantConfig, report: QuantReport) -> None:
     report.transforms.append(
         f"per block: sort-and-cluster of the scan input x (up to {config.head_clusters} head clusters x "
         f"{config.channel_clusters} channel clusters per B/C group, heads and channels reordered in the weights, "

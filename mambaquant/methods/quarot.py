@@ -9,9 +9,9 @@ from .config import QuantConfig, QuantReport
 from .stages import Runner, by_block_kind, has_mamba2_blocks, no_op
 
 
-def quarot_model(model, batches, config: QuantConfig, report: QuantReport) -> None:
-    fuse_norms(model)
-    rotate_residual(model, random_hadamard(model.config.d_model, config.seed))
+def quarot_model(model, blocks, batches, config: QuantConfig, report: QuantReport) -> None:
+    fuse_norms(model, blocks.edit)
+    rotate_residual(model, random_hadamard(model.config.d_model, config.seed), blocks.edit)
     per_block = ("online Hadamard at out_proj input" if has_mamba2_blocks(model) else
                  "randomised Hadamard on the dt path (offline), Hadamard on the state dimension (C offline, h "
                  "online), online Hadamard at out_proj and x_proj inputs")

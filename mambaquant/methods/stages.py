@@ -2,6 +2,7 @@
 the slots where the quantizers go (each quantized linear with the site carrying its input, and every quantized
 activation site)."""
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -20,18 +21,52 @@ class Runner:
 
     @torch.no_grad()
     def observe(self, observers: dict[Site, Callable]) -> None:
-        for site, observer in observers.items():
-            site.observers.append(observer)
-        try:
+        with attached(observers):
             for x in self.inputs:
                 self.stage(x)
-        finally:
-            for site, observer in observers.items():
-                site.observers.remove(observer)
 
     @torch.no_grad()
-    def outputs(self) -> list[torch.Tensor]:
-        return [self.stage(x) for x in self.inputs]
+    def outputs(self, observers: dict[Site, Callable] | None = None) -> list[torch.Tensor]:
+        """The stage's outputs, watched by `observers` on the way (one pass for both)."""
+        with attached(observers or {}):
+            return [self.stage(x) for x in self.inputs]
+
+
+@contextlib.contextmanager
+def attached(observers: dict[Site, Callable]):
+    for site, observer in observers.items():
+        site.observers.append(observer)
+    try:
+        yield
+    finally:
+        for site, observer in observers.items():
+            site.observers.remove(observer)
+
+
+class InMemoryBlocks:
+    """The blocks of a model in memory, as the walk and the model-wide transforms reach them: `edit` applies a
+    per-block edit to every block, `load` gives a block ready to run, `release` follows a statistics pass over it,
+    `finish` its quantization. A streamed walk has the same four methods over blocks read from disk one at a time
+    (`loaders.streamed.StreamedBlocks`); here they hold the model's own blocks and have nothing to free."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __len__(self) -> int:
+        return len(self.model.layers)
+
+    def edit(self, block_edit: Callable[[nn.Module], None]) -> None:
+        for layer in self.model.layers:
+            block_edit(layer)
+
+    def load(self, index: int) -> nn.Module:
+        return self.model.layers[index]
+
+    def release(self, index: int) -> None:
+        pass
+
+    def finish(self, index: int) -> None:
+        pass
 
 
 def no_op(*args) -> None:

@@ -1,11 +1,11 @@
 """`quantize`, the one verb from a full-precision model to a quantized one, and the walk that applies a method's
-recipe (`run_recipe`).
+recipe (`run_recipe`), in memory or streamed from disk block by block (`loaders.streamed`).
 
 `quantize` walks the model one block at a time, holding only that block's calibration inputs. For each block, in
 this order: the method's function-preserving transforms, each from full-precision statistics of the block as
 transformed so far; static activation ranges, the granularity choice and GPTQ Hessians, in full precision; the
-block's full-precision outputs (the next block's inputs); then its weights are quantized. Activation quantizers
-are switched on only at the very end. (The official MambaQuant code quantized weights on the first forward pass,
+block's full-precision outputs (the next block's inputs); then its weights are quantized and its activation
+quantizers switched on (after its outputs are taken: nothing downstream is calibrated on quantized values). (The official MambaQuant code quantized weights on the first forward pass,
 before some rotations, and gathered statistics with quantization already on.)
 """
 
@@ -26,8 +26,8 @@ from ..transforms.rotation import append_op
 from .config import FULL_PRECISION, MAMBA2_ONLY_METHODS, METHODS, QuantConfig, QuantReport
 from .granularity import CHUNKED_SITES, TokenStatistics, make_quantizer
 from .recipes import RECIPES
-from .stages import (Runner, block_activation_sites, block_linears, fixed_length, has_mamba2_blocks,
-                     head_activation_sites, head_slots, linear_slots)
+from .stages import (InMemoryBlocks, Runner, block_activation_sites, block_linears, fixed_length, has_mamba2_blocks,
+                     head_activation_sites, head_slots)
 
 # Static ranges from the 99.99th percentile instead of min-max: Quamba's SSM input and state; for MambaQuant the
 # heavy-tailed state h (as the paper's official code does). On training data (never the evaluation split), W8A8
@@ -95,42 +95,48 @@ def quantize_linears(slots: list[tuple[nn.Module, str, Site]], runner: Runner, c
             owner.embedding = QuantizedEmbedding(quantized)
 
 
-def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor],
-               progress: bool = False) -> tuple[nn.Module, QuantReport]:
-    """A quantized copy of `model` and the report of what was done where."""
+def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor], progress: bool = False,
+               blocks=None, copy_model: bool = True) -> tuple[nn.Module, QuantReport]:
+    """A quantized copy of `model` (the model itself, transformed in place, without `copy_model`) and the report of
+    what was done where. `blocks` reaches the model's blocks (default `InMemoryBlocks`; a streamed walk passes
+    blocks read from disk one at a time and written out as each is finished)."""
     if not batches:
         raise InputError("the calibration set is empty; expected at least one batch of training data")
     torch.manual_seed(config.seed)
-    model = copy.deepcopy(model).eval()
+    if copy_model:
+        model = copy.deepcopy(model)
+    model.eval()
+    blocks = blocks if blocks is not None else InMemoryBlocks(model)
     report = QuantReport(config=asdict(config))
     if config.method == "fp":
         return model, report
     check_blocks_for(config.method, model)
     model_transform, block_transform, head_transform = RECIPES[config.method]
-    model_transform(model, batches, config, report)
+    model_transform(model, blocks, batches, config, report)
     quantize_acts, quantize_weights = config.a_bits != FULL_PRECISION, config.w_bits != FULL_PRECISION
     fixed = fixed_length(model)
-    pending = []
     with torch.no_grad():
         hidden = check_finite_activations([model.embed(batch) for batch in batches], "the embedding's output")
-    bar = progress_of(model.layers, f"{config.method} w{config.w_bits}a{config.a_bits}", "block", progress)
-    for index, layer in enumerate(bar):
+    bar = progress_of(range(len(blocks)), f"{config.method} w{config.w_bits}a{config.a_bits}", "block", progress)
+    for index in bar:
+        layer = blocks.load(index)
         runner = Runner(layer, hidden)
         clusters = block_transform(layer, runner, config, report)
-        if quantize_acts:
-            pending += calibrate_quantizers(block_activation_sites(layer), runner, config, fixed, report,
-                                            clusters)
+        pending = calibrate_quantizers(block_activation_sites(layer), runner, config, fixed, report,
+                                       clusters) if quantize_acts else []
         # the next block's inputs, from this block in full precision
         outputs = check_finite_activations(runner.outputs(), f"the output of block {index}")
         if quantize_weights:
             quantize_linears(block_linears(layer), runner, config)
+        switch_on(pending, block_linears(layer), report)
+        check_finite(layer, f"layers.{index}.")
+        blocks.finish(index)
         hidden = outputs
     head_runner = Runner(model.output, hidden)
     head_transform(model, head_runner, config, report)
-    if quantize_acts:
-        pooled = getattr(model.config, "pooling", "none") != "none"  # the head reads one token: no positions
-        pending += calibrate_quantizers(head_activation_sites(model), head_runner, config, fixed and not pooled,
-                                        report)
+    pooled = getattr(model.config, "pooling", "none") != "none"  # the head reads one token: no positions
+    pending = calibrate_quantizers(head_activation_sites(model), head_runner, config, fixed and not pooled,
+                                   report) if quantize_acts else []
     if quantize_weights:
         quantize_linears(head_slots(model), head_runner, config)
         spec = config.weight_spec()
@@ -138,15 +144,22 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
         linears = "in_proj, out_proj" if has_mamba2_blocks(model) else "in_proj, x_proj, dt_proj, out_proj"
         report.weights.append(f"{rounding} int{spec.bits} per {spec.granularity}: {linears} of every block, and the "
                               "head")
-    consumers = {site: getattr(owner, name) for owner, name, site in linear_slots(model)}
+    switch_on(pending, head_slots(model), report)
+    check_finite(model, skip="layers.")
+    return model, report
+
+
+def switch_on(pending: list[tuple[Site, ActivationQuantizer]], slots: list[tuple[nn.Module, str, Site]],
+              report: QuantReport) -> None:
+    """Put the calibrated activation quantizers in place: an integer linear quantizes its own input, every other
+    site gets its quantizer as its last op. Only once a stage's full-precision outputs are taken."""
+    consumers = {site: getattr(owner, name) for owner, name, site in slots}
     for site, quantizer in pending:
         if isinstance(consumers.get(site), QuantizedLinear):
-            consumers[site].input_quantizer = quantizer  # an integer linear quantizes its own input
+            consumers[site].input_quantizer = quantizer
         else:
             append_op(site, quantizer)
         report.activation_sites[site.name] = quantizer.extra_repr()
-    check_finite(model)
-    return model, report
 
 
 def methods_for(model: nn.Module, methods=None) -> tuple[str, ...]:
@@ -192,15 +205,19 @@ def check_finite_activations(tensors: list[torch.Tensor], where: str) -> list[to
     return tensors
 
 
-def check_finite(model: nn.Module) -> None:
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+def check_finite(module: nn.Module, prefix: str = "", skip: str | None = None) -> None:
+    """Every floating-point tensor of `module` (named with `prefix`; those under `skip` left out) must be finite."""
+    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+        if skip is not None and name.startswith(skip):
+            continue
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise InputError(f"quantization produced NaN or Inf in {name}; check the calibration data")
+            raise InputError(f"quantization produced NaN or Inf in {prefix}{name}; check the calibration data")
 
 
 def quantize(model, method: str = "mambaquant", w_bits: int = 8, a_bits: int = 8, calib=None,
              act_granularity: str | None = None, seed: int = 0, calib_samples: int = 32, calib_len: int | None = None,
-             progress: bool = False, tokenizer: str | None = None, backend: str = "fake", **options) -> nn.Module:
+             progress: bool = False, tokenizer: str | None = None, backend: str = "fake", out=None,
+             stream: bool | None = None, overwrite: bool = False, shard_size: int = 2 * 2**30, **options):
     """Quantize `model` (a model object, an embedded model name, a directory or a checkpoint) with `method`.
 
     `calib`: inputs in the model's form (token ids (N, L), images (N, C, H, W), a time series (N, L, C), ...) as a
@@ -212,17 +229,56 @@ def quantize(model, method: str = "mambaquant", w_bits: int = 8, a_bits: int = 8
     quantized linears as a float32 simulation of their integer arithmetic, "int8" with int8 matrix products (see
     `set_backend`: the same numbers, to float32 precision for weight-only models). Bits of 16 quantize nothing
     there: `w_bits=16, a_bits=16` applies the method's transforms alone, which must keep the model's function.
-    `options` are `QuantConfig` fields. The returned model carries `quantization_report` (a `QuantReport`)."""
+    `options` are `QuantConfig` fields. The returned model carries `quantization_report` (a `QuantReport`).
+
+    With `out` (a directory) the quantized model is written there (atomically; `overwrite` replaces a directory
+    mambaquant wrote; Hugging Face shards of at most `shard_size` bytes) and its path is returned. A language model
+    checkpoint on disk in safetensors (fp32, fp16 or bf16) is then quantized streamed: read one block at a time and
+    written as it goes, so a model larger than memory can be quantized (`loaders.streamed`; the same result, bit
+    for bit). `stream` True insists on streaming (one line where the source cannot be streamed), False quantizes in
+    memory, None (default) streams where the source allows."""
     from ..calibration import resolve_calibration
-    from ..loaders import load  # not at the top: the loaders import this package (loaders/quantized.py)
+    from ..loaders import load, save  # not at the top: the loaders import this package (loaders/quantized.py)
 
     source = model if isinstance(model, str) else type(model).__name__
     config = QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, act_granularity=act_granularity, seed=seed,
                          **options)
     check_backend(backend, config.w_bits != FULL_PRECISION)  # before any work
-    model = load(model)
-    check_blocks_for(config.method, model)
-    batches = resolve_calibration(model, source, calib, calib_samples, calib_len, seed, tokenizer=tokenizer)
-    quantized, report = run_recipe(model, config, batches, progress)
+    if out is not None and stream is not False and streamable(model, strict=bool(stream)):
+        from ..loaders.streamed import quantize_streamed
+
+        return quantize_streamed(model, out, config, calib, calib_samples, calib_len, tokenizer, progress, overwrite,
+                                 shard_size)
+    if stream:
+        raise InputError("stream=True needs out: the directory the streamed quantization writes")
+    loaded = load(model)
+    check_blocks_for(config.method, loaded)
+    batches = resolve_calibration(loaded, source, calib, calib_samples, calib_len, seed, tokenizer=tokenizer)
+    # a model this call loaded is its own: transformed in place, no copy
+    quantized, report = run_recipe(loaded, config, batches, progress, copy_model=loaded is model)
     quantized.quantization_report = report
-    return set_backend(quantized, backend)
+    quantized = set_backend(quantized, backend)
+    if out is None:
+        return quantized
+    return save(quantized, out, overwrite=overwrite, shard_size=shard_size)
+
+
+def streamable(source, strict: bool) -> bool:
+    """Whether `source` is a language-model checkpoint on disk that a streamed walk can read; with `strict`, the
+    one line saying why not instead of False."""
+    import os
+
+    from ..loaders.streamed import open_streamed
+
+    if not isinstance(source, (str, os.PathLike)) or not os.path.exists(source):
+        if strict:
+            raise InputError(f"stream=True reads a checkpoint on disk (a model directory or a safetensors file); "
+                             f"got {source if isinstance(source, str) else type(source).__name__}")
+        return False
+    try:
+        open_streamed(source)
+    except InputError:
+        if strict:
+            raise
+        return False
+    return True

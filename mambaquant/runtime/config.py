@@ -27,6 +27,7 @@ LIMITS = {
     "dt_rank": (0, 65536),  # 0: ceil(d_model / 16)
     "dt_offset": (0.0, 1.0),
     "norm_eps": (0.0, 1.0),  # excluded: 0
+    "mixer_rms_eps": (0.0, 1.0),  # 0: no inner norms
     "vocab_size": (1, 2**24),
     "num_classes": (1, 2**20),
     "img_size": (1, 8192),
@@ -117,6 +118,7 @@ class MambaConfig(BlockConfig):
     bidirectional: str = "none"
     divide_out: bool = True  # bidirectional only: average the two directions instead of adding them
     residual: bool = True  # block output = input + mixer(norm(input)); False: mixer(norm(input))
+    mixer_rms_eps: float = 0.0  # > 0: weight-less RMS norms on dt_low, B and C after x_proj (FalconMamba)
 
     def __post_init__(self):
         if self.dt_rank == 0:

@@ -13,7 +13,8 @@ from .sites import make_sites
 class SelectiveSSM(nn.Module):
     """conv1d + SiLU -> x_proj (dt, B, C) -> dt_proj + softplus -> selective scan -> + D skip.
     With `both_ways` the same inputs are also scanned backwards in time and the two results added. Without
-    `with_conv` the branch has no conv of its own: it scans another branch's conv output (`selective`)."""
+    `with_conv` the branch has no conv of its own: it scans another branch's conv output (`selective`). With
+    `mixer_rms_eps` (FalconMamba) dt_low, B and C each pass a weight-less RMS norm right after x_proj."""
 
     def __init__(self, config: MambaConfig, both_ways: bool = False, with_conv: bool = True):
         super().__init__()
@@ -21,6 +22,7 @@ class SelectiveSSM(nn.Module):
         self.d_state, self.dt_rank = N, R
         self.causal = config.conv == "causal"
         self.dt_offset = config.dt_offset
+        self.inner_norm_eps = config.mixer_rms_eps  # 0: no norms
         self.both_ways = both_ways
         self.conv1d = nn.Conv1d(E, E, config.d_conv, groups=E, bias=config.conv_bias) if with_conv else None
         self.x_proj = nn.Linear(E, R + 2 * N, bias=config.x_proj_bias)
@@ -53,6 +55,8 @@ class SelectiveSSM(nn.Module):
         sites = self.sites
         u = sites.conv(u)
         dt_low, B, C = self.x_proj(sites.x_proj_in(u)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.inner_norm_eps:
+            dt_low, B, C = (weightless_rms_norm(t, self.inner_norm_eps) for t in (dt_low, B, C))
         dt_low, B, C = sites.dt_low(dt_low), sites.B(B), sites.C(C)
         dt = sites.dt(F.softplus(self.dt_proj(dt_low)) + self.dt_offset)
         A = -torch.exp(self.A_log.float())
@@ -62,6 +66,12 @@ class SelectiveSSM(nn.Module):
             hC = hC + self.scan(u.flip(1), dt.flip(1), A, B.flip(1), C.flip(1), None).flip(1)
             skip = 2 * skip
         return sites.y(sites.hC(hC) + skip)
+
+
+def weightless_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) over the last dim, computed in float32."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class MambaMixer(nn.Module):

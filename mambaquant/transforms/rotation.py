@@ -9,6 +9,9 @@ Mamba-2: the residual stream and the out_proj input as above; the state dimensio
 (`rotate_state_mamba2`), since C leaves the conv through a SiLU.
 """
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -121,8 +124,25 @@ def fuse_norm_into(norm: nn.Module, linear: nn.Linear, scale: bool = True) -> No
         norm.weight.fill_(1.0)
 
 
+def each_block(model: nn.Module) -> Callable[[Callable[[nn.Module], None]], None]:
+    """Apply an edit to every block of an in-memory model, now. A model-wide transform applies its per-block part
+    through such a callable, so that a streamed walk (methods/blocks.py) can apply it to each block as it reads it."""
+    def edit(block_edit: Callable[[nn.Module], None]) -> None:
+        for layer in model.layers:
+            block_edit(layer)
+    return edit
+
+
 @torch.no_grad()
-def center_residual(model: nn.Module) -> None:
+def center_block_output(layer: nn.Module) -> None:
+    out_proj = layer.mixer.out_proj
+    out_proj.weight -= out_proj.weight.mean(0, keepdim=True)
+    if out_proj.bias is not None:
+        out_proj.bias -= out_proj.bias.mean()
+
+
+@torch.no_grad()
+def center_residual(model: nn.Module, edit_blocks=None) -> None:
     """Make every write to the residual stream zero-mean over its channels. Every reader of the stream is a
     LayerNorm, which ignores the mean, so the function is unchanged; afterwards LayerNorm = RMSNorm (SliceGPT)."""
     untie_head(model)
@@ -131,26 +151,32 @@ def center_residual(model: nn.Module) -> None:
         tensor -= tensor.mean(0, keepdim=True)
     for tensor in last:
         tensor -= tensor.mean(-1, keepdim=True)
-    for layer in model.layers:
-        out_proj = layer.mixer.out_proj
-        out_proj.weight -= out_proj.weight.mean(0, keepdim=True)
-        if out_proj.bias is not None:
-            out_proj.bias -= out_proj.bias.mean()
+    (edit_blocks or each_block(model))(center_block_output)
 
 
 @torch.no_grad()
-def fuse_norms(model: nn.Module) -> nn.Module:
+def fuse_block_norm(layer: nn.Module) -> None:
+    """The block norm folded into in_proj; a LayerNorm (of a centred model) becomes a scale-free RMSNorm."""
+    if isinstance(layer.norm, NoNorm):
+        return
+    fuse_norm_into(layer.norm, layer.mixer.in_proj)
+    if isinstance(layer.norm, nn.LayerNorm):
+        layer.norm = RMSNorm(layer.norm.normalized_shape[0], layer.norm.eps)
+
+
+@torch.no_grad()
+def fuse_norms(model: nn.Module, edit_blocks=None) -> nn.Module:
     """Fold every block norm into in_proj and the final norm into the head. A tied LM head is the embedding, so
     there the final norm's scale g becomes an online x -> x diag(g) at the head input instead (a D x D product,
     ~1/vocab of the head's cost): the checkpoint keeps one matrix for both; so it does before a max pooling, which
     a negative g would not pass. LayerNorm models are first centred (`center_residual`), and their norms become
-    scale-free RMSNorms. Absent norms (norm "none") have nothing to fold."""
+    scale-free RMSNorms. Absent norms (norm "none") have nothing to fold. `edit_blocks` applies the per-block part
+    (default: `each_block`)."""
+    edit_blocks = edit_blocks or each_block(model)
     layer_norm = isinstance(model.norm_f, nn.LayerNorm)
     if layer_norm:
-        center_residual(model)
-    for layer in model.layers:
-        if not isinstance(layer.norm, NoNorm):
-            fuse_norm_into(layer.norm, layer.mixer.in_proj)
+        center_residual(model, edit_blocks)
+    edit_blocks(fuse_block_norm)
     if isinstance(model.norm_f, NoNorm):
         pass
     elif is_tied(model) or max_pooled(model):
@@ -160,36 +186,42 @@ def fuse_norms(model: nn.Module) -> nn.Module:
     else:
         fuse_norm_into(model.norm_f, head_of(model))
     if layer_norm:
-        for owner in list(model.layers) + [model]:
-            name = "norm" if owner is not model else "norm_f"
-            old = getattr(owner, name)
-            setattr(owner, name, RMSNorm(old.normalized_shape[0], old.eps))
+        model.norm_f = RMSNorm(model.norm_f.normalized_shape[0], model.norm_f.eps)
         model.config.norm = "rms"
     return model
 
 
+def check_unit_norm(norm: nn.Module) -> None:
+    if not (isinstance(norm, NoNorm) or isinstance(norm, RMSNorm) and torch.all(norm.weight == 1)):
+        raise InputError("rotating the residual stream needs RMSNorm blocks with fused (unit) scales")
+
+
 @torch.no_grad()
-def rotate_residual(model: nn.Module, M: torch.Tensor) -> nn.Module:
+def rotate_block_residual(layer: nn.Module, M: torch.Tensor) -> None:
+    check_unit_norm(layer.norm)
+    mixer = layer.mixer
+    mixer.in_proj.weight.copy_(mixer.in_proj.weight @ M)
+    mixer.out_proj.weight.copy_(M.T @ mixer.out_proj.weight)
+    if mixer.out_proj.bias is not None:
+        mixer.out_proj.bias.copy_(mixer.out_proj.bias @ M)
+
+
+@torch.no_grad()
+def rotate_residual(model: nn.Module, M: torch.Tensor, edit_blocks=None) -> nn.Module:
     """Rotate the residual stream by M (D x D orthogonal). Needs RMSNorms with unit scale, or no norms (run
     `fuse_norms` first): an RMSNorm without scale commutes with any rotation, a LayerNorm does not. Before a max
-    pooling the head input is turned back (x M -> x) online, and the head keeps its weights."""
-    norms = [layer.norm for layer in model.layers] + [model.norm_f]
-    if not all(isinstance(n, NoNorm) or isinstance(n, RMSNorm) and torch.all(n.weight == 1) for n in norms):
-        raise InputError("rotating the residual stream needs RMSNorm blocks with fused (unit) scales")
+    pooling the head input is turned back (x M -> x) online, and the head keeps its weights. `edit_blocks` applies
+    the per-block part (default: `each_block`)."""
+    check_unit_norm(model.norm_f)
+    head_input = model.sites["norm_f"].op
+    if head_input is not None and (not isinstance(head_input, Rotate) or head_input.matrix is None):
+        raise InputError("rotate the residual stream before other ops are added at the head input")
+    (edit_blocks or each_block(model))(partial(rotate_block_residual, M=M))
     first, last = stream_writers(model)
     for tensor in first:
         tensor.copy_((M.T @ tensor.flatten(1)).view_as(tensor))
     for tensor in last:  # a tied head turns with the embedding
         tensor.copy_(tensor @ M)
-    for layer in model.layers:
-        mixer = layer.mixer
-        mixer.in_proj.weight.copy_(mixer.in_proj.weight @ M)
-        mixer.out_proj.weight.copy_(M.T @ mixer.out_proj.weight)
-        if mixer.out_proj.bias is not None:
-            mixer.out_proj.bias.copy_(mixer.out_proj.bias @ M)
-    head_input = model.sites["norm_f"].op
-    if head_input is not None and (not isinstance(head_input, Rotate) or head_input.matrix is None):
-        raise InputError("rotate the residual stream before other ops are added at the head input")
     if max_pooled(model):  # the head-input product G (see fuse_norms), or none, becomes M^T G
         if head_input is None:
             append_op(model.sites["norm_f"], Rotate(len(M), M.T.clone()))
@@ -204,8 +236,13 @@ def rotate_residual(model: nn.Module, M: torch.Tensor) -> nn.Module:
 
 @torch.no_grad()
 def rotate_dt_path(ssm: nn.Module, M: torch.Tensor) -> None:
-    """dt_low' = dt_low M: x_proj's dt rows absorb M^T, dt_proj absorbs M."""
+    """dt_low' = dt_low M: x_proj's dt rows absorb M^T, dt_proj absorbs M. Behind FalconMamba's weight-less norm
+    the rotation is online at the dt_low site, after any smoothing there (the norm itself commutes with M)."""
     R = ssm.dt_rank
+    if ssm.inner_norm_eps:
+        append_op(ssm.sites["dt_low"], Rotate(R, M.clone()))
+        ssm.dt_proj.weight.copy_(ssm.dt_proj.weight @ M)
+        return
     ssm.x_proj.weight[:R] = M.T @ ssm.x_proj.weight[:R]
     if ssm.x_proj.bias is not None:
         ssm.x_proj.bias[:R] = ssm.x_proj.bias[:R] @ M
@@ -214,8 +251,13 @@ def rotate_dt_path(ssm: nn.Module, M: torch.Tensor) -> None:
 
 @torch.no_grad()
 def rotate_state(ssm: nn.Module, M: torch.Tensor) -> None:
-    """h*C over the state dimension N: C' = C M offline (x_proj's C rows), h' = h M online at site h."""
+    """h*C over the state dimension N: C' = C M offline (x_proj's C rows), h' = h M online at site h. Behind
+    FalconMamba's weight-less norm C is rotated online too, after any smoothing at its site."""
     R, N = ssm.dt_rank, ssm.d_state
+    if ssm.inner_norm_eps:
+        append_op(ssm.sites["C"], Rotate(N, M.clone()))
+        append_op(ssm.sites["h"], Rotate(N, M.clone()))
+        return
     rows = slice(R + N, R + 2 * N)
     ssm.x_proj.weight[rows] = M.T @ ssm.x_proj.weight[rows]
     if ssm.x_proj.bias is not None:

@@ -93,13 +93,23 @@ def smooth_conv_input(mixer: nn.Module, ssms: list[nn.Module], s: torch.Tensor) 
 
 @torch.no_grad()
 def smooth_dt_input(ssm: nn.Module, s: torch.Tensor) -> None:
-    divide_rows(ssm.x_proj, slice(0, ssm.dt_rank), s)
+    """dt_low / s, dt_proj's columns * s. Behind FalconMamba's weight-less norm (`inner_norm_eps`), which a scale
+    of its input does not pass, the division is an online op at the dt_low site (dt_rank products per token)."""
+    if ssm.inner_norm_eps:
+        append_op(ssm.sites["dt_low"], Scale(1 / s))
+    else:
+        divide_rows(ssm.x_proj, slice(0, ssm.dt_rank), s)
     ssm.dt_proj.weight.mul_(s)
 
 
 @torch.no_grad()
 def smooth_state(ssm: nn.Module, s: torch.Tensor) -> None:
+    """B / s (so h / s) and C * s; online at the B and C sites behind FalconMamba's weight-less norms."""
     R, N = ssm.dt_rank, ssm.d_state
+    if ssm.inner_norm_eps:
+        append_op(ssm.sites["B"], Scale(1 / s))
+        append_op(ssm.sites["C"], Scale(s.clone()))
+        return
     divide_rows(ssm.x_proj, slice(R, R + N), s)
     divide_rows(ssm.x_proj, slice(R + N, R + 2 * N), 1 / s)
 

@@ -1,0 +1,221 @@
+"""Streamed quantization of a language model larger than memory: the checkpoint (safetensors, one file or Hugging
+Face shards, in float32, float16 or bfloat16) is read one block at a time, each block quantized in float32 and
+written out as soon as it is finished, so that memory holds the embedding, the final norm and the head, one block,
+the calibration activations and at most one output shard, never the model.
+
+The walk is the in-memory one (`methods.walk.run_recipe`) over `StreamedBlocks`: a model-wide transform's
+per-block part (norm fusion, the residual rotation) is recorded and applied to each block as it is read; a
+model-wide statistics pass (MambaQuant's pooled residual covariance) reads every block once in full precision
+before the quantizing pass reads them again. The result is the in-memory path's, bit for bit (tests/test_streamed.py).
+"""
+
+import json
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..memory import check_allocation, describe
+from ..outputs import check_free_space, write_atomic_dir
+from ..runtime import Mamba2LMConfig, MambaLM
+from ..schema import display
+from . import hf, mamba2, quantized
+from .shards import DEFAULT_SHARD_BYTES, ShardWriter
+from .weights import (Checkpoint, assign_weights, check_weights, find_weight_file, on_meta_device, open_checkpoint,
+                      rename, tied_names)
+
+BLOCK = re.compile(r"layers\.(\d+)\.")
+QUANTIZED_WEIGHT = re.compile(r"(layers\.\d+\.mixer\.(ssm(_b)?\.)?(in_proj|x_proj|dt_proj|out_proj)|lm_head)\.weight")
+BLOCK_COPIES = 4  # a block in float32, its quantized form, GPTQ's Hessians and the block's temporaries
+
+
+@dataclass
+class StreamedCheckpoint:
+    """A language-model checkpoint opened for block-by-block reading: its config and tensor infos, checked against
+    the model it builds before anything is read."""
+
+    config: object  # LMConfig or Mamba2LMConfig
+    checkpoint: Checkpoint
+    weights: dict  # runtime name -> (checkpoint name, TensorInfo)
+    source: str
+
+    def block_names(self, index: int) -> dict[str, tuple[str, object]]:
+        prefix = f"layers.{index}."
+        return {name[len(prefix):]: entry for name, entry in self.weights.items() if name.startswith(prefix)}
+
+    def read(self, weights: dict[str, tuple[str, object]]) -> dict[str, tuple[str, torch.Tensor]]:
+        data = self.checkpoint.read_names([original for original, _ in weights.values()])
+        return {name: (original, data[original]) for name, (original, _) in weights.items()}
+
+    def float32_bytes(self, weights: dict[str, tuple[str, object]]) -> int:
+        return sum(4 * info.shape.numel() for _, info in weights.values())
+
+
+def open_streamed(source) -> StreamedCheckpoint:
+    """A Mamba-1, FalconMamba or Mamba-2 language model directory (Hugging Face or state-spaces config.json) or a
+    bare safetensors file, opened for streaming; one line for anything else."""
+    path = Path(source)
+    where = display(path)
+    if path.is_dir():
+        from . import read_config
+
+        config_dict = read_config(path)
+        config_where = display(path / "config.json")
+        if config_dict.get("architecture") is not None:
+            raise InputError(f"{where}: streamed quantization reads full-precision language models (Hugging Face or "
+                             f"state-spaces layout); this is a {display(config_dict['architecture'])} directory: "
+                             "quantize it in memory (without --stream)")
+        if mamba2.is_hf_config(config_dict):
+            config = mamba2.lm_config_from_hf(config_dict, config_where)
+        elif mamba2.is_state_spaces_config(config_dict):
+            config = mamba2.lm_config_from_state_spaces(config_dict, config_where)
+        elif hf.is_hf_config(config_dict):
+            config = hf.lm_config_from_hf(config_dict, config_where)
+        elif hf.is_state_spaces_config(config_dict):
+            config = hf.lm_config_from_state_spaces(config_dict, config_where)
+        else:
+            raise InputError(f"{where}: not a Mamba language model config (expected a Hugging Face Mamba, "
+                             "FalconMamba or Mamba-2 config.json, or a state-spaces one)")
+        weight_file = find_weight_file(path)
+    elif path.is_file():
+        weight_file, config = path, None
+    else:
+        raise InputError(f"{where}: no such file or directory (expected a model directory or a safetensors file)")
+    if not weight_file.name.endswith((".safetensors", ".safetensors.index.json")):
+        raise InputError(f"{display(weight_file)}: streamed quantization reads safetensors checkpoints, whose header "
+                         "locates every block without reading the file; a torch pickle is read whole (convert it "
+                         "with safetensors, or quantize in memory without --stream)")
+    checkpoint = open_checkpoint(weight_file)
+    if checkpoint.read_names is None:
+        raise InputError(f"{display(weight_file)}: some shards are torch pickles, which are read whole; streamed "
+                         "quantization reads safetensors shards")
+    if config is None:
+        config = (mamba2.lm_config_from_weights(checkpoint.infos, where) if mamba2.is_mamba2_state_dict(
+            checkpoint.infos) else hf.lm_config_from_weights(checkpoint.infos, where)
+            if hf.is_lm_state_dict(checkpoint.infos) else None)
+        if config is None:
+            raise InputError(f"{where}: not a Mamba language model state dict (expected backbone.* tensors)")
+    rules, names = ((mamba2.TO_RUNTIME, mamba2.TO_HF) if isinstance(config, Mamba2LMConfig) else
+                    (hf.TO_RUNTIME, hf.TO_HF))
+    weights = rename(checkpoint.infos, rules)
+    with on_meta_device():
+        model = MambaLM(config)
+    check_weights(model.state_dict(), tied_names(model), weights, where, names)
+    return StreamedCheckpoint(config, checkpoint, weights, where)
+
+
+def build_skeleton(streamed: StreamedCheckpoint) -> MambaLM:
+    """The model with its blocks on the meta device (shapes only) and the rest read in float32."""
+    with on_meta_device():
+        model = MambaLM(streamed.config)
+    layers, model.layers = model.layers, nn.ModuleList()  # the rest alone, for to_empty and the checks
+    model.to_empty(device="cpu")
+    if streamed.config.tie_embeddings:
+        model.lm_head.weight = model.embedding.weight
+    ends = {name: entry for name, entry in streamed.weights.items() if not BLOCK.match(name)}
+    assign_weights(model, streamed.read(ends), streamed.source)
+    model.layers = layers
+    return model.eval()
+
+
+class StreamedBlocks:
+    """The blocks of a streamed model (see `methods.stages.InMemoryBlocks` for the four methods): `load` reads a
+    block in float32 and applies the edits recorded so far, `release` frees it, `finish` hands it to `on_finish`
+    (the writer) and frees it."""
+
+    def __init__(self, model: MambaLM, streamed: StreamedCheckpoint, on_finish: Callable[[int, nn.Module], None]):
+        self.model, self.streamed, self.on_finish = model, streamed, on_finish
+        self.edits: list[Callable[[nn.Module], None]] = []
+
+    def __len__(self) -> int:
+        return len(self.model.layers)
+
+    def edit(self, block_edit: Callable[[nn.Module], None]) -> None:
+        self.edits.append(block_edit)
+
+    def load(self, index: int) -> nn.Module:
+        layer = self.model.layers[index]
+        layer.to_empty(device="cpu")
+        assign_weights(layer, self.streamed.read(self.streamed.block_names(index)),
+                       f"{self.streamed.source} (block {index})")
+        for block_edit in self.edits:
+            block_edit(layer)
+        return layer.eval()
+
+    def release(self, index: int) -> None:
+        self.model.layers[index].to("meta")
+
+    def finish(self, index: int) -> None:
+        self.on_finish(index, self.model.layers[index])
+        self.release(index)
+
+
+def expected_output_bytes(streamed: StreamedCheckpoint, w_bits: int) -> int:
+    """About what the quantized checkpoint takes on disk: the quantized linears' codes and row scales, everything
+    else in float32 (a tied embedding is stored once, as the head's codes)."""
+    total = 0
+    for name, (_, info) in streamed.weights.items():
+        count = info.shape.numel()
+        if QUANTIZED_WEIGHT.fullmatch(name) and w_bits <= 8:
+            total += count * w_bits // 8 + info.shape[0] * 4
+        else:
+            total += count * 4
+    return total
+
+
+def check_resources(streamed: StreamedCheckpoint, out: Path, w_bits: int, shard_size: int,
+                    calibration_bytes: int) -> tuple[int, int]:
+    """Refuse, before any work, a run whose output would not fit on disk or whose working set would not fit in
+    memory; returns both estimates (bytes)."""
+    disk = expected_output_bytes(streamed, w_bits)
+    check_free_space(out, int(disk * 1.05) + 2**24)
+    ends = {name: entry for name, entry in streamed.weights.items() if not BLOCK.match(name)}
+    block = max(streamed.float32_bytes(streamed.block_names(i)) for i in range(streamed.config.n_layer))
+    memory = streamed.float32_bytes(ends) + BLOCK_COPIES * block + calibration_bytes + min(shard_size, disk)
+    check_allocation(memory, f"streamed quantization of {streamed.source}")
+    return disk, memory
+
+
+def quantize_streamed(source, out, config, calib=None, calib_samples: int = 32, calib_len: int | None = None,
+                      tokenizer: str | None = None, progress: bool = False, overwrite: bool = False,
+                      shard_size: int = DEFAULT_SHARD_BYTES, notes: tuple[str, ...] = ()) -> Path:
+    """Quantize the checkpoint at `source` with `config` (a `QuantConfig`) block by block into the directory
+    `out` (written atomically, sharded at `shard_size` bytes); returns `out`."""
+    from ..calibration import resolve_calibration
+    from ..methods.walk import check_blocks_for, run_recipe
+    from . import check_shard_size
+
+    check_shard_size(shard_size)
+    if config.method == "fp":
+        raise InputError("method fp quantizes nothing; expected a quantization method for a streamed run")
+    streamed = open_streamed(source)
+    model = build_skeleton(streamed)
+    check_blocks_for(config.method, model)
+    batches = resolve_calibration(model, str(source), calib, calib_samples, calib_len, config.seed,
+                                  tokenizer=tokenizer)
+    tokens = sum(batch.numel() for batch in batches)
+    held = tokens * streamed.config.d_model * 4 * 3  # a block's inputs, its outputs, the pass in between
+    disk, memory = check_resources(streamed, Path(out), config.w_bits, shard_size, held)
+    if progress:
+        print(f"streaming {streamed.config.n_layer} blocks of {streamed.source}: calibration {len(batches)} x "
+              f"{batches[0].shape[-1]} = {tokens:,} tokens ({describe(held)} of activations per block); about "
+              f"{describe(memory)} of memory and {describe(disk)} on disk", file=sys.stderr, flush=True)
+
+    def write(staging: Path) -> None:
+        shards = ShardWriter(staging, shard_size)
+        parts = quantized.QuantizedParts(shards.add)
+        blocks = StreamedBlocks(model, streamed, lambda index, layer: parts.add(layer, f"layers.{index}."))
+        quantized_model, report = run_recipe(model, config, batches, progress, blocks=blocks, copy_model=False)
+        quantized_model.quantization_report = report
+        parts.add(quantized_model, skip="layers.")
+        shards.close()
+        checkpoint_config = quantized.quantized_config(quantized_model, parts.layout())
+        (staging / "config.json").write_text(json.dumps(checkpoint_config, indent=2) + "\n")
+        (staging / "MODEL_CARD.md").write_text(quantized.model_card(checkpoint_config, notes))
+
+    return write_atomic_dir(out, write, overwrite=overwrite, sources=[source])
