@@ -37,3 +37,17 @@ def tune_allocator() -> bool:
     mallopt = process.mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return all(mallopt(parameter, value) == 1 for parameter, value in SETTINGS)
+
+
+def release_free_memory() -> bool:
+    """Hand the heap's free memory back to the system (glibc's malloc_trim): a streamed walk calls it after each
+    block, so that what it keeps resident is what is alive, not the last block's freed temporaries."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        process = ctypes.CDLL(None)
+    except OSError:
+        return False
+    if not hasattr(process, "malloc_trim"):
+        return False
+    return bool(process.malloc_trim(0))

@@ -109,7 +109,7 @@ def cmd_quantize(args) -> None:
                          act_granularity=args.act_granularity, seed=args.seed, calib_samples=args.calib_samples,
                          calib_len=args.calib_len, progress=not args.json, tokenizer=args.tokenizer,
                          backend=args.backend, head_clusters=args.head_clusters,
-                         channel_clusters=args.channel_clusters)
+                         channel_clusters=args.channel_clusters, calib_dtype=args.calib_dtype)
     report = quantized.quantization_report
     output = {"report": report.to_dict()}
     lines = [report.summary()]
@@ -150,7 +150,8 @@ def quantize_streamed_command(args) -> None:
                    act_granularity=args.act_granularity, seed=args.seed, calib_samples=args.calib_samples,
                    calib_len=args.calib_len, progress=not args.json, tokenizer=args.tokenizer, out=args.out,
                    stream=True, overwrite=args.overwrite, shard_size=args.shard_size * 2**20,
-                   head_clusters=args.head_clusters, channel_clusters=args.channel_clusters)
+                   head_clusters=args.head_clusters, channel_clusters=args.channel_clusters,
+                   calib_dtype=args.calib_dtype)
     card = (out / "MODEL_CARD.md").read_text()
     if args.json:
         print(json.dumps({"out": str(out), "model_card": card}))
@@ -360,6 +361,7 @@ def build_parser() -> Parser:
 
     from .calibration import CALIBRATION_SETS
     from .methods import GRANULARITIES, METHODS
+    from .methods.config import CALIB_DTYPES
 
     quantize = commands.add_parser("quantize", help="quantize a model with a method, print what was done, evaluate")
     quantize.add_argument("source", help="embedded model name, model directory or checkpoint file")
@@ -389,6 +391,9 @@ def build_parser() -> Parser:
                           help="quamba2 (Mamba-2): clusters of channels per head cluster (4)")
     quantize.add_argument("--out", type=path_value, help="write the quantized model to this directory (reload with mambaquant.load)")
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    quantize.add_argument("--calib-dtype", choices=CALIB_DTYPES, default="float32",
+                          help="hold the calibration activations between blocks in this dtype (bfloat16: half the "
+                               "memory for long calibration sets; each block still computes in float32)")
     quantize.add_argument("--stream", action="store_true",
                           help="read a safetensors language model one block at a time and write --out as it goes "
                                "(for models larger than memory; the same result as in memory; no evaluation)")

@@ -81,7 +81,7 @@ def test_save_is_atomic_and_refuses_to_overwrite(models, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("mambaquant.loaders.shards.save_file", interrupted)
+    monkeypatch.setattr("mambaquant.loaders.shards.ShardFile.close", interrupted)
     with pytest.raises(KeyboardInterrupt):
         mambaquant.save(quantized, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no partial directory, no temporary left

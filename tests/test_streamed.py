@@ -195,3 +195,28 @@ def test_the_cli_streams_into_a_directory_that_eval_reads(cli, tmp_path):
     assert_refused(cli.run("quantize", source, "--stream", "--method", "rtn"), "--out")
     assert_refused(cli.run("quantize", source, "--stream", "--out", tmp_path / "x", "--eval-samples", "3"),
                    "mambaquant eval")
+
+
+def test_calibration_activations_can_be_held_in_bfloat16(tmp_path, monkeypatch):
+    from mambaquant.methods import stages
+
+    source = saved(lm("mamba1", seed=9), tmp_path / "source")
+    held_dtypes = []
+    original = stages.Runner.__init__
+
+    def recording(self, stage, inputs):
+        held_dtypes.extend({x.dtype for x in inputs})
+        original(self, stage, inputs)
+
+    monkeypatch.setattr(stages.Runner, "__init__", recording)
+    out = mambaquant.quantize(source, method="mambaquant", calib=calib(), calib_dtype="bfloat16", out=tmp_path / "q")
+    assert set(held_dtypes) == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["calib_dtype"] == "bfloat16"
+    monkeypatch.setattr(stages.Runner, "__init__", original)
+    in_float32 = mambaquant.quantize(source, method="mambaquant", calib=calib())
+    x = calib(10)
+    with torch.no_grad():
+        half, full = mambaquant.load(out)(x), in_float32(x)
+    assert not torch.equal(half, full) and (half - full).norm() / full.norm() < 0.05
+    with pytest.raises(InputError, match="calibration dtype"):
+        mambaquant.quantize(source, calib=calib(), calib_dtype="float16")

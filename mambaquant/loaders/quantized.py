@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..methods.config import CLUSTER_DEFAULTS, FULL_PRECISION, GRANULARITIES, METHODS, QuantReport
+from ..methods.config import CALIB_DTYPES, CLUSTER_DEFAULTS, FULL_PRECISION, GRANULARITIES, METHODS, QuantReport
 from ..quant.linear import QuantizedEmbedding, QuantizedLinear
 from ..quant.quantizer import ACTIVATION_GRANULARITIES, OBSERVERS, ActivationQuantizer, QuantSpec
 from ..runtime import (LMConfig, Mamba2LMConfig, MambaLM, MambaMixer, MambaModel, MambaTagger, ModelConfig, Site,
@@ -48,7 +48,8 @@ MODELS = {"MambaLM": (MambaLM, LMConfig), "Mamba2LM": (MambaLM, Mamba2LMConfig),
           "VisionMamba": (VisionMamba, VisionConfig), "MambaTagger": (MambaTagger, TaggerConfig),
           "MambaModel": (MambaModel, ModelConfig)}
 WEIGHT_ROUNDINGS = ("rtn", "gptq")
-ADDED_FIELDS = {name: None for name in CLUSTER_DEFAULTS}  # quantization_config fields added within version 2
+# quantization_config fields added within version 2
+ADDED_FIELDS = {**{name: None for name in CLUSTER_DEFAULTS}, "calib_dtype": "float32"}
 # model_config fields added within version 2 (the composition of issue 16): an older checkpoint has their defaults
 COMPOSITION = ("stem", "in_features", "seq_len", "cls_token", "pos_embed", "final_norm", "pooling", "head",
                "head_hidden", "head_act")
@@ -248,6 +249,7 @@ QUANT_CONFIG = {"format_version": constant(FORMAT_VERSION), "method": string(*ME
                 "weight_rounding": string(*WEIGHT_ROUNDINGS), "alpha": number(), "token_outlier_ratio": number(0),
                 "token_outlier_share": number(0, 1), "seed": integer(),
                 "head_clusters": integer(1, 1024, nullable=True), "channel_clusters": integer(1, 1024, nullable=True),
+                "calib_dtype": string(*CALIB_DTYPES),
                 "activation_sites": map_of(string(), text="an object of strings"), "transforms": list_of(string()),
                 "layout": obj(LAYOUT)}
 CHECKPOINT = {"architecture": constant(ARCHITECTURE), "model_class": string(*MODELS), "model_config": obj(),

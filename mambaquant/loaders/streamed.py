@@ -1,7 +1,7 @@
 """Streamed quantization of a language model larger than memory: the checkpoint (safetensors, one file or Hugging
 Face shards, in float32, float16 or bfloat16) is read one block at a time, each block quantized in float32 and
-written out as soon as it is finished, so that memory holds the embedding, the final norm and the head, one block,
-the calibration activations and at most one output shard, never the model.
+written out as soon as it is finished, so that memory holds the embedding, the final norm and the head, one block
+and the calibration activations, never the model.
 
 The walk is the in-memory one (`methods.walk.run_recipe`) over `StreamedBlocks`: a model-wide transform's
 per-block part (norm fusion, the residual rotation) is recorded and applied to each block as it is read; a
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..allocator import release_free_memory
 from ..errors import InputError
 from ..memory import check_allocation, describe
 from ..outputs import check_free_space, write_atomic_dir
@@ -149,6 +150,7 @@ class StreamedBlocks:
 
     def release(self, index: int) -> None:
         self.model.layers[index].to("meta")
+        release_free_memory()
 
     def finish(self, index: int) -> None:
         self.on_finish(index, self.model.layers[index])
@@ -168,15 +170,14 @@ def expected_output_bytes(streamed: StreamedCheckpoint, w_bits: int) -> int:
     return total
 
 
-def check_resources(streamed: StreamedCheckpoint, out: Path, w_bits: int, shard_size: int,
-                    calibration_bytes: int) -> tuple[int, int]:
+def check_resources(streamed: StreamedCheckpoint, out: Path, w_bits: int, calibration_bytes: int) -> tuple[int, int]:
     """Refuse, before any work, a run whose output would not fit on disk or whose working set would not fit in
     memory; returns both estimates (bytes)."""
     disk = expected_output_bytes(streamed, w_bits)
     check_free_space(out, int(disk * 1.05) + 2**24)
     ends = {name: entry for name, entry in streamed.weights.items() if not BLOCK.match(name)}
     block = max(streamed.float32_bytes(streamed.block_names(i)) for i in range(streamed.config.n_layer))
-    memory = streamed.float32_bytes(ends) + BLOCK_COPIES * block + calibration_bytes + min(shard_size, disk)
+    memory = streamed.float32_bytes(ends) + BLOCK_COPIES * block + calibration_bytes
     check_allocation(memory, f"streamed quantization of {streamed.source}")
     return disk, memory
 
@@ -199,8 +200,9 @@ def quantize_streamed(source, out, config, calib=None, calib_samples: int = 32, 
     batches = resolve_calibration(model, str(source), calib, calib_samples, calib_len, config.seed,
                                   tokenizer=tokenizer)
     tokens = sum(batch.numel() for batch in batches)
-    held = tokens * streamed.config.d_model * 4 * 3  # a block's inputs, its outputs, the pass in between
-    disk, memory = check_resources(streamed, Path(out), config.w_bits, shard_size, held)
+    # a block's inputs and outputs as held, and the float32 pass in between
+    held = tokens * streamed.config.d_model * (2 * (2 if config.calib_dtype == "bfloat16" else 4) + 4)
+    disk, memory = check_resources(streamed, Path(out), config.w_bits, held)
     if progress:
         print(f"streaming {streamed.config.n_layer} blocks of {streamed.source}: calibration {len(batches)} x "
               f"{batches[0].shape[-1]} = {tokens:,} tokens ({describe(held)} of activations per block); about "

@@ -16,6 +16,7 @@ FULL_PRECISION = 16  # bits meaning "quantize nothing here"
 # QuaRot's paper rounds its rotated weights with GPTQ, and so do we for MambaQuant: at W4 it is worth ~0.6 % bits per
 # byte on mamba-shakespeare over round-to-nearest (RTN is still one option away: weight_rounding="rtn")
 WEIGHT_ROUNDING = {"gptq": "gptq", "quarot": "gptq", "quamba2": "gptq", "mambaquant": "gptq"}
+CALIB_DTYPES = ("float32", "bfloat16")  # blocks always compute in float32
 CLUSTER_DEFAULTS = {"head_clusters": 4, "channel_clusters": 4}  # Quamba2's, for its mamba2-130m and 2.7b
 
 
@@ -35,8 +36,12 @@ class QuantConfig:
     seed: int = 0
     head_clusters: int | None = None  # quamba2 (None: 4): scan-input clusters of heads per B/C group ...
     channel_clusters: int | None = None  # ... and of channels per head cluster
+    calib_dtype: str = "float32"  # how calibration activations are held between blocks ("bfloat16": half the memory)
 
     def __post_init__(self):
+        if self.calib_dtype not in CALIB_DTYPES:
+            raise InputError(f"unknown calibration dtype {self.calib_dtype!r}; expected one of "
+                             f"{', '.join(CALIB_DTYPES)}")
         if self.method not in METHODS:
             raise InputError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
         if self.weight_rounding is None:

@@ -18,7 +18,7 @@ from ..transforms.smoothing import (smooth_conv_input, smooth_conv_input_mamba2,
                                     state_smoothing_scales)
 from .config import QuantConfig, QuantReport
 from .smoothquant import conv_weight_columns
-from .stages import Runner, by_block_kind, has_mamba2_blocks, no_op
+from .stages import Runner, by_block_kind, held, has_mamba2_blocks, no_op
 
 
 def mambaquant_model(model, blocks, batches, config: QuantConfig, report: QuantReport) -> None:
@@ -28,10 +28,10 @@ def mambaquant_model(model, blocks, batches, config: QuantConfig, report: QuantR
     fuse_norms(model, blocks.edit)
     residual = CovarianceObserver()
     with torch.no_grad():
-        hidden = [model.embed(batch) for batch in batches]
+        hidden = held([model.embed(batch) for batch in batches], config.calib_dtype)
     for index in range(len(blocks)):
         layer = blocks.load(index)
-        hidden = Runner(layer, hidden).outputs({layer.sites["norm"]: residual})
+        hidden = held(Runner(layer, hidden).outputs({layer.sites["norm"]: residual}), config.calib_dtype)
         blocks.release(index)
     rotate_residual(model, klt_hadamard(residual.covariance()), blocks.edit)
     per_block = ("smooth-fused rotation at out_proj (gated-norm smoothing + online Hadamard), conv1d input "

@@ -14,7 +14,8 @@ from ..transforms.rotation import branches
 
 
 class Runner:
-    """Runs one stage of the model (a block, or the output head) over the stored calibration inputs."""
+    """Runs one stage of the model (a block, or the output head) over the stored calibration inputs; inputs held in
+    bfloat16 (`QuantConfig.calib_dtype`) are computed in float32."""
 
     def __init__(self, stage: Callable[[torch.Tensor], torch.Tensor], inputs: list[torch.Tensor]):
         self.stage, self.inputs = stage, inputs
@@ -23,13 +24,22 @@ class Runner:
     def observe(self, observers: dict[Site, Callable]) -> None:
         with attached(observers):
             for x in self.inputs:
-                self.stage(x)
+                self.stage(in_float32(x))
 
     @torch.no_grad()
     def outputs(self, observers: dict[Site, Callable] | None = None) -> list[torch.Tensor]:
         """The stage's outputs, watched by `observers` on the way (one pass for both)."""
         with attached(observers or {}):
-            return [self.stage(x) for x in self.inputs]
+            return [self.stage(in_float32(x)) for x in self.inputs]
+
+
+def in_float32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype == torch.bfloat16 else x
+
+
+def held(tensors: list[torch.Tensor], dtype: str) -> list[torch.Tensor]:
+    """Calibration activations as held between stages (`QuantConfig.calib_dtype`)."""
+    return [t.to(getattr(torch, dtype)) for t in tensors]
 
 
 @contextlib.contextmanager

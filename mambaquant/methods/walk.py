@@ -5,7 +5,8 @@ recipe (`run_recipe`), in memory or streamed from disk block by block (`loaders.
 this order: the method's function-preserving transforms, each from full-precision statistics of the block as
 transformed so far; static activation ranges, the granularity choice and GPTQ Hessians, in full precision; the
 block's full-precision outputs (the next block's inputs); then its weights are quantized and its activation
-quantizers switched on (after its outputs are taken: nothing downstream is calibrated on quantized values). (The official MambaQuant code quantized weights on the first forward pass,
+quantizers switched on (after its outputs are taken: nothing downstream is calibrated on quantized values).
+(The official MambaQuant code quantized weights on the first forward pass,
 before some rotations, and gathered statistics with quantization already on.)
 """
 
@@ -27,7 +28,7 @@ from .config import FULL_PRECISION, MAMBA2_ONLY_METHODS, METHODS, QuantConfig, Q
 from .granularity import CHUNKED_SITES, TokenStatistics, make_quantizer
 from .recipes import RECIPES
 from .stages import (InMemoryBlocks, Runner, block_activation_sites, block_linears, fixed_length, has_mamba2_blocks,
-                     head_activation_sites, head_slots)
+                     head_activation_sites, head_slots, held)
 
 # Static ranges from the 99.99th percentile instead of min-max: Quamba's SSM input and state; for MambaQuant the
 # heavy-tailed state h (as the paper's official code does). On training data (never the evaluation split), W8A8
@@ -116,7 +117,8 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
     quantize_acts, quantize_weights = config.a_bits != FULL_PRECISION, config.w_bits != FULL_PRECISION
     fixed = fixed_length(model)
     with torch.no_grad():
-        hidden = check_finite_activations([model.embed(batch) for batch in batches], "the embedding's output")
+        hidden = held(check_finite_activations([model.embed(batch) for batch in batches], "the embedding's output"),
+                      config.calib_dtype)
     bar = progress_of(range(len(blocks)), f"{config.method} w{config.w_bits}a{config.a_bits}", "block", progress)
     for index in bar:
         layer = blocks.load(index)
@@ -131,7 +133,7 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
         switch_on(pending, block_linears(layer), report)
         check_finite(layer, f"layers.{index}.")
         blocks.finish(index)
-        hidden = outputs
+        hidden = held(outputs, config.calib_dtype)
     head_runner = Runner(model.output, hidden)
     head_transform(model, head_runner, config, report)
     pooled = getattr(model.config, "pooling", "none") != "none"  # the head reads one token: no positions
@@ -146,6 +148,9 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
                               "head")
     switch_on(pending, head_slots(model), report)
     check_finite(model, skip="layers.")
+    if config.calib_dtype != "float32":
+        report.transforms.append(f"calibration activations held in {config.calib_dtype} between blocks (each block "
+                                 "computed in float32)")
     return model, report
 
 
