@@ -204,8 +204,8 @@ def quantize_streamed(source, out, config, calib=None, calib_samples: int = 32, 
     held = tokens * streamed.config.d_model * (2 * (2 if config.calib_dtype == "bfloat16" else 4) + 4)
     disk, memory = check_resources(streamed, Path(out), config.w_bits, held)
     if progress:
-        print(f"streaming {streamed.config.n_layer} blocks of {streamed.source}: calibration {len(batches)} x "
-              f"{batches[0].shape[-1]} = {tokens:,} tokens ({describe(held)} of activations per block); about "
+        print(f"streaming {streamed.config.n_layer} blocks of {streamed.source}: calibration "
+              f"{sum(len(batch) for batch in batches)} x {batches[0].shape[-1]} = {tokens:,} tokens ({describe(held)} of activations per block); about "
               f"{describe(memory)} of memory and {describe(disk)} on disk", file=sys.stderr, flush=True)
 
     def write(staging: Path) -> None:
