@@ -155,6 +155,13 @@ def measure_streamed(directory: str, out: str, method: str, bits: str, samples: 
     return {"peak": usage.ru_maxrss * 1024, "seconds": seconds, "system": usage.ru_stime - cpu.ru_stime}
 
 
+def print_table(table: str, markdown: str | None) -> None:
+    print(table)
+    if markdown:
+        with open(markdown, "w") as out:
+            out.write(table)
+
+
 def streamed_main(args) -> None:
     import shutil
     from pathlib import Path
@@ -193,10 +200,7 @@ def streamed_main(args) -> None:
         f"| {r['config']} | {r['parameters'] / 1e9:.2f} B | {r['fp32'] / gib:.1f} | {r['bf16'] / gib:.1f} | "
         f"{r['method']} | {r['bits'].upper()} | {r['peak'] / gib:.2f} | {r['peak'] / r['fp32']:.3f}x | "
         f"{r['seconds']:.0f} | {r['system']:.0f} | {r['output'] / gib:.2f} |\n" for r in rows)
-    print(table)
-    if args.markdown:
-        with open(args.markdown, "w") as out:
-            out.write(table)
+    print_table(table, args.markdown)
 
 
 def main() -> None:
@@ -240,10 +244,7 @@ def main() -> None:
     table = header + "".join(
         f"| {r['method']} | {r['layers']} | {r['weights'] / MIB:.0f} | {r['built'] / MIB:.0f} | {r['peak'] / MIB:.0f} "
         f"| {r['working'] / MIB:.0f} | {r['seconds']:.1f} |\n" for r in rows)
-    print(table)
-    if args.markdown:
-        with open(args.markdown, "w") as out:
-            out.write(table)
+    print_table(table, args.markdown)
 
 
 if __name__ == "__main__":

@@ -22,19 +22,26 @@ SETTINGS = ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_
 USER_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX")
 
 
+def glibc(function: str):
+    """`function` of the C library the interpreter is linked with, where that is glibc on Linux; None otherwise."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        process = ctypes.CDLL(None)
+    except OSError:
+        return None
+    if not hasattr(process, "gnu_get_libc_version"):  # glibc's parameters only
+        return None
+    return getattr(process, function, None)
+
+
 def tune_allocator() -> bool:
     """Set glibc's malloc parameters (see the module's docstring); True when they were set."""
-    if not sys.platform.startswith("linux") or os.environ.get("MAMBAQUANT_MALLOC") == "default":
+    if os.environ.get("MAMBAQUANT_MALLOC") == "default" or any(name in os.environ for name in USER_VARIABLES):
         return False
-    if any(name in os.environ for name in USER_VARIABLES):
+    mallopt = glibc("mallopt")
+    if mallopt is None:
         return False
-    try:
-        process = ctypes.CDLL(None)  # the interpreter and the C library it is linked with
-    except OSError:
-        return False
-    if not hasattr(process, "gnu_get_libc_version") or not hasattr(process, "mallopt"):  # glibc's parameters only
-        return False
-    mallopt = process.mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return all(mallopt(parameter, value) == 1 for parameter, value in SETTINGS)
 
@@ -42,12 +49,5 @@ def tune_allocator() -> bool:
 def release_free_memory() -> bool:
     """Hand the heap's free memory back to the system (glibc's malloc_trim): a streamed walk calls it after each
     block, so that what it keeps resident is what is alive, not the last block's freed temporaries."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        process = ctypes.CDLL(None)
-    except OSError:
-        return False
-    if not hasattr(process, "malloc_trim"):
-        return False
-    return bool(process.malloc_trim(0))
+    malloc_trim = glibc("malloc_trim")
+    return malloc_trim is not None and bool(malloc_trim(0))

@@ -177,14 +177,6 @@ def untie_for_saving(model: MambaLM, tensors: dict[str, torch.Tensor]) -> None:
                          "different matrices")
 
 
-def quantized_tensors_and_layout(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors to write and the layout that rebuilds the modules holding them, with each tensor's sha256."""
-    tensors = {}
-    parts = QuantizedParts(tensors.update)
-    parts.add(model)
-    return tensors, parts.layout()
-
-
 def quantized_config(model: nn.Module, layout: dict) -> dict:
     report = model.quantization_report
     if type(model) not in {model_class for model_class, _ in MODELS.values()}:

@@ -27,10 +27,9 @@ from ..runtime import Mamba2LMConfig, MambaLM
 from ..schema import display
 from . import hf, mamba2, quantized
 from .shards import DEFAULT_SHARD_BYTES, ShardWriter
-from .weights import (Checkpoint, assign_weights, check_weights, find_weight_file, on_meta_device, open_checkpoint,
-                      rename, tied_names)
+from .weights import (BLOCK_PREFIX, Checkpoint, assign_weights, check_weights, find_weight_file, on_meta_device,
+                      open_checkpoint, rename, tied_names)
 
-BLOCK = re.compile(r"layers\.(\d+)\.")
 QUANTIZED_WEIGHT = re.compile(r"(layers\.\d+\.mixer\.(ssm(_b)?\.)?(in_proj|x_proj|dt_proj|out_proj)|lm_head)\.weight")
 BLOCK_COPIES = 4  # a block in float32, its quantized form, GPTQ's Hessians and the block's temporaries
 
@@ -43,7 +42,8 @@ class StreamedCheckpoint:
     config: object  # LMConfig or Mamba2LMConfig
     checkpoint: Checkpoint
     weights: dict  # runtime name -> (checkpoint name, TensorInfo)
-    source: str
+    source: str  # for messages
+    origin: Path  # the directory or file opened
 
     def block_names(self, index: int) -> dict[str, tuple[str, object]]:
         prefix = f"layers.{index}."
@@ -107,7 +107,7 @@ def open_streamed(source) -> StreamedCheckpoint:
     with on_meta_device():
         model = MambaLM(config)
     check_weights(model.state_dict(), tied_names(model), weights, where, names)
-    return StreamedCheckpoint(config, checkpoint, weights, where)
+    return StreamedCheckpoint(config, checkpoint, weights, where, path)
 
 
 def build_skeleton(streamed: StreamedCheckpoint) -> MambaLM:
@@ -118,7 +118,7 @@ def build_skeleton(streamed: StreamedCheckpoint) -> MambaLM:
     model.to_empty(device="cpu")
     if streamed.config.tie_embeddings:
         model.lm_head.weight = model.embedding.weight
-    ends = {name: entry for name, entry in streamed.weights.items() if not BLOCK.match(name)}
+    ends = {name: entry for name, entry in streamed.weights.items() if not BLOCK_PREFIX.match(name)}
     assign_weights(model, streamed.read(ends), streamed.source)
     model.layers = layers
     return model.eval()
@@ -175,18 +175,19 @@ def check_resources(streamed: StreamedCheckpoint, out: Path, w_bits: int, calibr
     memory; returns both estimates (bytes)."""
     disk = expected_output_bytes(streamed, w_bits)
     check_free_space(out, int(disk * 1.05) + 2**24)
-    ends = {name: entry for name, entry in streamed.weights.items() if not BLOCK.match(name)}
+    ends = {name: entry for name, entry in streamed.weights.items() if not BLOCK_PREFIX.match(name)}
     block = max(streamed.float32_bytes(streamed.block_names(i)) for i in range(streamed.config.n_layer))
     memory = streamed.float32_bytes(ends) + BLOCK_COPIES * block + calibration_bytes
     check_allocation(memory, f"streamed quantization of {streamed.source}")
     return disk, memory
 
 
-def quantize_streamed(source, out, config, calib=None, calib_samples: int = 32, calib_len: int | None = None,
+def quantize_streamed(streamed: StreamedCheckpoint, out, config, calib=None, calib_samples: int = 32,
+                      calib_len: int | None = None,
                       tokenizer: str | None = None, progress: bool = False, overwrite: bool = False,
                       shard_size: int = DEFAULT_SHARD_BYTES, notes: tuple[str, ...] = ()) -> Path:
-    """Quantize the checkpoint at `source` with `config` (a `QuantConfig`) block by block into the directory
-    `out` (written atomically, sharded at `shard_size` bytes); returns `out`."""
+    """Quantize the checkpoint `streamed` (`open_streamed`) with `config` (a `QuantConfig`) block by block into the
+    directory `out` (written atomically, sharded at `shard_size` bytes); returns `out`."""
     from ..calibration import resolve_calibration
     from ..methods.walk import check_blocks_for, run_recipe
     from . import check_shard_size
@@ -194,10 +195,9 @@ def quantize_streamed(source, out, config, calib=None, calib_samples: int = 32, 
     check_shard_size(shard_size)
     if config.method == "fp":
         raise InputError("method fp quantizes nothing; expected a quantization method for a streamed run")
-    streamed = open_streamed(source)
     model = build_skeleton(streamed)
     check_blocks_for(config.method, model)
-    batches = resolve_calibration(model, str(source), calib, calib_samples, calib_len, config.seed,
+    batches = resolve_calibration(model, str(streamed.origin), calib, calib_samples, calib_len, config.seed,
                                   tokenizer=tokenizer)
     tokens = sum(batch.numel() for batch in batches)
     # a block's inputs and outputs as held, and the float32 pass in between
@@ -205,8 +205,9 @@ def quantize_streamed(source, out, config, calib=None, calib_samples: int = 32, 
     disk, memory = check_resources(streamed, Path(out), config.w_bits, held)
     if progress:
         print(f"streaming {streamed.config.n_layer} blocks of {streamed.source}: calibration "
-              f"{sum(len(batch) for batch in batches)} x {batches[0].shape[-1]} = {tokens:,} tokens ({describe(held)} of activations per block); about "
-              f"{describe(memory)} of memory and {describe(disk)} on disk", file=sys.stderr, flush=True)
+              f"{sum(len(batch) for batch in batches)} x {batches[0].shape[-1]} = {tokens:,} tokens "
+              f"({describe(held)} of activations per block); about {describe(memory)} of memory and "
+              f"{describe(disk)} on disk", file=sys.stderr, flush=True)
 
     def write(staging: Path) -> None:
         shards = ShardWriter(staging, shard_size)
@@ -220,4 +221,4 @@ def quantize_streamed(source, out, config, calib=None, calib_samples: int = 32, 
         (staging / "config.json").write_text(json.dumps(checkpoint_config, indent=2) + "\n")
         (staging / "MODEL_CARD.md").write_text(quantized.model_card(checkpoint_config, notes))
 
-    return write_atomic_dir(out, write, overwrite=overwrite, sources=[source])
+    return write_atomic_dir(out, write, overwrite=overwrite, sources=[streamed.origin])

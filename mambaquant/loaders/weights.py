@@ -22,6 +22,7 @@ from ..memory import check_allocation
 from ..schema import describe, display, read_json
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+BLOCK_PREFIX = re.compile(r"layers\.\d+\.")  # a block's tensors, by runtime name
 SHARD_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # converted to float32 on loading
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -406,7 +407,7 @@ def load_checked(make_model: Callable[[], nn.Module], checkpoint: Checkpoint, ru
     weights = rename(checkpoint.infos, rules)
     groups: dict[str, dict] = {}
     for name, (original, info) in weights.items():
-        match = re.match(r"layers\.\d+\.", name)
+        match = BLOCK_PREFIX.match(name)
         groups.setdefault(match.group(0) if match else "", {})[name] = (original, info)
     largest = max((sum(nbytes(info) for _, info in group.values()) for group in groups.values()), default=0)
     check_before_loading(make_model, weights, largest, source, names)

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..runtime import Mamba2Mixer, MambaLM, Site
 from ..runtime.model import MLPHead
-from ..transforms.rotation import branches
+from ..transforms.rotation import branches, each_block
 
 
 class Runner:
@@ -66,8 +66,7 @@ class InMemoryBlocks:
         return len(self.model.layers)
 
     def edit(self, block_edit: Callable[[nn.Module], None]) -> None:
-        for layer in self.model.layers:
-            block_edit(layer)
+        each_block(self.model)(block_edit)
 
     def load(self, index: int) -> nn.Module:
         return self.model.layers[index]

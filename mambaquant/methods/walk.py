@@ -249,10 +249,11 @@ def quantize(model, method: str = "mambaquant", w_bits: int = 8, a_bits: int = 8
     config = QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, act_granularity=act_granularity, seed=seed,
                          **options)
     check_backend(backend, config.w_bits != FULL_PRECISION)  # before any work
-    if out is not None and stream is not False and streamable(model, strict=bool(stream)):
+    opened = opened_for_streaming(model, strict=bool(stream)) if out is not None and stream is not False else None
+    if opened is not None:
         from ..loaders.streamed import quantize_streamed
 
-        return quantize_streamed(model, out, config, calib, calib_samples, calib_len, tokenizer, progress, overwrite,
+        return quantize_streamed(opened, out, config, calib, calib_samples, calib_len, tokenizer, progress, overwrite,
                                  shard_size)
     if stream:
         raise InputError("stream=True needs out: the directory the streamed quantization writes")
@@ -268,9 +269,9 @@ def quantize(model, method: str = "mambaquant", w_bits: int = 8, a_bits: int = 8
     return save(quantized, out, overwrite=overwrite, shard_size=shard_size)
 
 
-def streamable(source, strict: bool) -> bool:
-    """Whether `source` is a language-model checkpoint on disk that a streamed walk can read; with `strict`, the
-    one line saying why not instead of False."""
+def opened_for_streaming(source, strict: bool):
+    """`source` opened for a streamed walk (a `loaders.streamed.StreamedCheckpoint`) where it is a language-model
+    checkpoint on disk that one can read; None otherwise, or with `strict` the one line saying why not."""
     import os
 
     from ..loaders.streamed import open_streamed
@@ -279,11 +280,10 @@ def streamable(source, strict: bool) -> bool:
         if strict:
             raise InputError(f"stream=True reads a checkpoint on disk (a model directory or a safetensors file); "
                              f"got {source if isinstance(source, str) else type(source).__name__}")
-        return False
+        return None
     try:
-        open_streamed(source)
+        return open_streamed(source)
     except InputError:
         if strict:
             raise
-        return False
-    return True
+        return None
