@@ -5,10 +5,12 @@
   outside the 64 KiB the calibration draws from (bytes 100,000 to 151,400 of input.txt; needs the data directory);
 - typeseg: agreement with the FP labels on typeseg's calibration files (real files outside the evaluation corpus).
 
-Each cell: MambaQuant at each smoothing strength `alpha`, then the baselines.
+Each cell: MambaQuant at each smoothing strength `alpha`, then the baselines, then the `--variants` of what
+mambaquant+ adds to the paper's recipe, one step at a time (VARIANTS; `--site-bits h=8` adds a variant with those
+activation bits by site over mambaquant+'s clipping and ordering: a sensitivity probe).
 
     python benchmarks/training_data.py shakespeare|shakespeare2|typeseg [--cells w4a16:none,w8a8:token]
-        [--alphas 0.5,0.25,0] [--methods rtn,quamba]
+        [--alphas 0.5,0.25,0] [--methods rtn,quamba] [--variants clip,clip+order,mambaquant+] [--site-bits h=8]
 """
 
 import argparse
@@ -17,6 +19,7 @@ import torch
 
 import mambaquant
 from mambaquant.calibration import TYPESEG_CALIBRATION
+from mambaquant.cli import site_bits_value
 from mambaquant.data import shared_data_dir
 from mambaquant.evaluation.text import bits_per_byte
 from mambaquant.loaders.typeseg import typeseg_tokens
@@ -25,6 +28,9 @@ from mambaquant.methods import PRESETS
 BASELINES = ("rtn", "smoothquant", "quarot", "quamba")
 MAMBA2_BASELINES = BASELINES + ("quamba2",)
 MODELS = {"shakespeare": "mamba-shakespeare", "shakespeare2": "mamba2-shakespeare", "typeseg": "typeseg"}
+VARIANTS = {"clip": {"method": "mambaquant+", "act_order": False, "site_bits": {}},  # clipping searched
+            "clip+order": {"method": "mambaquant+", "site_bits": {}},  # and GPTQ in activation order
+            "mambaquant+": {"method": "mambaquant+"}}  # and its mixed precision by site (at 4-bit activations)
 
 
 def shakespeare_metric():
@@ -55,13 +61,18 @@ def main() -> None:
     parser.add_argument("--cells", default="w4a16:none,w4a8:tensor,w8a8:tensor,w8a8:token")
     parser.add_argument("--alphas", default="0.5,0.25,0")
     parser.add_argument("--methods", help="the baselines to run (default: all of the model's block kind)")
+    parser.add_argument("--variants", default="", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--site-bits", action="append", default=[], help="SITE=BITS,... (repeatable)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     fp = mambaquant.load(MODELS[args.model])
     text = args.model != "typeseg"
     metric = shakespeare_metric() if text else typeseg_metric(fp)
     default = MAMBA2_BASELINES if args.model == "shakespeare2" else BASELINES
-    baselines = args.methods.split(",") if args.methods else default
+    baselines = [m for m in args.methods.split(",") if m] if args.methods is not None else default
+    variants = [(name, VARIANTS[name]) for name in args.variants.split(",") if name]
+    variants += [(f"site_bits {text}", {"method": "mambaquant+", "site_bits": site_bits_value(text)})
+                 for text in args.site_bits]
     print(f"| cell | method | alpha | {'bits per byte' if text else 'agreement %'} |")
     print("|---|---|---:|---:|")
     print(f"| fp | fp | - | {metric(fp):.4f} |", flush=True)
@@ -69,13 +80,13 @@ def main() -> None:
         bits, granularity = cell.split(":")
         w_bits, a_bits = PRESETS[bits]
         granularity = None if granularity == "none" else granularity
-        runs = [("mambaquant", float(alpha)) for alpha in args.alphas.split(",") if alpha]
-        runs += [(method, None) for method in baselines]
-        for method, alpha in runs:
-            options = {} if alpha is None else {"alpha": alpha}
-            model = mambaquant.quantize(fp, method=method, w_bits=w_bits, a_bits=a_bits, act_granularity=granularity,
-                                        **options)
-            print(f"| {cell} | {method} | {'default' if alpha is None else alpha} | {metric(model):.4f} |", flush=True)
+        runs = [("mambaquant", {"alpha": float(alpha)}) for alpha in args.alphas.split(",") if alpha]
+        runs += [(method, {"method": method}) for method in baselines] + variants
+        for label, options in runs:
+            options = {"method": "mambaquant", **options}
+            model = mambaquant.quantize(fp, w_bits=w_bits, a_bits=a_bits, act_granularity=granularity, **options)
+            alpha = options.get("alpha", "default")
+            print(f"| {cell} | {label} | {alpha} | {metric(model):.4f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -108,8 +108,7 @@ def cmd_quantize(args) -> None:
     quantized = quantize(model, method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, calib=args.calib,
                          act_granularity=args.act_granularity, seed=args.seed, calib_samples=args.calib_samples,
                          calib_len=args.calib_len, progress=not args.json, tokenizer=args.tokenizer,
-                         backend=args.backend, head_clusters=args.head_clusters,
-                         channel_clusters=args.channel_clusters, calib_dtype=args.calib_dtype)
+                         backend=args.backend, **method_options(args))
     report = quantized.quantization_report
     output = {"report": report.to_dict()}
     lines = [report.summary()]
@@ -131,6 +130,21 @@ def cmd_quantize(args) -> None:
     print(json.dumps(output) if args.json else "\n".join(lines))
 
 
+def method_options(args) -> dict:
+    """The `QuantConfig` options of `quantize` beyond method, bits and granularity."""
+    return {"head_clusters": args.head_clusters, "channel_clusters": args.channel_clusters,
+            "calib_dtype": args.calib_dtype, "clip_search": args.clip_search, "act_order": args.act_order,
+            "site_bits": args.site_bits}
+
+
+def site_bits_value(text: str) -> dict:
+    """--site-bits h=8,x=8 -> {"h": 8, "x": 8} (the kinds and widths are checked by QuantConfig)."""
+    pairs = [part.partition("=") for part in text.split(",") if part]
+    if not pairs or any(not sep or not kind or not bits.isdigit() for kind, sep, bits in pairs):
+        raise argparse.ArgumentTypeError(f"expected SITE=BITS pairs separated by commas, e.g. h=8,x=8; got {text!r}")
+    return {kind: int(bits) for kind, _, bits in pairs}
+
+
 def quantize_streamed_command(args) -> None:
     """`quantize --stream`: block by block from a safetensors checkpoint into --out; no evaluation in the same run
     (the full-precision model is not held): `mambaquant eval OUT` measures the result."""
@@ -150,8 +164,7 @@ def quantize_streamed_command(args) -> None:
                    act_granularity=args.act_granularity, seed=args.seed, calib_samples=args.calib_samples,
                    calib_len=args.calib_len, progress=not args.json, tokenizer=args.tokenizer, out=args.out,
                    stream=True, overwrite=args.overwrite, shard_size=args.shard_size * 2**20,
-                   head_clusters=args.head_clusters, channel_clusters=args.channel_clusters,
-                   calib_dtype=args.calib_dtype)
+                   **method_options(args))
     card = (out / "MODEL_CARD.md").read_text()
     if args.json:
         print(json.dumps({"out": str(out), "model_card": card}))
@@ -394,6 +407,14 @@ def build_parser() -> Parser:
     quantize.add_argument("--calib-dtype", choices=CALIB_DTYPES, default="float32",
                           help="hold the calibration activations between blocks in this dtype (bfloat16: half the "
                                "memory for long calibration sets; each block still computes in float32)")
+    quantize.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
+                          help="search clipping ratios per weight channel and per activation site on the calibration "
+                               "data (default: on for mambaquant+, off otherwise)")
+    quantize.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                          help="GPTQ: quantize columns by decreasing input energy (default: on for mambaquant+)")
+    quantize.add_argument("--site-bits", type=site_bits_value, metavar="SITE=BITS,...",
+                          help="activation bits by site kind over --a-bits, e.g. h=8,x=8 (mixed precision; default: "
+                               "mambaquant+'s own, none for the others)")
     quantize.add_argument("--stream", action="store_true",
                           help="read a safetensors language model one block at a time and write --out as it goes "
                                "(for models larger than memory; the same result as in memory; no evaluation)")

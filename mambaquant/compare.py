@@ -11,11 +11,11 @@ from torch import nn
 
 from .errors import InputError
 from .methods import FULL_PRECISION, GRANULARITIES, METHODS, PRESETS, QuantConfig, methods_for, run_recipe
+from .methods.config import AUTO_METHODS
 from .outputs import write_atomic
 from .progress import progress as progress_of
 
 DEFAULT_BITS = ("w8a8", "w4a8", "w4a16")
-AUTO_METHODS = ("mambaquant",)  # the per-site granularity choice is part of MambaQuant's recipe
 USER_TASK = "user-data"  # the rows of the user's own labelled set (`eval_data`)
 
 

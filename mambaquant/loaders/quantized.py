@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..methods.config import CALIB_DTYPES, CLUSTER_DEFAULTS, FULL_PRECISION, GRANULARITIES, METHODS, QuantReport
+from ..methods.stages import linear_slots
 from ..quant.linear import QuantizedEmbedding, QuantizedLinear
 from ..quant.quantizer import ACTIVATION_GRANULARITIES, OBSERVERS, ActivationQuantizer, QuantSpec
 from ..runtime import (LMConfig, Mamba2LMConfig, MambaLM, MambaMixer, MambaModel, MambaTagger, ModelConfig, Site,
@@ -49,7 +50,9 @@ MODELS = {"MambaLM": (MambaLM, LMConfig), "Mamba2LM": (MambaLM, Mamba2LMConfig),
           "MambaModel": (MambaModel, ModelConfig)}
 WEIGHT_ROUNDINGS = ("rtn", "gptq")
 # quantization_config fields added within version 2
-ADDED_FIELDS = {**{name: None for name in CLUSTER_DEFAULTS}, "calib_dtype": "float32"}
+ADDED_FIELDS = {**{name: None for name in CLUSTER_DEFAULTS}, "calib_dtype": "float32", "clip_search": False,
+                "act_order": False, "site_bits": {}}
+ADDED_SPEC_FIELDS = {"clip": 1.0}  # activation quantizer spec fields added within version 2
 # model_config fields added within version 2 (the composition of issue 16): an older checkpoint has their defaults
 COMPOSITION = ("stem", "in_features", "seq_len", "cls_token", "pos_embed", "final_norm", "pooling", "head",
                "head_hidden", "head_act")
@@ -213,7 +216,8 @@ def is_quantized_config(config: dict) -> bool:
 BITS = integer(2, 8)
 PERCENTILE = number(50, 100, above=True)
 QUANT_SPEC = {"bits": BITS, "symmetric": boolean(), "granularity": string(*ACTIVATION_GRANULARITIES),
-              "group_size": integer(1), "dynamic": boolean(), "observer": string(*OBSERVERS), "percentile": PERCENTILE}
+              "group_size": integer(1), "dynamic": boolean(), "observer": string(*OBSERVERS), "percentile": PERCENTILE,
+              "clip": number(0, 1, above=True)}
 QUANTIZED_LINEAR = {"shape": list_of(integer(1), min_items=2, max_items=2,
                                      text="[out_features, in_features], two positive integers"),
                     "bits": BITS, "bias": boolean(),
@@ -241,7 +245,8 @@ QUANT_CONFIG = {"format_version": constant(FORMAT_VERSION), "method": string(*ME
                 "weight_rounding": string(*WEIGHT_ROUNDINGS), "alpha": number(), "token_outlier_ratio": number(0),
                 "token_outlier_share": number(0, 1), "seed": integer(),
                 "head_clusters": integer(1, 1024, nullable=True), "channel_clusters": integer(1, 1024, nullable=True),
-                "calib_dtype": string(*CALIB_DTYPES),
+                "calib_dtype": string(*CALIB_DTYPES), "clip_search": boolean(), "act_order": boolean(),
+                "site_bits": map_of(BITS, text="an object of site kinds and bit widths"),
                 "activation_sites": map_of(string(), text="an object of strings"), "transforms": list_of(string()),
                 "layout": obj(LAYOUT)}
 CHECKPOINT = {"architecture": constant(ARCHITECTURE), "model_class": string(*MODELS), "model_config": obj(),
@@ -278,6 +283,9 @@ class Verifier:
             self.check_version(q.get("format_version"))
             for name, default in ADDED_FIELDS.items():  # a checkpoint written before they existed has their default
                 q.setdefault(name, default)
+            for spec in layout_specs(q.get("layout")):
+                for name, default in ADDED_SPEC_FIELDS.items():
+                    spec.setdefault(name, default)
         where = f"{self.source}: config.json"
         config = validate(config, CHECKPOINT, where, wording=EXACT)
         config_class = MODELS[config["model_class"]][1]
@@ -314,25 +322,33 @@ class Verifier:
             if entry["bits"] != q["w_bits"]:
                 self.config_error(f"{at}.bits", f"{entry['bits']} bits, but quantization_config.w_bits is "
                                                 f"{q['w_bits']}")
-            if entry["input"] is not None:
-                self.check_spec(entry["input"], f"{at}.input", q["a_bits"])
+            if entry["input"] is not None:  # its bits are checked against its input site's in build_skeleton
+                self.check_spec(entry["input"], f"{at}.input", q["a_bits"], None)
         for site, ops in layout["sites"].items():
             for index, op in enumerate(ops):
                 if op["op"] == "quantize":
-                    self.check_spec(op["spec"], f"{item(item(f'{where}.sites', site), index)}.spec", q["a_bits"])
+                    self.check_spec(op["spec"], f"{item(item(f'{where}.sites', site), index)}.spec", q["a_bits"],
+                                    activation_bits(q, site.rpartition(".")[2]))
         if len(set(layout["gate_scales"])) != len(layout["gate_scales"]):
             self.config_error(f"{where}.gate_scales", "a mixer is listed twice")
 
-    def check_spec(self, spec: dict, where: str, a_bits: int) -> None:
+    def check_spec(self, spec: dict, where: str, a_bits: int, bits: int | None) -> None:
+        """A quantizer spec at `where`, which should have `bits` (None: checked elsewhere)."""
         if a_bits == FULL_PRECISION:
             self.config_error(where, "an activation quantizer, but quantization_config.a_bits is 16 (activations "
                                      "not quantized)")
-        if spec["bits"] != a_bits:
-            self.config_error(f"{where}.bits", f"{spec['bits']} bits, but quantization_config.a_bits is {a_bits}")
+        if bits is not None:
+            self.check_bits(spec, where, bits, a_bits)
         try:
             ActivationQuantizer(QuantSpec(**spec))  # the granularity / dynamic / observer combination
         except InputError as e:
             self.config_error(where, str(e))
+
+    def check_bits(self, spec: dict, where: str, bits: int, a_bits: int) -> None:
+        if spec["bits"] != bits:
+            source = "quantization_config.site_bits gives this site" if bits != a_bits else \
+                "quantization_config.a_bits is"
+            self.config_error(f"{where}.bits", f"{spec['bits']} bits, but {source} {bits}")
 
     # -- the bytes --------------------------------------------------------------------------------------------
 
@@ -433,6 +449,23 @@ class Verifier:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def activation_bits(q: dict, kind: str) -> int:
+    return q["site_bits"].get(kind, q["a_bits"])
+
+
+def layout_specs(layout) -> list[dict]:
+    """The activation quantizer specs of a layout not yet validated (whatever in it is not a spec is skipped)."""
+    if not isinstance(layout, dict):
+        return []
+    linears, sites = layout.get("linears"), layout.get("sites")
+    specs = [entry.get("input") for entry in linears.values() if isinstance(entry, dict)] \
+        if isinstance(linears, dict) else []
+    if isinstance(sites, dict):
+        specs += [op.get("spec") for ops in sites.values() if isinstance(ops, list) for op in ops
+                  if isinstance(op, dict) and op.get("op") == "quantize"]
+    return [spec for spec in specs if isinstance(spec, dict)]
+
+
 def site_width(site: Site, c) -> int | None:
     if site.table == "mamba2":
         widths = {"S": c.d_ssm, "K": c.conv_dim, "GN": c.n_groups * c.d_state, "H": c.n_heads, "N": c.d_state,
@@ -460,6 +493,8 @@ def build_skeleton(config: dict, q: dict, verifier: Verifier) -> tuple[nn.Module
     tied = isinstance(model, MambaLM) and model_config.tie_embeddings
     positions = getattr(model, "fixed_positions", None)
     modules = dict(model.named_modules())
+    names = {module: name for name, module in modules.items()}
+    input_kinds = {names[getattr(owner, attribute)]: site.kind for owner, attribute, site in linear_slots(model)}
     checks = []
 
     def quantizer(spec: dict, where: str, width: int | None = None) -> ActivationQuantizer:
@@ -495,7 +530,12 @@ def build_skeleton(config: dict, q: dict, verifier: Verifier) -> tuple[nn.Module
             verifier.config_error("quantization_config.weight_group_size", f"{group} does not divide the input "
                                                                            f"width {in_features} of {display(name)}")
         scale_shape = (out_features, in_features // group, 1) if group else (out_features, 1)
-        input_quantizer = quantizer(entry["input"], f"{at}.input") if entry["input"] is not None else None
+        input_quantizer = None
+        if entry["input"] is not None:
+            if name not in input_kinds:
+                verifier.config_error(f"{at}.input", f"{display(name)} is not a linear layer mambaquant quantizes")
+            verifier.check_bits(entry["input"], f"{at}.input", activation_bits(q, input_kinds[name]), q["a_bits"])
+            input_quantizer = quantizer(entry["input"], f"{at}.input")
         module = QuantizedLinear(torch.zeros(out_features, in_features, dtype=torch.int8), torch.ones(scale_shape),
                                  torch.zeros(out_features) if entry["bias"] else None, entry["bits"], input_quantizer)
         setattr(owner, attribute, module)

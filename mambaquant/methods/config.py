@@ -3,19 +3,27 @@ methods, bit-width presets and granularities. Imports neither the loaders nor th
 loader validates against these."""
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import InputError
 from ..quant.quantizer import QuantSpec
+from ..runtime.sites import MAMBA2_SITES, SITES
 
-METHODS = ("fp", "rtn", "smoothquant", "quarot", "gptq", "quamba", "quamba2", "mambaquant")
+METHODS = ("fp", "rtn", "smoothquant", "quarot", "gptq", "quamba", "quamba2", "mambaquant", "mambaquant+")
 GRANULARITIES = ("tensor", "token", "auto")
 MAMBA2_ONLY_METHODS = ("quamba2",)  # its groups are Mamba-2's heads and B/C groups
-PRESETS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a16": (4, 16)}
+PRESETS = {"w8a8": (8, 8), "w6a6": (6, 6), "w4a8": (4, 8), "w4a4": (4, 4), "w4a16": (4, 16)}
 FULL_PRECISION = 16  # bits meaning "quantize nothing here"
 # QuaRot's paper rounds its rotated weights with GPTQ, and so do we for MambaQuant: at W4 it is worth ~0.6 % bits per
 # byte on mamba-shakespeare over round-to-nearest (RTN is still one option away: weight_rounding="rtn")
-WEIGHT_ROUNDING = {"gptq": "gptq", "quarot": "gptq", "quamba2": "gptq", "mambaquant": "gptq"}
+WEIGHT_ROUNDING = {"gptq": "gptq", "quarot": "gptq", "quamba2": "gptq", "mambaquant": "gptq", "mambaquant+": "gptq"}
+# MambaQuant's recipe as the paper gives it is "mambaquant"; "mambaquant+" is that recipe with what goes beyond it,
+# each chosen on training data (docs/methods.md): clipping searched per weight channel and per activation site,
+# GPTQ in activation order, and mixed precision by site (SITE_BITS)
+AUTO_METHODS = ("mambaquant", "mambaquant+")  # their granularity is "auto" by default: the per-site choice
+BEYOND_THE_PAPER = {"clip_search": True, "act_order": True}
+# mambaquant+'s activation bits by site kind over a_bits, per block kind (the site table), where a_bits is 4 or less
+SITE_BITS = {"mamba1": {"x": 8, "h": 8}, "mamba2": {"xBC": 8, "h": 8}}
 CALIB_DTYPES = ("float32", "bfloat16")  # blocks always compute in float32
 CLUSTER_DEFAULTS = {"head_clusters": 4, "channel_clusters": 4}  # Quamba2's, for its mamba2-130m and 2.7b
 
@@ -37,6 +45,9 @@ class QuantConfig:
     head_clusters: int | None = None  # quamba2 (None: 4): scan-input clusters of heads per B/C group ...
     channel_clusters: int | None = None  # ... and of channels per head cluster
     calib_dtype: str = "float32"  # how calibration activations are held between blocks ("bfloat16": half the memory)
+    clip_search: bool | None = None  # clipping searched per weight channel and activation site; None: the method's
+    act_order: bool | None = None  # GPTQ's columns by decreasing input energy; None: the method's
+    site_bits: dict | None = None  # activation bits by site kind ({"h": 8}) over a_bits; None: the method's
 
     def __post_init__(self):
         if self.calib_dtype not in CALIB_DTYPES:
@@ -49,7 +60,7 @@ class QuantConfig:
         if self.weight_rounding not in ("rtn", "gptq"):
             raise InputError(f"unknown weight rounding {self.weight_rounding!r}; expected rtn or gptq")
         if self.act_granularity is None:
-            self.act_granularity = "auto" if self.method == "mambaquant" else "tensor"
+            self.act_granularity = "auto" if self.method in AUTO_METHODS else "tensor"
         if self.act_granularity not in GRANULARITIES:
             raise InputError(f"unknown activation granularity {self.act_granularity!r}; "
                              f"expected one of {', '.join(GRANULARITIES)}")
@@ -67,8 +78,42 @@ class QuantConfig:
                 setattr(self, name, value := default)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1024):
                 raise InputError(f"{name} must be an integer from 1 to 1024, got {value!r}")
+        plus = self.method == "mambaquant+"
+        gptq_per_channel = self.weight_rounding == "gptq" and not self.weight_group_size
+        for name in ("clip_search", "act_order"):
+            value = getattr(self, name)
+            if value is None:  # the method's own; activation order only where GPTQ runs per channel
+                setattr(self, name, plus and BEYOND_THE_PAPER[name] and (name != "act_order" or gptq_per_channel))
+            elif not isinstance(value, bool):
+                raise InputError(f"{name} must be true or false, got {value!r}")
+        if self.act_order and not gptq_per_channel:
+            raise InputError("act_order orders GPTQ's columns: it needs weight_rounding gptq and per-channel weight "
+                             "scales (weight_group_size 0)")
+        if self.site_bits is None and not (plus and self.a_bits <= 4):
+            self.site_bits = {}  # (mambaquant+'s own is chosen by block kind in the walk: `resolve_site_bits`)
+        if self.site_bits is not None:
+            self.check_site_bits()
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise InputError(f"the seed must be an integer from 0 to {2**63 - 1}, got {self.seed!r}")
+
+    def check_site_bits(self) -> None:
+        if not isinstance(self.site_bits, dict):
+            raise InputError(f"site_bits maps site kinds to activation bits, e.g. {{\"h\": 8}}; got {self.site_bits!r}")
+        for kind, bits in self.site_bits.items():
+            if kind not in SITES and kind not in MAMBA2_SITES:
+                raise InputError(f"site_bits: unknown site kind {kind!r}; expected one of "
+                                 f"{', '.join(sorted(set(SITES) | set(MAMBA2_SITES)))}")
+            if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+                raise InputError(f"site_bits[{kind!r}] must be an integer from 2 to 8, got {bits!r}")
+        if self.site_bits and self.a_bits == FULL_PRECISION:
+            raise InputError("site_bits sets activation bits by site, but a_bits is 16 (activations not quantized)")
+
+    def activation_bits(self, kind: str) -> int:
+        return self.site_bits.get(kind, self.a_bits)
+
+    def resolve_site_bits(self, table: str) -> "QuantConfig":
+        """This config with mambaquant+'s own site bits for blocks of `table` where they were left to it."""
+        return self if self.site_bits is not None else replace(self, site_bits=dict(SITE_BITS[table]))
 
     @classmethod
     def preset(cls, bits: str, **kwargs) -> "QuantConfig":
@@ -88,6 +133,7 @@ class QuantReport:
     transforms: list[str] = field(default_factory=list)
     activation_sites: dict[str, str] = field(default_factory=dict)  # site -> its quantizer
     granularity_reasons: dict[str, str] = field(default_factory=dict)
+    clipping: dict[str, str] = field(default_factory=dict)  # site -> its searched clipping ratio and why
     weights: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:

@@ -38,8 +38,8 @@ class TokenStatistics:
         return "token", f"dynamic per token: {found}"
 
 
-def make_quantizer(granularity: str, config: QuantConfig, percentile: bool) -> ActivationQuantizer:
+def make_quantizer(granularity: str, config: QuantConfig, percentile: bool, bits: int) -> ActivationQuantizer:
     observer = "percentile" if percentile else config.observer
-    spec = QuantSpec(config.a_bits, granularity=granularity, dynamic=granularity == "token",
+    spec = QuantSpec(bits, granularity=granularity, dynamic=granularity == "token",
                      observer="minmax" if granularity == "position" else observer, percentile=config.percentile)
     return ActivationQuantizer(spec)

@@ -16,4 +16,5 @@ RECIPES = {
     "quamba": quamba.RECIPE,
     "quamba2": quamba2.RECIPE,
     "mambaquant": mambaquant.RECIPE,
+    "mambaquant+": mambaquant.RECIPE,  # the same transforms; what goes beyond the paper is in QuantConfig's options
 }

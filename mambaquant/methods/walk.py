@@ -11,6 +11,7 @@ before some rotations, and gathered statistics with quantization already on.)
 """
 
 import copy
+import dataclasses
 from dataclasses import asdict
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..progress import progress as progress_of
+from ..quant.clipping import SiteSample, activation_clip, weight_clip
 from ..quant.gptq import gptq_quantize
 from ..quant.linear import BACKENDS, QuantizedEmbedding, QuantizedLinear
 from ..quant.quantizer import ActivationQuantizer, quantize_weight
@@ -42,54 +44,114 @@ from .stages import (InMemoryBlocks, Runner, block_activation_sites, block_linea
 PERCENTILE_SITES = {"quamba": {"mamba1": ("x_proj_in", "h"), "mamba2": ("x", "h")},
                     "quamba2": {"mamba2": ("x", "h")},
                     "mambaquant": {"mamba1": ("h",), "mamba2": ("x", "h")}}
+PERCENTILE_SITES["mambaquant+"] = PERCENTILE_SITES["mambaquant"]
 
 
 def calibrate_quantizers(sites: list[Site], runner: Runner, config: QuantConfig, fixed_length: bool,
                          report: QuantReport, clusters: dict | None = None) -> list[tuple[Site, ActivationQuantizer]]:
     """A quantizer per site with its granularity and static range, from full-precision statistics; none is
-    switched on yet. Sites in `clusters` get static ranges per cluster of channels (the widest of its channels')."""
+    switched on yet. Sites in `clusters` get static ranges per cluster of channels (the widest of its channels').
+    With `clip_search` each range is clipped where that lowers the squared error at the site, and "auto" weighs
+    its rule's choice against dynamic per-token ranges by that error, both clipped."""
     clusters = clusters or {}
-    if config.act_granularity == "auto":
+    auto = config.act_granularity == "auto"
+    if auto:
         statistics = {site: TokenStatistics() for site in sites if site not in clusters}
         runner.observe(statistics)
-    quantizers = []
+    candidates = {}  # site -> its candidate quantizers, the rule's choice first
     for site in sites:
         percentile = site.kind in PERCENTILE_SITES.get(config.method, {}).get(site.table, ())
         if site in clusters:
-            quantizers.append((site, make_quantizer("channel", config, percentile)))
-            continue
-        if config.act_granularity == "auto":
+            granularities = ["channel"]
+        elif auto:
             granularity, reason = statistics[site].decide(config, fixed_length and site.kind not in CHUNKED_SITES)
             report.granularity_reasons[site.name] = reason
+            granularities = [granularity] + (["token"] if config.clip_search and granularity != "token" else [])
         else:
-            granularity = config.act_granularity
-        quantizers.append((site, make_quantizer(granularity, config, percentile)))
-    static = {site: quantizer.observe for site, quantizer in quantizers if not quantizer.spec.dynamic}
-    if static:
-        runner.observe(static)
-    for site, quantizer in quantizers:
+            granularities = [config.act_granularity]
+        bits = config.activation_bits(site.kind)
+        candidates[site] = [make_quantizer(g, config, percentile, bits) for g in granularities]
+    searched = {site: SiteSample(any(q.spec.granularity == "position" for q in options))
+                for site, options in candidates.items() if config.clip_search and site not in clusters}
+    observers = {site: observe_all(*[q.observe for q in options if not q.spec.dynamic], searched.get(site))
+                 for site, options in candidates.items()}
+    if any(observers.values()):
+        runner.observe({site: observer for site, observer in observers.items() if observer})
+    quantizers = []
+    for site, options in candidates.items():
+        quantizer = options[0]
         if site in clusters:
             quantizer.share_ranges(clusters[site])
             report.granularity_reasons[site.name] = f"static per cluster of channels ({config.method})"
+        if site in searched:
+            quantizer = clip_and_choose(site, options, searched[site], report)
+        if quantizer.spec.bits != config.a_bits:
+            reason = report.granularity_reasons.get(site.name)
+            report.granularity_reasons[site.name] = (f"{reason}; " if reason else "") + \
+                f"int{quantizer.spec.bits} here, int{config.a_bits} elsewhere (site_bits: mixed precision)"
+        quantizers.append((site, quantizer))
     return quantizers
 
 
+def clip_and_choose(site: Site, options: list[ActivationQuantizer], sample: SiteSample,
+                    report: QuantReport) -> ActivationQuantizer:
+    """Each candidate clipped to its best ratio on the sample; the one with the least squared error (the first,
+    the rule's choice, on a tie), with the choice and the clipping said in the report."""
+    scored = []
+    for quantizer in options:
+        ratio, error, unclipped = activation_clip(quantizer, sample)
+        quantizer.spec, quantizer.static_cache = dataclasses.replace(quantizer.spec, clip=ratio), None
+        scored.append((error, unclipped, quantizer))
+    error, unclipped, chosen = min(scored, key=lambda entry: entry[0])
+    if len(options) > 1:
+        other = next(entry for entry in scored if entry[2] is not chosen)
+        report.granularity_reasons[site.name] = (
+            f"{granularity_name(chosen)}: squared error {error / max(other[0], 1e-30):.2f}x "
+            f"{granularity_name(other[2])}'s, both clipped (the token-maxima rule: "
+            f"{report.granularity_reasons[site.name]})")
+    ratio = chosen.spec.clip
+    report.clipping[site.name] = (f"clipped to {ratio:.2f} of the range: squared error "
+                                  f"{error / max(unclipped, 1e-30):.2f}x the full range's" if ratio != 1 else
+                                  "not clipped: the full range has the least squared error")
+    return chosen
+
+
+def granularity_name(quantizer: ActivationQuantizer) -> str:
+    spec = quantizer.spec
+    return f"{'dynamic' if spec.dynamic else 'static'} per {spec.granularity}"
+
+
+def observe_all(*observers):
+    """One site observer calling each of `observers` that is not None; None if none is."""
+    kept = [observer for observer in observers if observer is not None]
+    if not kept:
+        return None
+    return kept[0] if len(kept) == 1 else lambda site, x: [observer(site, x) for observer in kept]
+
+
 @torch.no_grad()
-def quantize_linears(slots: list[tuple[nn.Module, str, Site]], runner: Runner, config: QuantConfig) -> None:
-    """Replace each linear layer by a `QuantizedLinear` (integer codes and scales), rounded to nearest or by GPTQ.
+def quantize_linears(slots: list[tuple[nn.Module, str, Site]], runner: Runner, config: QuantConfig,
+                     clipped: dict[str, list[torch.Tensor]]) -> None:
+    """Replace each linear layer by a `QuantizedLinear` (integer codes and scales), rounded to nearest or by GPTQ,
+    with clipping ratios searched per output channel under `clip_search` (gathered in `clipped` by layer name).
     A tied LM head shares its matrix with the embedding, which then reads its rows from the head's codes."""
     spec = config.weight_spec()
-    if config.weight_rounding == "gptq":
+    if config.weight_rounding == "gptq" or config.clip_search:
         moments = {}
         for _, _, site in slots:
             moments.setdefault(site, CovarianceObserver())
         runner.observe(moments)
     for owner, name, site in slots:
         linear = getattr(owner, name)
+        second_moment = moments[site].outer / moments[site].count if config.clip_search or \
+            config.weight_rounding == "gptq" else None
+        clip = weight_clip(linear.weight, second_moment, spec) if config.clip_search else None
+        if clip is not None:
+            clipped.setdefault(name, []).append(clip.flatten())
         if config.weight_rounding == "gptq":
-            codes, scale = gptq_quantize(linear.weight, moments[site].outer / moments[site].count, spec)
+            codes, scale = gptq_quantize(linear.weight, second_moment, spec, clip=clip, act_order=config.act_order)
         else:
-            codes, scale = quantize_weight(linear.weight, spec)
+            codes, scale = quantize_weight(linear.weight, spec, clip)
         quantized = QuantizedLinear(codes, scale, linear.bias, spec.bits)
         setattr(owner, name, quantized)
         if isinstance(owner, MambaLM) and owner.config.tie_embeddings:
@@ -104,6 +166,7 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
     if not batches:
         raise InputError("the calibration set is empty; expected at least one batch of training data")
     torch.manual_seed(config.seed)
+    config = config.resolve_site_bits("mamba2" if has_mamba2_blocks(model) else "mamba1")
     if copy_model:
         model = copy.deepcopy(model)
     model.eval()
@@ -116,6 +179,7 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
     model_transform(model, blocks, batches, config, report)
     quantize_acts, quantize_weights = config.a_bits != FULL_PRECISION, config.w_bits != FULL_PRECISION
     fixed = fixed_length(model)
+    clipped = {}  # linear name -> its clipping ratios per channel, block by block
     with torch.no_grad():
         hidden = held(check_finite_activations([model.embed(batch) for batch in batches], "the embedding's output"),
                       config.calib_dtype)
@@ -129,7 +193,7 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
         # the next block's inputs, from this block in full precision
         outputs = check_finite_activations(runner.outputs(), f"the output of block {index}")
         if quantize_weights:
-            quantize_linears(block_linears(layer), runner, config)
+            quantize_linears(block_linears(layer), runner, config, clipped)
         switch_on(pending, block_linears(layer), report)
         check_finite(layer, f"layers.{index}.")
         blocks.finish(index)
@@ -140,12 +204,18 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
     pending = calibrate_quantizers(head_activation_sites(model), head_runner, config, fixed and not pooled,
                                    report) if quantize_acts else []
     if quantize_weights:
-        quantize_linears(head_slots(model), head_runner, config)
+        quantize_linears(head_slots(model), head_runner, config, clipped)
         spec = config.weight_spec()
         rounding = "GPTQ" if config.weight_rounding == "gptq" else "round-to-nearest"
         linears = "in_proj, out_proj" if has_mamba2_blocks(model) else "in_proj, x_proj, dt_proj, out_proj"
-        report.weights.append(f"{rounding} int{spec.bits} per {spec.granularity}: {linears} of every block, and the "
-                              "head")
+        order = " in activation order" if config.act_order else ""
+        report.weights.append(f"{rounding}{order} int{spec.bits} per {spec.granularity}: {linears} of every block, "
+                              "and the head")
+        if clipped:
+            ratios = {name: torch.cat(values) for name, values in clipped.items()}
+            report.weights.append("clipping searched per output channel on the layer's output error: " + ", ".join(
+                f"{name} mean ratio {r.mean():.2f} ({100 * (r < 1).float().mean():.0f} % of channels clipped)"
+                for name, r in ratios.items()))
     switch_on(pending, head_slots(model), report)
     check_finite(model, skip="layers.")
     if config.calib_dtype != "float32":

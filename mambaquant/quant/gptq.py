@@ -9,21 +9,32 @@ from .quantizer import QuantSpec, quantize, weight_scale_and_zero
 
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, second_moment: torch.Tensor, spec: QuantSpec, block_size: int = 128,
-                  damping: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+                  damping: float = 0.01, clip: torch.Tensor | None = None,
+                  act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Int8 codes (out, in) and scales ((out, 1), or (out, groups, 1) per group) of the weight given the inputs'
-    second moment X^T X / n (in, in)."""
+    second moment X^T X / n (in, in). `clip`: per-channel ratios shrinking the scales (`clipping.weight_clip`).
+    `act_order` quantizes the columns in order of decreasing input energy (the Hessian's diagonal): the largest
+    errors are made first, while the most columns are left to absorb them. Per output channel only: group scales
+    are taken as the columns arrive, so a permuted order would mix the groups."""
+    if act_order and spec.granularity == "group":
+        raise InputError("GPTQ activation ordering works with per-channel weight scales, not with groups")
+    if clip is not None and spec.granularity == "group":
+        raise InputError("GPTQ takes clipping ratios per output channel, not per group")
     W = weight.detach().clone().double()
     H = 2 * second_moment.detach().clone().double()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    order = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else None
+    if order is not None:
+        W, H = W[:, order], H[order][:, order]
     H += damping * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
     H_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     columns = W.shape[1]
     grouped = spec.granularity == "group"
     if not spec.symmetric:
         raise InputError("weights are quantized symmetrically (integer codes times a scale, no zero point)")
-    scale, zero = weight_scale_and_zero(W, spec) if not grouped else (None, None)
+    scale, zero = (None, None) if grouped else weight_scale_and_zero(W, spec, None if clip is None else clip.double())
     codes, group_scales = torch.zeros_like(W), []
     for start in range(0, columns, block_size):
         stop = min(start + block_size, columns)
@@ -43,4 +54,6 @@ def gptq_quantize(weight: torch.Tensor, second_moment: torch.Tensor, spec: Quant
             errors[:, i : i + 1] = error
         W[:, stop:] -= errors @ H_inv[start:stop, stop:]
     scales = torch.stack(group_scales, 1) if grouped else scale
+    if order is not None:
+        codes = codes[:, torch.argsort(order)]
     return codes.to(torch.int8), scales.to(weight.dtype)

@@ -28,6 +28,7 @@ class QuantSpec:
     dynamic: bool = False
     observer: str = "minmax"
     percentile: float = 99.99
+    clip: float = 1.0  # activations: the share of the observed (or, dynamic, the token's) range the scale covers
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -39,6 +40,8 @@ class QuantSpec:
             raise InputError(f"observer {self.observer!r}: expected one of {', '.join(OBSERVERS)}")
         if not 50 < self.percentile <= 100:
             raise InputError(f"percentile {self.percentile} must be in (50, 100]")
+        if isinstance(self.clip, bool) or not isinstance(self.clip, (int, float)) or not 0 < self.clip <= 1:
+            raise InputError(f"clipping ratio {self.clip!r} must be in (0, 1]")
 
     @property
     def qmin(self) -> int:
@@ -73,10 +76,15 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec
     return (quantize(x, scale, zero, spec) - zero) * scale
 
 
-def weight_scale_and_zero(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per output channel (out, 1), or per group of `group_size` inputs (out, in / group_size, 1)."""
+def weight_scale_and_zero(weight: torch.Tensor, spec: QuantSpec,
+                          clip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per output channel (out, 1), or per group of `group_size` inputs (out, in / group_size, 1); `clip` (shaped
+    like the scales) shrinks each range."""
     grouped = group_view(weight, spec)
-    return scale_and_zero(grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True), spec)
+    low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
+    if clip is not None:
+        low, high = low * clip, high * clip
+    return scale_and_zero(low, high, spec)
 
 
 def group_view(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -89,12 +97,13 @@ def group_view(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1, spec.group_size)
 
 
-def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round-to-nearest: int8 codes shaped like `weight` and the scales (out, 1) or (out, groups, 1). Weights are
-    symmetric, so a code times its scale is the weight."""
+def quantize_weight(weight: torch.Tensor, spec: QuantSpec,
+                    clip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest: int8 codes shaped like `weight` and the scales (out, 1) or (out, groups, 1), each range
+    shrunk by `clip` where given. Weights are symmetric, so a code times its scale is the weight."""
     if not spec.symmetric:
         raise InputError("weights are quantized symmetrically (integer codes times a scale, no zero point)")
-    scale, zero = weight_scale_and_zero(weight, spec)
+    scale, zero = weight_scale_and_zero(weight, spec, clip)
     return quantize(group_view(weight, spec), scale, zero, spec).reshape(weight.shape).to(torch.int8), scale
 
 
@@ -166,6 +175,8 @@ class ActivationQuantizer(nn.Module):
         """The scale and zero point for `x`, broadcastable to it."""
         if self.spec.dynamic:
             low, high = token_range(x) if self.spec.granularity == "token" else (x.min(), x.max())
+            if self.spec.clip != 1:
+                low, high = low * self.spec.clip, high * self.spec.clip
             return scale_and_zero(low, high, self.spec)
         if self.batches == 0:
             raise RuntimeError("static activation quantizer used before calibration")
@@ -185,7 +196,9 @@ class ActivationQuantizer(nn.Module):
         versions = (self.low._version, self.high._version)  # in-place writes (load_state_dict) bump them
         cached = self.static_cache
         if cached is None or cached[0] is not self.low or cached[1] is not self.high or cached[2] != versions:
-            self.static_cache = (self.low, self.high, versions, *scale_and_zero(self.low, self.high, self.spec))
+            clip = self.spec.clip
+            self.static_cache = (self.low, self.high, versions,
+                                 *scale_and_zero(self.low * clip, self.high * clip, self.spec))
         return self.static_cache[3], self.static_cache[4]
 
     @torch.no_grad()
@@ -220,7 +233,8 @@ class ActivationQuantizer(nn.Module):
         if s.granularity == "channel" and self.low.dim() == 1:
             distinct = len(torch.stack([self.low, self.high], 1).unique(dim=0))
             kind += f", {distinct} distinct ranges over {len(self.low)} channels"
-        return f"int{s.bits} {'symmetric' if s.symmetric else 'asymmetric'}, {kind}"
+        clipped = f", clipped to {s.clip:.2f} of the range" if s.clip != 1 else ""
+        return f"int{s.bits} {'symmetric' if s.symmetric else 'asymmetric'}, {kind}{clipped}"
 
 
 def percentile_range(x: torch.Tensor, percentile: float, max_elements: int = 1 << 20,
