@@ -63,7 +63,7 @@ def models():
 # Item 7: every method x bit width saves and reloads to the same outputs
 # ---------------------------------------------------------------------------------------------------------------
 
-BIT_PAIRS = [(8, 8), (4, 8), (4, 16), (8, 16), (16, 8), (16, 16), (3, 8), (2, 16)]
+BIT_PAIRS = [(8, 8), (4, 8), (4, 4), (4, 16), (8, 16), (16, 8), (16, 16), (3, 8), (2, 16)]
 
 
 @pytest.mark.parametrize("w_bits,a_bits", BIT_PAIRS, ids=[f"w{w}a{a}" for w, a in BIT_PAIRS])

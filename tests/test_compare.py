@@ -7,16 +7,19 @@ from mambaquant.cli import main
 from mambaquant.compare import compare, format_table, plan, to_markdown, write_json
 from mambaquant.errors import InputError
 from mambaquant.methods import METHODS
+from mambaquant.methods.config import AUTO_METHODS
 
 
 def test_plan_holds_every_method_with_static_and_dynamic_scales_and_mambaquant_auto():
-    runs = plan(METHODS, ("w8a8", "w4a8", "w4a16"), ("tensor", "token", "auto"))
+    runs = plan(METHODS, ("w8a8", "w4a8", "w4a4", "w4a16"), ("tensor", "token", "auto"))
     quantizing = len(METHODS) - 1
-    assert runs[0] == ("fp", "fp32", "none") and len(runs) == len(set(runs)) == 1 + 2 * (2 * quantizing + 1) + quantizing
-    for bits in ("w8a8", "w4a8"):
+    assert runs[0] == ("fp", "fp32", "none")
+    assert len(runs) == len(set(runs)) == 1 + 3 * (2 * quantizing + len(AUTO_METHODS)) + quantizing
+    for bits in ("w8a8", "w4a8", "w4a4"):
         for method in METHODS[1:]:
             assert (method, bits, "tensor") in runs and (method, bits, "token") in runs
-        assert [r for r in runs if r[1] == bits and r[2] == "auto"] == [("mambaquant", bits, "auto")]
+        assert [r for r in runs if r[1] == bits and r[2] == "auto"] == [("mambaquant", bits, "auto"),
+                                                                          ("mambaquant+", bits, "auto")]
     assert {r[2] for r in runs if r[1] == "w4a16"} == {"none"}
     for bad in [(("nope",), ("w8a8",), ("tensor",)), (("rtn",), ("w3a3",), ("tensor",)),
                 (("rtn",), ("w8a8",), ("channel",))]:
