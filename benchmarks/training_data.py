@@ -28,9 +28,9 @@ from mambaquant.methods import PRESETS
 BASELINES = ("rtn", "smoothquant", "quarot", "quamba")
 MAMBA2_BASELINES = BASELINES + ("quamba2",)
 MODELS = {"shakespeare": "mamba-shakespeare", "shakespeare2": "mamba2-shakespeare", "typeseg": "typeseg"}
-VARIANTS = {"clip": {"method": "mambaquant+", "act_order": False, "site_bits": {}},  # clipping searched
-            "clip+order": {"method": "mambaquant+", "site_bits": {}},  # and GPTQ in activation order
-            "mambaquant+": {"method": "mambaquant+"}}  # and its mixed precision by site (at 4-bit activations)
+VARIANTS = {"clip": {"method": "mambaquant+", "site_bits": {}},  # clipping searched
+            "clip+order": {"method": "mambaquant+", "site_bits": {}, "act_order": True},  # and GPTQ in activation order
+            "mambaquant+": {"method": "mambaquant+"}}  # clipping and mixed precision by site (at 4-bit activations)
 
 
 def shakespeare_metric():

@@ -410,8 +410,8 @@ def build_parser() -> Parser:
     quantize.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
                           help="search clipping ratios per weight channel and per activation site on the calibration "
                                "data (default: on for mambaquant+, off otherwise)")
-    quantize.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
-                          help="GPTQ: quantize columns by decreasing input energy (default: on for mambaquant+)")
+    quantize.add_argument("--act-order", action="store_true",
+                          help="GPTQ: quantize the columns by decreasing input energy")
     quantize.add_argument("--site-bits", type=site_bits_value, metavar="SITE=BITS,...",
                           help="activation bits by site kind over --a-bits, e.g. h=8,x=8 (mixed precision; default: "
                                "mambaquant+'s own, none for the others)")

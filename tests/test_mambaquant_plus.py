@@ -49,7 +49,7 @@ def models():
 def test_presets_hold_w4a4_and_w6a6():
     assert PRESETS["w4a4"] == (4, 4) and PRESETS["w6a6"] == (6, 6)
     config = QuantConfig.preset("W4A4", method="mambaquant+")
-    assert (config.w_bits, config.a_bits, config.clip_search, config.act_order) == (4, 4, True, True)
+    assert (config.w_bits, config.a_bits, config.clip_search, config.act_order) == (4, 4, True, False)
     paper = QuantConfig.preset("w4a4")  # the paper's recipe stays as it is
     assert (paper.clip_search, paper.act_order, paper.site_bits) == (False, False, {})
 
@@ -131,7 +131,8 @@ def test_w4a4_clipping_and_mixed_precision_round_trip_and_run_on_int8(kind, tmp_
     model, calib, x = models()[kind]
     quantized = mambaquant.quantize(model, method="mambaquant+", w_bits=4, a_bits=4, calib=calib)
     config = quantized.quantization_report.config
-    assert config["site_bits"] == ({"xBC": 8, "h": 8} if kind == "mamba2" else {"x": 8, "h": 8})
+    ssm_sites = ("B", "C", "h", "x", "xBC") if kind == "mamba2" else ("C", "h", "x")  # no linear layer reads them
+    assert config["site_bits"] == {site: 8 for site in ssm_sites}
     sites = quantized.quantization_report.activation_sites
     assert all(d.startswith("int8") for name, d in sites.items() if name.endswith(".h"))
     assert any("clipped to" in d for d in sites.values())
@@ -147,7 +148,8 @@ def test_w4a4_clipping_and_mixed_precision_round_trip_and_run_on_int8(kind, tmp_
 
 def test_the_report_says_per_site_what_was_chosen_and_why():
     model, calib, _ = models()["mamba1"]
-    report = mambaquant.quantize(model, method="mambaquant+", w_bits=4, a_bits=4, calib=calib).quantization_report
+    report = mambaquant.quantize(model, method="mambaquant+", w_bits=4, a_bits=4, calib=calib,
+                                 act_order=True).quantization_report
     assert set(report.clipping) == set(report.activation_sites)
     assert all("clipped to" in why or "not clipped" in why for why in report.clipping.values())
     assert all("squared error" in why for why in report.granularity_reasons.values())  # tensor against token
@@ -214,11 +216,6 @@ def test_a_checkpoint_from_before_the_options_loads(tmp_path):
 def test_bad_options_are_refused(options, words):
     with pytest.raises(InputError, match=words):
         QuantConfig(**{"method": "mambaquant+", "w_bits": 4, "a_bits": 4, **options})
-
-
-def test_act_order_is_dropped_quietly_where_mambaquant_plus_rounds_to_nearest():
-    assert not QuantConfig(method="mambaquant+", weight_rounding="rtn").act_order
-    assert not QuantConfig(method="mambaquant+", weight_group_size=64).act_order
 
 
 def test_cli_refuses_bad_site_bits(cli):

@@ -18,12 +18,12 @@ FULL_PRECISION = 16  # bits meaning "quantize nothing here"
 # byte on mamba-shakespeare over round-to-nearest (RTN is still one option away: weight_rounding="rtn")
 WEIGHT_ROUNDING = {"gptq": "gptq", "quarot": "gptq", "quamba2": "gptq", "mambaquant": "gptq", "mambaquant+": "gptq"}
 # MambaQuant's recipe as the paper gives it is "mambaquant"; "mambaquant+" is that recipe with what goes beyond it,
-# each chosen on training data (docs/methods.md): clipping searched per weight channel and per activation site,
-# GPTQ in activation order, and mixed precision by site (SITE_BITS)
+# each kept because it helped on training data (docs/methods.md): clipping searched per weight channel and per
+# activation site (`clip_search`), and mixed precision by site at 4-bit activations (SSM_SITE_BITS)
 AUTO_METHODS = ("mambaquant", "mambaquant+")  # their granularity is "auto" by default: the per-site choice
-BEYOND_THE_PAPER = {"clip_search": True, "act_order": True}
-# mambaquant+'s activation bits by site kind over a_bits, per block kind (the site table), where a_bits is 4 or less
-SITE_BITS = {"mamba1": {"x": 8, "h": 8}, "mamba2": {"xBC": 8, "h": 8}}
+# mambaquant+'s mixed precision where a_bits is 4 or less: the activations that no linear layer reads (the conv1d
+# input, the scan's operands, the state h) at this many bits; every linear layer's input at a_bits
+SSM_SITE_BITS = 8
 CALIB_DTYPES = ("float32", "bfloat16")  # blocks always compute in float32
 CLUSTER_DEFAULTS = {"head_clusters": 4, "channel_clusters": 4}  # Quamba2's, for its mamba2-130m and 2.7b
 
@@ -46,7 +46,7 @@ class QuantConfig:
     channel_clusters: int | None = None  # ... and of channels per head cluster
     calib_dtype: str = "float32"  # how calibration activations are held between blocks ("bfloat16": half the memory)
     clip_search: bool | None = None  # clipping searched per weight channel and activation site; None: the method's
-    act_order: bool | None = None  # GPTQ's columns by decreasing input energy; None: the method's
+    act_order: bool = False  # GPTQ's columns by decreasing input energy (measured, not kept: docs/methods.md)
     site_bits: dict | None = None  # activation bits by site kind ({"h": 8}) over a_bits; None: the method's
 
     def __post_init__(self):
@@ -79,18 +79,16 @@ class QuantConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1024):
                 raise InputError(f"{name} must be an integer from 1 to 1024, got {value!r}")
         plus = self.method == "mambaquant+"
-        gptq_per_channel = self.weight_rounding == "gptq" and not self.weight_group_size
+        if self.clip_search is None:
+            self.clip_search = plus
         for name in ("clip_search", "act_order"):
-            value = getattr(self, name)
-            if value is None:  # the method's own; activation order only where GPTQ runs per channel
-                setattr(self, name, plus and BEYOND_THE_PAPER[name] and (name != "act_order" or gptq_per_channel))
-            elif not isinstance(value, bool):
-                raise InputError(f"{name} must be true or false, got {value!r}")
-        if self.act_order and not gptq_per_channel:
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.act_order and (self.weight_rounding != "gptq" or self.weight_group_size):
             raise InputError("act_order orders GPTQ's columns: it needs weight_rounding gptq and per-channel weight "
                              "scales (weight_group_size 0)")
         if self.site_bits is None and not (plus and self.a_bits <= 4):
-            self.site_bits = {}  # (mambaquant+'s own is chosen by block kind in the walk: `resolve_site_bits`)
+            self.site_bits = {}  # (mambaquant+'s own is chosen from the model's sites in the walk)
         if self.site_bits is not None:
             self.check_site_bits()
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
@@ -111,9 +109,12 @@ class QuantConfig:
     def activation_bits(self, kind: str) -> int:
         return self.site_bits.get(kind, self.a_bits)
 
-    def resolve_site_bits(self, table: str) -> "QuantConfig":
-        """This config with mambaquant+'s own site bits for blocks of `table` where they were left to it."""
-        return self if self.site_bits is not None else replace(self, site_bits=dict(SITE_BITS[table]))
+    def resolve_site_bits(self, ssm_kinds) -> "QuantConfig":
+        """This config with mambaquant+'s own site bits where they were left to it: `SSM_SITE_BITS` at the site
+        kinds `ssm_kinds` (the activation sites no linear layer reads)."""
+        if self.site_bits is not None:
+            return self
+        return replace(self, site_bits={kind: SSM_SITE_BITS for kind in sorted(ssm_kinds)})
 
     @classmethod
     def preset(cls, bits: str, **kwargs) -> "QuantConfig":

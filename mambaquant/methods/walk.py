@@ -29,8 +29,8 @@ from ..transforms.rotation import append_op
 from .config import FULL_PRECISION, MAMBA2_ONLY_METHODS, METHODS, QuantConfig, QuantReport
 from .granularity import CHUNKED_SITES, TokenStatistics, make_quantizer
 from .recipes import RECIPES
-from .stages import (InMemoryBlocks, Runner, block_activation_sites, block_linears, fixed_length, has_mamba2_blocks,
-                     head_activation_sites, head_slots, held)
+from .stages import (InMemoryBlocks, Runner, activation_sites, block_activation_sites, block_linears, fixed_length,
+                     has_mamba2_blocks, head_activation_sites, head_slots, held, linear_slots)
 
 # Static ranges from the 99.99th percentile instead of min-max: Quamba's SSM input and state; for MambaQuant the
 # heavy-tailed state h (as the paper's official code does). On training data (never the evaluation split), W8A8
@@ -166,7 +166,8 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
     if not batches:
         raise InputError("the calibration set is empty; expected at least one batch of training data")
     torch.manual_seed(config.seed)
-    config = config.resolve_site_bits("mamba2" if has_mamba2_blocks(model) else "mamba1")
+    linear_inputs = {site.kind for _, _, site in linear_slots(model)}
+    config = config.resolve_site_bits({site.kind for site in activation_sites(model)} - linear_inputs)
     if copy_model:
         model = copy.deepcopy(model)
     model.eval()
