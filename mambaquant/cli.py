@@ -111,7 +111,7 @@ def cmd_quantize(args) -> None:
                          backend=args.backend, **method_options(args))
     report = quantized.quantization_report
     output = {"report": report.to_dict()}
-    lines = [report.summary()]
+    lines = [report.summary()] + ([f"  {line}" for line in report.site_lines()] if args.explain else [])
     card_notes = [f"source: {args.source}"]
     if not args.no_eval:
         fp = evaluate(model, args.source, max_samples=args.eval_samples, eval_data=eval_data)
@@ -395,6 +395,9 @@ def build_parser() -> Parser:
     quantize.add_argument("--eval-data", type=path_value, metavar="PATH", help=EVAL_DATA_HELP)
     quantize.add_argument("--no-eval", action="store_true", help="print the summary only")
     quantize.add_argument("--json", action="store_true", help="print one JSON object")
+    quantize.add_argument("--explain", action="store_true",
+                          help="print each activation site's quantizer and why it got that granularity, clipping and "
+                               "bits (the JSON report and a saved model's MODEL_CARD.md always hold them)")
     quantize.add_argument("--tokenizer", help="tokenizer.json for text calibration of a BPE model (default GPT-NeoX)")
     quantize.add_argument("--backend", choices=BACKENDS, default="fake",
                           help="run the quantized linears simulated in float32 (fake) or as int8 matrix products")

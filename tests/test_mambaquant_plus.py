@@ -222,3 +222,17 @@ def test_cli_refuses_bad_site_bits(cli):
     assert_refused(cli.run("quantize", "mamba-shakespeare", "--site-bits", "h8", "--no-eval"), "--site-bits",
                    "SITE=BITS")
     assert_refused(cli.run("quantize", "mamba-shakespeare", "--site-bits", "q=8", "--no-eval"), "unknown site kind")
+
+
+def test_the_per_site_report_is_saved_and_printed(cli, tmp_path):
+    model, calib, _ = models()["mamba1"]
+    quantized = mambaquant.quantize(model, method="mambaquant+", w_bits=4, a_bits=4, calib=calib)
+    out = mambaquant.save(quantized, tmp_path / "q")
+    reloaded = mambaquant.load(str(out)).quantization_report
+    assert reloaded == quantized.quantization_report
+    card = (out / "MODEL_CARD.md").read_text()
+    assert all(line in card for line in reloaded.site_lines()) and "clipping searched per output channel" in card
+    result = cli.run("quantize", "mamba-shakespeare", "--method", "mambaquant+", "--w-bits", "4", "--a-bits", "4",
+                     "--calib-samples", "2", "--calib-len", "64", "--no-eval", "--explain")
+    assert result.code == 0, result.stderr
+    assert "layers.3.mixer.ssm.h: int8 symmetric" in result.stdout and "int8 here, int4 elsewhere" in result.stdout

@@ -51,7 +51,8 @@ MODELS = {"MambaLM": (MambaLM, LMConfig), "Mamba2LM": (MambaLM, Mamba2LMConfig),
 WEIGHT_ROUNDINGS = ("rtn", "gptq")
 # quantization_config fields added within version 2
 ADDED_FIELDS = {**{name: None for name in CLUSTER_DEFAULTS}, "calib_dtype": "float32", "clip_search": False,
-                "act_order": False, "site_bits": {}}
+                "act_order": False, "site_bits": {}, "granularity_reasons": {}, "clipping": {}, "weights": []}
+REPORT_FIELDS = ("transforms", "activation_sites", "granularity_reasons", "clipping", "weights")  # QuantReport's
 ADDED_SPEC_FIELDS = {"clip": 1.0}  # activation quantizer spec fields added within version 2
 # model_config fields added within version 2 (the composition of issue 16): an older checkpoint has their defaults
 COMPOSITION = ("stem", "in_features", "seq_len", "cls_token", "pos_embed", "final_norm", "pooling", "head",
@@ -189,8 +190,7 @@ def quantized_config(model: nn.Module, layout: dict) -> dict:
     return {"architecture": ARCHITECTURE, "model_class": "Mamba2LM" if mamba2 else type(model).__name__,
             "model_config": model.config.to_dict(),
             "quantization_config": {"format_version": FORMAT_VERSION, **report.config,
-                                    "activation_sites": report.activation_sites, "transforms": report.transforms,
-                                    "layout": layout}}
+                                    **{name: getattr(report, name) for name in REPORT_FIELDS}, "layout": layout}}
 
 
 def model_card(config: dict, metrics: list[str]) -> str:
@@ -201,8 +201,18 @@ def model_card(config: dict, metrics: list[str]) -> str:
              f"- format: mambaquant quantized checkpoint, version {q['format_version']} "
              "(load with `mambaquant.load(DIR)`)"]
     lines += [f"- transforms: {t}" for t in q["transforms"]]
+    lines += [f"- weights: {w}" for w in q["weights"]]
     lines += [f"- {m}" for m in metrics]
+    sites = report_of(q).site_lines()
+    if sites:
+        lines += ["", "## Activation sites: what each got, and why", ""] + [f"- {line}" for line in sites]
     return "\n".join(lines) + "\n"
+
+
+def report_of(q: dict) -> QuantReport:
+    """The `QuantReport` a checked quantization_config records."""
+    config = {k: v for k, v in q.items() if k not in ("format_version", "layout", *REPORT_FIELDS)}
+    return QuantReport(config, **{name: q[name] for name in REPORT_FIELDS})
 
 
 def is_quantized_config(config: dict) -> bool:
@@ -248,6 +258,8 @@ QUANT_CONFIG = {"format_version": constant(FORMAT_VERSION), "method": string(*ME
                 "calib_dtype": string(*CALIB_DTYPES), "clip_search": boolean(), "act_order": boolean(),
                 "site_bits": map_of(BITS, text="an object of site kinds and bit widths"),
                 "activation_sites": map_of(string(), text="an object of strings"), "transforms": list_of(string()),
+                "granularity_reasons": map_of(string(), text="an object of strings"),
+                "clipping": map_of(string(), text="an object of strings"), "weights": list_of(string()),
                 "layout": obj(LAYOUT)}
 CHECKPOINT = {"architecture": constant(ARCHITECTURE), "model_class": string(*MODELS), "model_config": obj(),
               "quantization_config": obj(QUANT_CONFIG)}
@@ -632,7 +644,5 @@ def build_quantized(config: dict, checkpoint: Checkpoint, source: str) -> nn.Mod
     for module in model.modules():
         if isinstance(module, ActivationQuantizer):
             module.batches = 1  # static ranges were calibrated before saving
-    report_config = {k: v for k, v in q.items() if k not in ("format_version", "activation_sites", "transforms",
-                                                             "layout")}
-    model.quantization_report = QuantReport(report_config, q["transforms"], q["activation_sites"])
+    model.quantization_report = report_of(q)
     return model.eval()

@@ -140,6 +140,15 @@ class QuantReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def site_lines(self) -> list[str]:
+        """One line per quantized activation site: its quantizer, and why it has that granularity, range and
+        bits (what `auto` and mambaquant+'s searches chose)."""
+        lines = []
+        for name, description in self.activation_sites.items():
+            why = [text for text in (self.granularity_reasons.get(name), self.clipping.get(name)) if text]
+            lines.append(f"{name}: {description}" + (f" ({'; '.join(why)})" if why else ""))
+        return lines
+
     def summary(self) -> str:
         """What was quantized where, grouped by site kind over the layers."""
         c = self.config
