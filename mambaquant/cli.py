@@ -138,7 +138,9 @@ def method_options(args) -> dict:
 
 
 def site_bits_value(text: str) -> dict:
-    """--site-bits h=8,x=8 -> {"h": 8, "x": 8} (the kinds and widths are checked by QuantConfig)."""
+    """--site-bits h=8,x=8 -> {"h": 8, "x": 8} (the kinds and widths are checked by QuantConfig); none -> {}."""
+    if text == "none":
+        return {}
     pairs = [part.partition("=") for part in text.split(",") if part]
     if not pairs or any(not sep or not kind or not bits.isdigit() for kind, sep, bits in pairs):
         raise argparse.ArgumentTypeError(f"expected SITE=BITS pairs separated by commas, e.g. h=8,x=8; got {text!r}")
@@ -416,8 +418,8 @@ def build_parser() -> Parser:
     quantize.add_argument("--act-order", action="store_true",
                           help="GPTQ: quantize the columns by decreasing input energy")
     quantize.add_argument("--site-bits", type=site_bits_value, metavar="SITE=BITS,...",
-                          help="activation bits by site kind over --a-bits, e.g. h=8,x=8 (mixed precision; default: "
-                               "mambaquant+'s own, none for the others)")
+                          help="activation bits by site kind over --a-bits, e.g. h=8,x=8 (mixed precision), or none "
+                               "(--a-bits everywhere); default: mambaquant+'s own rule, none for the others")
     quantize.add_argument("--stream", action="store_true",
                           help="read a safetensors language model one block at a time and write --out as it goes "
                                "(for models larger than memory; the same result as in memory; no evaluation)")

@@ -236,3 +236,11 @@ def test_the_per_site_report_is_saved_and_printed(cli, tmp_path):
                      "--calib-samples", "2", "--calib-len", "64", "--no-eval", "--explain")
     assert result.code == 0, result.stderr
     assert "layers.3.mixer.ssm.h: int8 symmetric" in result.stdout and "int8 here, int4 elsewhere" in result.stdout
+
+
+def test_site_bits_on_the_command_line():
+    from mambaquant.cli import site_bits_value
+
+    assert site_bits_value("h=8,x=6") == {"h": 8, "x": 6} and site_bits_value("none") == {}
+    config = QuantConfig(method="mambaquant+", w_bits=4, a_bits=4, site_bits=site_bits_value("none"))
+    assert config.site_bits == {}  # pure W4A4: the rule is not applied over an explicit empty assignment
