@@ -66,12 +66,13 @@ def assert_same_checkpoint(a, b) -> None:
 CASES = [("mamba1", "rtn", 8, 8, torch.bfloat16), ("mamba1", "mambaquant", 8, 8, torch.float16),
          ("mamba1", "gptq", 4, 16, torch.float32), ("mamba1", "quarot", 4, 8, torch.bfloat16),
          ("mamba1", "smoothquant", 8, 8, torch.float32), ("falcon", "mambaquant", 8, 8, torch.bfloat16),
-         ("mamba2", "mambaquant", 8, 8, torch.bfloat16), ("mamba2", "quamba2", 4, 8, torch.float32)]
+         ("mamba2", "mambaquant", 8, 8, torch.bfloat16), ("mamba2", "quamba2", 4, 8, torch.float32),
+         ("mamba1", "mambaquant+", 4, 4, torch.bfloat16), ("mamba2", "mambaquant+", 4, 4, torch.float16)]
 
 
 @pytest.mark.parametrize("kind, method, w_bits, a_bits, dtype", CASES)
 def test_streamed_equals_in_memory_bit_for_bit(kind, method, w_bits, a_bits, dtype, tmp_path):
-    source = saved(lm(kind, tie_embeddings=method == "mambaquant"), tmp_path / "source", dtype)
+    source = saved(lm(kind, tie_embeddings=method.startswith("mambaquant")), tmp_path / "source", dtype)
     options = dict(method=method, w_bits=w_bits, a_bits=a_bits, calib=calib())
     streamed = mambaquant.quantize(source, out=tmp_path / "streamed", stream=True, **options)
     in_memory = mambaquant.quantize(source, out=tmp_path / "in-memory", stream=False, **options)
