@@ -238,6 +238,12 @@ def test_the_per_site_report_is_saved_and_printed(cli, tmp_path):
     assert "layers.3.mixer.ssm.h: int8 symmetric" in result.stdout and "int8 here, int4 elsewhere" in result.stdout
 
 
+def test_site_bits_for_a_site_the_model_does_not_quantize_are_refused():
+    model, calib, _ = models()["mamba1"]
+    with pytest.raises(InputError, match="quantizes no activation site of kind 'xBC'"):
+        mambaquant.quantize(model, method="mambaquant+", w_bits=4, a_bits=4, calib=calib, site_bits={"xBC": 8})
+
+
 def test_site_bits_on_the_command_line():
     from mambaquant.cli import site_bits_value
 

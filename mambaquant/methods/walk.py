@@ -166,8 +166,13 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
     if not batches:
         raise InputError("the calibration set is empty; expected at least one batch of training data")
     torch.manual_seed(config.seed)
-    linear_inputs = {site.kind for _, _, site in linear_slots(model)}
-    config = config.resolve_site_bits({site.kind for site in activation_sites(model)} - linear_inputs)
+    quantized_kinds = {site.kind for site in activation_sites(model)}
+    config = config.resolve_site_bits(quantized_kinds - {site.kind for _, _, site in linear_slots(model)})
+    unknown = sorted(set(config.site_bits) - quantized_kinds)
+    if unknown and config.a_bits != FULL_PRECISION:
+        raise InputError(f"site_bits: this {type(model).__name__} quantizes no activation site of kind "
+                         f"{', '.join(map(repr, unknown))}; its quantized sites are "
+                         f"{', '.join(sorted(quantized_kinds))}")
     if copy_model:
         model = copy.deepcopy(model)
     model.eval()
