@@ -93,7 +93,7 @@ def test_unknown_method_lists_the_valid_ones(saved_lm):
     _, _, err = run_cli("compare", saved_lm, "--methods", "rtn,awq")
     assert "unknown method 'awq'; expected some of" in err and "mambaquant" in err
     code, _, err = run_cli("compare", saved_lm, "--bits", "w9a8")
-    assert code == 2 and "unknown bit widths 'w9a8'; expected some of w8a8, w4a8, w4a16" in err
+    assert code == 2 and "unknown bit widths 'w9a8'; expected some of w8a8, w6a6, w4a8, w4a4, w4a16" in err
 
 
 @pytest.mark.parametrize("method", ["rtn", "mambaquant"])
