@@ -114,6 +114,17 @@ def test_gptq_in_activation_order_is_gptq_on_the_permuted_columns():
         gptq_quantize(weight, second_moment, QuantSpec(4, granularity="group", group_size=16), act_order=True)
 
 
+def test_group_scales_take_searched_clipping_through_gptq():
+    model, calib, x = models()["mamba1"]
+    quantized = mambaquant.quantize(model, method="mambaquant+", w_bits=4, a_bits=16, calib=calib,
+                                    weight_group_size=2)
+    plain = mambaquant.quantize(model, method="mambaquant+", w_bits=4, a_bits=16, calib=calib, weight_group_size=2,
+                                clip_search=False)
+    assert any("clipping searched" in line for line in quantized.quantization_report.weights)
+    with torch.no_grad():
+        assert not torch.equal(quantized(x), plain(x))
+
+
 @pytest.mark.parametrize("kind", ["mamba1", "mamba2", "vim"])
 def test_options_at_16_bits_keep_the_function(kind):
     """At 16 bits nothing is quantized: clipping and ordering have nothing to act on, and mambaquant+ is the

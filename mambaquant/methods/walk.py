@@ -136,15 +136,15 @@ def quantize_linears(slots: list[tuple[nn.Module, str, Site]], runner: Runner, c
     with clipping ratios searched per output channel under `clip_search` (gathered in `clipped` by layer name).
     A tied LM head shares its matrix with the embedding, which then reads its rows from the head's codes."""
     spec = config.weight_spec()
-    if config.weight_rounding == "gptq" or config.clip_search:
+    needs_moments = config.weight_rounding == "gptq" or config.clip_search
+    if needs_moments:
         moments = {}
         for _, _, site in slots:
             moments.setdefault(site, CovarianceObserver())
         runner.observe(moments)
     for owner, name, site in slots:
         linear = getattr(owner, name)
-        second_moment = moments[site].outer / moments[site].count if config.clip_search or \
-            config.weight_rounding == "gptq" else None
+        second_moment = moments[site].outer / moments[site].count if needs_moments else None
         clip = weight_clip(linear.weight, second_moment, spec) if config.clip_search else None
         if clip is not None:
             clipped.setdefault(name, []).append(clip.flatten())

@@ -12,14 +12,12 @@ def gptq_quantize(weight: torch.Tensor, second_moment: torch.Tensor, spec: Quant
                   damping: float = 0.01, clip: torch.Tensor | None = None,
                   act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Int8 codes (out, in) and scales ((out, 1), or (out, groups, 1) per group) of the weight given the inputs'
-    second moment X^T X / n (in, in). `clip`: per-channel ratios shrinking the scales (`clipping.weight_clip`).
+    second moment X^T X / n (in, in). `clip`: ratios shrinking the scales, shaped like them (`clipping.weight_clip`).
     `act_order` quantizes the columns in order of decreasing input energy (the Hessian's diagonal): the largest
     errors are made first, while the most columns are left to absorb them. Per output channel only: group scales
     are taken as the columns arrive, so a permuted order would mix the groups."""
     if act_order and spec.granularity == "group":
         raise InputError("GPTQ activation ordering works with per-channel weight scales, not with groups")
-    if clip is not None and spec.granularity == "group":
-        raise InputError("GPTQ takes clipping ratios per output channel, not per group")
     W = weight.detach().clone().double()
     H = 2 * second_moment.detach().clone().double()
     dead = torch.diag(H) == 0
@@ -34,7 +32,8 @@ def gptq_quantize(weight: torch.Tensor, second_moment: torch.Tensor, spec: Quant
     grouped = spec.granularity == "group"
     if not spec.symmetric:
         raise InputError("weights are quantized symmetrically (integer codes times a scale, no zero point)")
-    scale, zero = (None, None) if grouped else weight_scale_and_zero(W, spec, None if clip is None else clip.double())
+    clip = None if clip is None else clip.double()
+    scale, zero = (None, None) if grouped else weight_scale_and_zero(W, spec, clip)
     codes, group_scales = torch.zeros_like(W), []
     for start in range(0, columns, block_size):
         stop = min(start + block_size, columns)
@@ -44,7 +43,8 @@ def gptq_quantize(weight: torch.Tensor, second_moment: torch.Tensor, spec: Quant
             column = start + i
             if grouped and column % spec.group_size == 0:
                 merged = torch.cat([W_block[:, i:], W[:, stop:]], 1)[:, : spec.group_size]
-                scale, zero = weight_scale_and_zero(merged, QuantSpec(**{**spec.__dict__, "granularity": "channel"}))
+                scale, zero = weight_scale_and_zero(merged, QuantSpec(**{**spec.__dict__, "granularity": "channel"}),
+                                                    None if clip is None else clip[:, column // spec.group_size])
                 group_scales.append(scale)
             w = W_block[:, i : i + 1]
             codes[:, column : column + 1] = quantize(w, scale, zero, spec)
