@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..methods.config import CALIB_DTYPES, CLUSTER_DEFAULTS, FULL_PRECISION, GRANULARITIES, METHODS, QuantReport
+from ..methods.config import (CALIB_DTYPES, CLUSTER_DEFAULTS, ENGINE_GRANULARITY, FULL_PRECISION, GRANULARITIES,
+                              METHODS, TARGETS, QuantReport)
 from ..methods.stages import linear_slots
 from ..quant.linear import QuantizedEmbedding, QuantizedLinear
 from ..quant.quantizer import ACTIVATION_GRANULARITIES, OBSERVERS, ActivationQuantizer, QuantSpec
@@ -51,9 +52,12 @@ MODELS = {"MambaLM": (MambaLM, LMConfig), "Mamba2LM": (MambaLM, Mamba2LMConfig),
 WEIGHT_ROUNDINGS = ("rtn", "gptq")
 # quantization_config fields added within version 2
 ADDED_FIELDS = {**{name: None for name in CLUSTER_DEFAULTS}, "calib_dtype": "float32", "clip_search": False,
-                "act_order": False, "site_bits": {}, "granularity_reasons": {}, "clipping": {}, "weights": []}
+                "act_order": False, "site_bits": {}, "granularity_reasons": {}, "clipping": {}, "weights": [],
+                "target": "runtime"}
 REPORT_FIELDS = ("transforms", "activation_sites", "granularity_reasons", "clipping", "weights")  # QuantReport's
-ADDED_SPEC_FIELDS = {"clip": 1.0}  # activation quantizer spec fields added within version 2
+ADDED_SPEC_FIELDS = {"clip": 1.0, "half_scales": False}  # activation quantizer spec fields added within version 2
+# a quantized linear's own weight group size (0: per output channel), recorded within version 2: before it, every
+# linear had quantization_config.weight_group_size
 # model_config fields added within version 2 (the composition of issue 16): an older checkpoint has their defaults
 COMPOSITION = ("stem", "in_features", "seq_len", "cls_token", "pos_embed", "final_norm", "pooling", "head",
                "head_hidden", "head_act")
@@ -147,7 +151,8 @@ class QuantizedParts:
             full = prefix + name
             if isinstance(child, QuantizedLinear):
                 quantizer = child.input_quantizer
-                self.linears[full] = {"shape": list(child.codes.shape), "bits": child.bits,
+                group = child.in_features // child.scale.shape[1] if child.scale.dim() == 3 else 0
+                self.linears[full] = {"shape": list(child.codes.shape), "bits": child.bits, "group_size": group,
                                       "bias": child.bias is not None,
                                       "input": vars(quantizer.spec).copy() if quantizer is not None else None}
                 if child.bits <= 4:
@@ -196,10 +201,14 @@ def quantized_config(model: nn.Module, layout: dict) -> dict:
 def model_card(config: dict, metrics: list[str]) -> str:
     q = config["quantization_config"]
     activations = "not quantized" if q["a_bits"] == 16 else f"int{q['a_bits']}, granularity {q['act_granularity']}"
+    if q["target"] != "runtime":
+        activations = f"{q['target']}'s own (int8, dynamic, per 32 values)"
     lines = [f"# {config['model_class']} quantized with {q['method']}", "",
              f"- weights: int{q['w_bits']} ({q['weight_rounding']}), activations: {activations}",
              f"- format: mambaquant quantized checkpoint, version {q['format_version']} "
              "(load with `mambaquant.load(DIR)`)"]
+    if q["target"] != "runtime":
+        lines.append(f"- target: {q['target']} (export: `mambaquant export DIR --to gguf --out MODEL.gguf`)")
     lines += [f"- transforms: {t}" for t in q["transforms"]]
     lines += [f"- weights: {w}" for w in q["weights"]]
     lines += [f"- {m}" for m in metrics]
@@ -227,10 +236,10 @@ BITS = integer(2, 8)
 PERCENTILE = number(50, 100, above=True)
 QUANT_SPEC = {"bits": BITS, "symmetric": boolean(), "granularity": string(*ACTIVATION_GRANULARITIES),
               "group_size": integer(1), "dynamic": boolean(), "observer": string(*OBSERVERS), "percentile": PERCENTILE,
-              "clip": number(0, 1, above=True)}
+              "clip": number(0, 1, above=True), "half_scales": boolean()}
 QUANTIZED_LINEAR = {"shape": list_of(integer(1), min_items=2, max_items=2,
                                      text="[out_features, in_features], two positive integers"),
-                    "bits": BITS, "bias": boolean(),
+                    "bits": BITS, "group_size": integer(0), "bias": boolean(),
                     "input": Field("object", fields=QUANT_SPEC, nullable=True, text="a quantizer spec object")}
 FLOAT_LINEAR = {"float": constant(True), "bias": constant(True)}
 SITE_OPS = {"rotate": {"op": constant("rotate"), "size": integer(1), "matrix": boolean()},
@@ -250,7 +259,8 @@ LAYOUT = {"linears": map_of(obj(lambda entry: FLOAT_LINEAR if "float" in entry e
           "sha256": map_of(Field("string", pattern="[0-9a-f]{64}", text="a sha256 digest (64 lowercase hex digits)"))}
 BIT_WIDTHS = integer(2, 8, special=(FULL_PRECISION,))
 QUANT_CONFIG = {"format_version": constant(FORMAT_VERSION), "method": string(*METHODS), "w_bits": BIT_WIDTHS,
-                "a_bits": BIT_WIDTHS, "act_granularity": string(*GRANULARITIES), "observer": string(*OBSERVERS),
+                "a_bits": BIT_WIDTHS, "act_granularity": string(*GRANULARITIES, ENGINE_GRANULARITY),
+                "observer": string(*OBSERVERS),
                 "percentile": PERCENTILE, "weight_group_size": integer(0),
                 "weight_rounding": string(*WEIGHT_ROUNDINGS), "alpha": number(), "token_outlier_ratio": number(0),
                 "token_outlier_share": number(0, 1), "seed": integer(),
@@ -260,7 +270,7 @@ QUANT_CONFIG = {"format_version": constant(FORMAT_VERSION), "method": string(*ME
                 "activation_sites": map_of(string(), text="an object of strings"), "transforms": list_of(string()),
                 "granularity_reasons": map_of(string(), text="an object of strings"),
                 "clipping": map_of(string(), text="an object of strings"), "weights": list_of(string()),
-                "layout": obj(LAYOUT)}
+                "target": string(*TARGETS), "layout": obj(LAYOUT)}
 CHECKPOINT = {"architecture": constant(ARCHITECTURE), "model_class": string(*MODELS), "model_config": obj(),
               "quantization_config": obj(QUANT_CONFIG)}
 # model_config: the config dataclass's schema, bounded below only (the tensors bound the sizes; a model built in code
@@ -298,6 +308,9 @@ class Verifier:
             for spec in layout_specs(q.get("layout")):
                 for name, default in ADDED_SPEC_FIELDS.items():
                     spec.setdefault(name, default)
+            for entry in layout_linears(q.get("layout")):
+                if "float" not in entry:
+                    entry.setdefault("group_size", q.get("weight_group_size"))
         where = f"{self.source}: config.json"
         config = validate(config, CHECKPOINT, where, wording=EXACT)
         config_class = MODELS[config["model_class"]][1]
@@ -465,6 +478,12 @@ def activation_bits(q: dict, kind: str) -> int:
     return q["site_bits"].get(kind, q["a_bits"])
 
 
+def layout_linears(layout) -> list[dict]:
+    """The linear entries of a layout not yet validated (whatever in it is not an entry is skipped)."""
+    linears = layout.get("linears") if isinstance(layout, dict) else None
+    return [entry for entry in linears.values() if isinstance(entry, dict)] if isinstance(linears, dict) else []
+
+
 def layout_specs(layout) -> list[dict]:
     """The activation quantizer specs of a layout not yet validated (whatever in it is not a spec is skipped)."""
     if not isinstance(layout, dict):
@@ -537,10 +556,13 @@ def build_skeleton(config: dict, q: dict, verifier: Verifier) -> tuple[nn.Module
         if entry["shape"] != [out_features, in_features]:
             verifier.config_error(f"{at}.shape", f"{entry['shape']}, but model_config gives this linear the shape "
                                                  f"{[out_features, in_features]}")
-        group = q["weight_group_size"]
+        group = entry["group_size"]
+        if group not in (0, q["weight_group_size"]):
+            verifier.config_error(f"{at}.group_size", f"{group}, but quantization_config.weight_group_size is "
+                                                      f"{q['weight_group_size']} (expected it, or 0: per channel)")
         if group and in_features % group:
-            verifier.config_error("quantization_config.weight_group_size", f"{group} does not divide the input "
-                                                                           f"width {in_features} of {display(name)}")
+            verifier.config_error(f"{at}.group_size", f"{group} does not divide the input width {in_features} of "
+                                                      f"{display(name)}")
         scale_shape = (out_features, in_features // group, 1) if group else (out_features, 1)
         input_quantizer = None
         if entry["input"] is not None:

@@ -26,6 +26,11 @@ AUTO_METHODS = ("mambaquant", "mambaquant+")  # their granularity is "auto" by d
 SSM_SITE_BITS = 8
 CALIB_DTYPES = ("float32", "bfloat16")  # blocks always compute in float32
 CLUSTER_DEFAULTS = {"head_clusters": 4, "channel_clusters": 4}  # Quamba2's, for its mamba2-130m and 2.7b
+# Where the quantized model will run: our runtime (every site, every transform), or an engine, whose execution the
+# recipe is restricted to and simulated exactly (exporters/llama_cpp.py: llama.cpp's Q8_0 / Q4_0 weights, its own
+# int8 quantization of each linear's input per 32 values, no online transform)
+TARGETS = ("runtime", "llama.cpp")
+ENGINE_GRANULARITY = "block"  # the act_granularity of an engine target: the engine's own dynamic blocks
 
 
 @dataclass
@@ -48,6 +53,7 @@ class QuantConfig:
     clip_search: bool | None = None  # clipping searched per weight channel and activation site; None: the method's
     act_order: bool = False  # GPTQ's columns by decreasing input energy (measured, not kept: docs/methods.md)
     site_bits: dict | None = None  # activation bits by site kind ({"h": 8}) over a_bits; None: the method's
+    target: str = "runtime"  # TARGETS
 
     def __post_init__(self):
         if self.calib_dtype not in CALIB_DTYPES:
@@ -59,9 +65,14 @@ class QuantConfig:
             self.weight_rounding = WEIGHT_ROUNDING.get(self.method, "rtn")
         if self.weight_rounding not in ("rtn", "gptq"):
             raise InputError(f"unknown weight rounding {self.weight_rounding!r}; expected rtn or gptq")
+        if self.target not in TARGETS:
+            raise InputError(f"unknown target {self.target!r}; expected one of {', '.join(TARGETS)}")
+        if self.target != "runtime":
+            self.check_engine_target()
         if self.act_granularity is None:
             self.act_granularity = "auto" if self.method in AUTO_METHODS else "tensor"
-        if self.act_granularity not in GRANULARITIES:
+        if self.act_granularity not in GRANULARITIES + (ENGINE_GRANULARITY,) or \
+                (self.act_granularity == ENGINE_GRANULARITY) != (self.target != "runtime"):
             raise InputError(f"unknown activation granularity {self.act_granularity!r}; "
                              f"expected one of {', '.join(GRANULARITIES)}")
         for bits in (self.w_bits, self.a_bits):
@@ -94,6 +105,31 @@ class QuantConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise InputError(f"the seed must be an integer from 0 to {2**63 - 1}, got {self.seed!r}")
 
+    @property
+    def online_transforms(self) -> bool:
+        """Whether the model may hold transforms applied at run time (online rotations, S-SiLU, scales at a site):
+        our runtime runs them, an engine does not."""
+        return self.target == "runtime"
+
+    def check_engine_target(self) -> None:
+        """What llama.cpp holds: Q8_0 / Q4_0 weights (blocks of 32 with a float16 scale; our per-channel scales or
+        groups of a multiple of 32 fit them exactly), and its own int8 quantization of each linear's input."""
+        where = f"target {self.target}"
+        if self.w_bits not in (4, 8):
+            raise InputError(f"{where} holds weights as Q8_0 or Q4_0: expected w_bits 8 or 4, got {self.w_bits}")
+        if self.a_bits != 8:
+            raise InputError(f"{where} quantizes each linear's input itself, to int8 per 32 values: expected a_bits 8 "
+                             f"(the default), got {self.a_bits}")
+        if self.act_granularity not in (None, ENGINE_GRANULARITY):
+            raise InputError(f"{where} quantizes each linear's input itself (dynamic, per 32 values): expected no "
+                             f"act_granularity, got {self.act_granularity!r}")
+        self.act_granularity = ENGINE_GRANULARITY
+        if isinstance(self.weight_group_size, int) and self.weight_group_size % 32:
+            raise InputError(f"{where} stores weights in blocks of 32: expected a weight_group_size that is a multiple "
+                             f"of 32 (or 0, per output channel), got {self.weight_group_size}")
+        if self.site_bits:
+            raise InputError(f"{where} quantizes only the linear layers' inputs, at 8 bits: site_bits do not apply")
+
     def check_site_bits(self) -> None:
         if not isinstance(self.site_bits, dict):
             raise InputError(f"site_bits maps site kinds to activation bits, e.g. {{\"h\": 8}}; got {self.site_bits!r}")
@@ -123,9 +159,14 @@ class QuantConfig:
         w_bits, a_bits = PRESETS[bits.lower()]
         return cls(w_bits=w_bits, a_bits=a_bits, **kwargs)
 
-    def weight_spec(self) -> QuantSpec:
+    def weight_spec(self, in_features: int | None = None) -> QuantSpec:
+        """The weights' quantizer (of a linear with `in_features` inputs: per output channel where the group size
+        does not divide them); scales in float16 for llama.cpp."""
         group = self.weight_group_size
-        return QuantSpec(self.w_bits, granularity="group" if group else "channel", group_size=group or 128)
+        if group and in_features is not None and in_features % group:
+            group = 0
+        return QuantSpec(self.w_bits, granularity="group" if group else "channel", group_size=group or 128,
+                         half_scales=self.target == "llama.cpp")
 
 
 @dataclass

@@ -18,14 +18,14 @@ from ..transforms.smoothing import (smooth_conv_input, smooth_conv_input_mamba2,
                                     state_smoothing_scales)
 from .config import QuantConfig, QuantReport
 from .smoothquant import conv_weight_columns
-from .stages import Runner, by_block_kind, held, has_mamba2_blocks, no_op
+from .stages import Runner, by_block_kind, fused_offline, held, has_mamba2_blocks, no_op
 
 
 def mambaquant_model(model, blocks, batches, config: QuantConfig, report: QuantReport) -> None:
     """KLT-enhanced rotation of the residual stream: it is shared by every block, so it gets one rotation, from the
     covariance of all in_proj inputs pooled, gathered in one full-precision pass over the blocks (block by block,
     never the head: for an LM its output is the largest tensor of the forward)."""
-    fuse_norms(model, blocks.edit)
+    fuse_norms(model, blocks.edit, untie=not config.online_transforms)
     residual = CovarianceObserver()
     with torch.no_grad():
         hidden = held([model.embed(batch) for batch in batches], config.calib_dtype)
@@ -34,12 +34,17 @@ def mambaquant_model(model, blocks, batches, config: QuantConfig, report: QuantR
         hidden = held(Runner(layer, hidden).outputs({layer.sites["norm"]: residual}), config.calib_dtype)
         blocks.release(index)
     rotate_residual(model, klt_hadamard(residual.covariance()), blocks.edit)
-    per_block = ("smooth-fused rotation at out_proj (gated-norm smoothing + online Hadamard), conv1d input "
-                 "smoothing, C.h smoothing per group and state channel and Hadamard on the state dimension (online "
-                 "at B, C and h)" if has_mamba2_blocks(model) else
-                 "smooth-fused rotation at out_proj (S-SiLU smoothing + online Hadamard), online Hadamard at x_proj "
-                 "input, conv1d and dt_proj input smoothing, KLT-enhanced rotation of the dt path (its own "
-                 "covariance), h*C smoothing per state channel and Hadamard on the state dimension")
+    if not config.online_transforms:
+        per_block = ("gated-norm smoothing at out_proj input, conv1d input smoothing" if has_mamba2_blocks(model) else
+                     "conv1d and dt_proj input smoothing, KLT-enhanced rotation of the dt path (its own covariance), "
+                     "h*C smoothing per state channel (in x_proj's B and C rows)")
+    else:
+        per_block = ("smooth-fused rotation at out_proj (gated-norm smoothing + online Hadamard), conv1d input "
+                     "smoothing, C.h smoothing per group and state channel and Hadamard on the state dimension "
+                     "(online at B, C and h)" if has_mamba2_blocks(model) else
+                     "smooth-fused rotation at out_proj (S-SiLU smoothing + online Hadamard), online Hadamard at "
+                     "x_proj input, conv1d and dt_proj input smoothing, KLT-enhanced rotation of the dt path (its own "
+                     "covariance), h*C smoothing per state channel and Hadamard on the state dimension")
     report.transforms.append("norm fusion; KLT-enhanced rotation of the residual stream (pooled covariance of the "
                              f"in_proj inputs); per block: {per_block}")
 
@@ -65,9 +70,11 @@ def mambaquant_block_mamba2(layer, runner: Runner, config: QuantConfig, report: 
     runner.observe(absmax)
     smooth_gated_norm(mixer, smoothing_scales(absmax[sites["out_proj_in"]].absmax, mixer.out_proj.weight,
                                               config.alpha))
-    rotate_out_proj_input(mixer)
     smooth_conv_input_mamba2(mixer, smoothing_scales(absmax[sites["xBC"]].absmax, conv_weight_columns(mixer),
                                                      config.alpha))
+    if not config.online_transforms:
+        return
+    rotate_out_proj_input(mixer)
     smooth_state_mamba2(mixer, state_smoothing_scales(absmax[sites["h"]].absmax, absmax[sites["C"]].absmax,
                                                       config.alpha))
     rotate_state_mamba2(mixer, random_hadamard(mixer.config.d_state, config.seed + 2))
@@ -79,20 +86,29 @@ def mambaquant_block_mamba1(layer, runner: Runner, config: QuantConfig, report: 
     for ssm in ssms:
         absmax.update({ssm.sites[kind]: AbsMaxObserver() for kind in ("dt_low", "C", "h")})
     runner.observe(absmax)
-    smooth_gate(mixer, smoothing_scales(absmax[mixer.sites["out_proj_in"]].absmax, mixer.out_proj.weight, config.alpha))
-    rotate_out_proj_input(mixer)
+    online = config.online_transforms
+    if online:
+        smooth_gate(mixer, smoothing_scales(absmax[mixer.sites["out_proj_in"]].absmax, mixer.out_proj.weight,
+                                            config.alpha))
+        rotate_out_proj_input(mixer)
     smooth_conv_input(mixer, ssms,
                       smoothing_scales(absmax[mixer.sites["x"]].absmax, conv_weight_columns(mixer), config.alpha))
+    offline = [ssm for ssm in ssms if fused_offline(ssm, config)]  # (an engine: not behind FalconMamba's norms)
     for ssm in ssms:
-        rotate_linear_input(ssm.sites["x_proj_in"], ssm.x_proj, Rotate(ssm.x_proj.in_features))
-        smooth_dt_input(ssm, smoothing_scales(absmax[ssm.sites["dt_low"]].absmax, ssm.dt_proj.weight, config.alpha))
-        smooth_state(ssm, state_smoothing_scales(absmax[ssm.sites["h"]].absmax, absmax[ssm.sites["C"]].absmax,
-                                                 config.alpha))
-    covariances = {ssm.sites["dt_low"]: CovarianceObserver() for ssm in ssms}
-    runner.observe(covariances)
-    for ssm in ssms:
+        if online:
+            rotate_linear_input(ssm.sites["x_proj_in"], ssm.x_proj, Rotate(ssm.x_proj.in_features))
+        if ssm in offline:
+            smooth_dt_input(ssm, smoothing_scales(absmax[ssm.sites["dt_low"]].absmax, ssm.dt_proj.weight,
+                                                  config.alpha))
+            smooth_state(ssm, state_smoothing_scales(absmax[ssm.sites["h"]].absmax, absmax[ssm.sites["C"]].absmax,
+                                                     config.alpha))
+    covariances = {ssm.sites["dt_low"]: CovarianceObserver() for ssm in offline}
+    if covariances:
+        runner.observe(covariances)
+    for ssm in offline:
         rotate_dt_path(ssm, klt_hadamard(covariances[ssm.sites["dt_low"]].covariance()))  # one K per site and block
-        rotate_state(ssm, random_hadamard(ssm.d_state, config.seed + 2))
+        if online:
+            rotate_state(ssm, random_hadamard(ssm.d_state, config.seed + 2))
 
 
 RECIPE = (mambaquant_model, by_block_kind(mambaquant_block_mamba1, mambaquant_block_mamba2), no_op)

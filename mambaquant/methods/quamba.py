@@ -8,13 +8,14 @@ from .stages import Runner, has_mamba2_blocks, no_op
 
 def quamba_model(model, blocks, batches, config: QuantConfig, report: QuantReport) -> None:
     scan_input = "x" if has_mamba2_blocks(model) else "x_proj_in"
-    report.transforms.append(f"per block: online Hadamard at out_proj input; percentile ranges at the SSM input "
-                             f"({scan_input}) and state (h)")
+    if config.online_transforms:
+        report.transforms.append(f"per block: online Hadamard at out_proj input; percentile ranges at the SSM input "
+                                 f"({scan_input}) and state (h)")
 
 
 def quamba_block(layer, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
-    mixer = layer.mixer
-    rotate_out_proj_input(mixer)
+    if config.online_transforms:
+        rotate_out_proj_input(layer.mixer)
 
 
 RECIPE = (quamba_model, quamba_block, no_op)

@@ -72,6 +72,8 @@ def sort_and_cluster(absmax: torch.Tensor, config, head_clusters: int, channel_c
 
 
 def quamba2_model(model, blocks, batches, config: QuantConfig, report: QuantReport) -> None:
+    if not config.online_transforms:  # an engine quantizes no scan operand: nothing to cluster
+        return
     report.transforms.append(
         f"per block: sort-and-cluster of the scan input x (up to {config.head_clusters} head clusters x "
         f"{config.channel_clusters} channel clusters per B/C group, heads and channels reordered in the weights, "
@@ -81,6 +83,8 @@ def quamba2_model(model, blocks, batches, config: QuantConfig, report: QuantRepo
 def quamba2_block(layer, runner: Runner, config: QuantConfig, report: QuantReport) -> dict:
     mixer = layer.mixer
     c = mixer.config
+    if not config.online_transforms:
+        return {}
     absmax = AbsMaxObserver()
     runner.observe({mixer.sites["x"]: absmax})
     head_order, channel_orders, x_clusters = sort_and_cluster(absmax.absmax, c, config.head_clusters,

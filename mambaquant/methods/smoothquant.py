@@ -8,7 +8,7 @@ from ..transforms.rotation import branches, head_of, untie_head
 from ..transforms.smoothing import (smooth_conv_input, smooth_conv_input_mamba2, smooth_dt_input, smooth_gated_norm,
                                     smooth_norm_output, smoothing_scales)
 from .config import QuantConfig, QuantReport
-from .stages import Runner, by_block_kind, has_mamba2_blocks, no_op
+from .stages import Runner, by_block_kind, fused_offline, has_mamba2_blocks, no_op
 
 
 def conv_weight_columns(mixer) -> torch.Tensor:
@@ -43,7 +43,9 @@ def smoothquant_block_mamba1(layer, runner: Runner, config: QuantConfig, report:
     smooth_conv_input(mixer, branches(mixer),
                       smoothing_scales(absmax[mixer.sites["x"]].absmax, conv_weight_columns(mixer), config.alpha))
     for ssm in branches(mixer):
-        smooth_dt_input(ssm, smoothing_scales(absmax[ssm.sites["dt_low"]].absmax, ssm.dt_proj.weight, config.alpha))
+        if fused_offline(ssm, config):
+            smooth_dt_input(ssm, smoothing_scales(absmax[ssm.sites["dt_low"]].absmax, ssm.dt_proj.weight,
+                                                  config.alpha))
 
 
 def smoothquant_head(model, runner: Runner, config: QuantConfig, report: QuantReport) -> None:

@@ -95,6 +95,13 @@ def has_mamba2_blocks(model) -> bool:
     return any(is_mamba2(layer) for layer in model.layers)
 
 
+def fused_offline(ssm, config) -> bool:
+    """Whether the dt-path and state transforms of a Mamba-1 branch may be applied: always in our runtime; for an
+    engine target only where they fuse into x_proj's rows, not behind FalconMamba's weight-less dt / B / C norms
+    (where they run online)."""
+    return config.online_transforms or not ssm.inner_norm_eps
+
+
 def by_block_kind(mamba1: Callable, mamba2: Callable) -> Callable:
     """A per-block transform that runs the one written for the layer's block kind."""
     def transform(layer, *args) -> None:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..exporters import llama_cpp
 from ..progress import progress as progress_of
 from ..quant.clipping import SiteSample, activation_clip, weight_clip
 from ..quant.gptq import gptq_quantize
@@ -135,7 +136,6 @@ def quantize_linears(slots: list[tuple[nn.Module, str, Site]], runner: Runner, c
     """Replace each linear layer by a `QuantizedLinear` (integer codes and scales), rounded to nearest or by GPTQ,
     with clipping ratios searched per output channel under `clip_search` (gathered in `clipped` by layer name).
     A tied LM head shares its matrix with the embedding, which then reads its rows from the head's codes."""
-    spec = config.weight_spec()
     needs_moments = config.weight_rounding == "gptq" or config.clip_search
     if needs_moments:
         moments = {}
@@ -144,6 +144,7 @@ def quantize_linears(slots: list[tuple[nn.Module, str, Site]], runner: Runner, c
         runner.observe(moments)
     for owner, name, site in slots:
         linear = getattr(owner, name)
+        spec = config.weight_spec(linear.in_features)
         second_moment = moments[site].outer / moments[site].count if needs_moments else None
         clip = weight_clip(linear.weight, second_moment, spec) if config.clip_search else None
         if clip is not None:
@@ -181,6 +182,7 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
     if config.method == "fp":
         return model, report
     check_blocks_for(config.method, model)
+    check_target(model, config)
     model_transform, block_transform, head_transform = RECIPES[config.method]
     model_transform(model, blocks, batches, config, report)
     quantize_acts, quantize_weights = config.a_bits != FULL_PRECISION, config.w_bits != FULL_PRECISION
@@ -194,40 +196,92 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
         layer = blocks.load(index)
         runner = Runner(layer, hidden)
         clusters = block_transform(layer, runner, config, report)
-        pending = calibrate_quantizers(block_activation_sites(layer), runner, config, fixed, report,
-                                       clusters) if quantize_acts else []
+        slots = quantized_slots(block_linears(layer), config)
+        pending = activation_quantizers(block_activation_sites(layer), slots, runner, config, fixed, report,
+                                        clusters) if quantize_acts else []
         # the next block's inputs, from this block in full precision
         outputs = check_finite_activations(runner.outputs(), f"the output of block {index}")
         if quantize_weights:
-            quantize_linears(block_linears(layer), runner, config, clipped)
-        switch_on(pending, block_linears(layer), report)
+            quantize_linears(slots, runner, config, clipped)
+        switch_on(pending, slots, report)
         check_finite(layer, f"layers.{index}.")
         blocks.finish(index)
         hidden = held(outputs, config.calib_dtype)
     head_runner = Runner(model.output, hidden)
     head_transform(model, head_runner, config, report)
     pooled = getattr(model.config, "pooling", "none") != "none"  # the head reads one token: no positions
-    pending = calibrate_quantizers(head_activation_sites(model), head_runner, config, fixed and not pooled,
-                                   report) if quantize_acts else []
+    slots = quantized_slots(head_slots(model), config)
+    pending = activation_quantizers(head_activation_sites(model), slots, head_runner, config, fixed and not pooled,
+                                    report) if quantize_acts else []
     if quantize_weights:
-        quantize_linears(head_slots(model), head_runner, config, clipped)
-        spec = config.weight_spec()
-        rounding = "GPTQ" if config.weight_rounding == "gptq" else "round-to-nearest"
-        linears = "in_proj, out_proj" if has_mamba2_blocks(model) else "in_proj, x_proj, dt_proj, out_proj"
-        order = " in activation order" if config.act_order else ""
-        report.weights.append(f"{rounding}{order} int{spec.bits} per {spec.granularity}: {linears} of every block, "
-                              "and the head")
+        quantize_linears(slots, head_runner, config, clipped)
+        report.weights += weight_lines(model, config)
         if clipped:
             ratios = {name: torch.cat(values) for name, values in clipped.items()}
             report.weights.append("clipping searched per output channel on the layer's output error: " + ", ".join(
                 f"{name} mean ratio {r.mean():.2f} ({100 * (r < 1).float().mean():.0f} % of channels clipped)"
                 for name, r in ratios.items()))
-    switch_on(pending, head_slots(model), report)
+    switch_on(pending, slots, report)
     check_finite(model, skip="layers.")
+    if not config.online_transforms:
+        check_engine_runs(model, config, report)
     if config.calib_dtype != "float32":
         report.transforms.append(f"calibration activations held in {config.calib_dtype} between blocks (each block "
                                  "computed in float32)")
     return model, report
+
+
+def quantized_slots(slots: list[tuple[nn.Module, str, Site]], config: QuantConfig) -> list:
+    """The linear layers a run quantizes: every one, or for llama.cpp those it holds in Q8_0 / Q4_0 blocks."""
+    return llama_cpp.engine_slots(slots) if config.target == llama_cpp.ENGINE else slots
+
+
+def activation_quantizers(sites: list[Site], slots: list, runner: Runner, config: QuantConfig, fixed: bool,
+                          report: QuantReport, clusters: dict | None = None) -> list[tuple[Site, ActivationQuantizer]]:
+    """Calibrated quantizers at the stage's activation sites; for llama.cpp its own dynamic quantizer at the input
+    of each linear it holds quantized, and nothing elsewhere (it quantizes nothing else)."""
+    if config.target == llama_cpp.ENGINE:
+        return [(site, llama_cpp.input_quantizer()) for _, _, site in slots]
+    return calibrate_quantizers(sites, runner, config, fixed, report, clusters)
+
+
+def weight_lines(model: nn.Module, config: QuantConfig) -> list[str]:
+    """The report's account of the weights: rounding, width and granularity of each kind of linear layer, and the
+    ones left in float."""
+    rounding = "GPTQ" if config.weight_rounding == "gptq" else "round-to-nearest"
+    head = {id(getattr(owner, name)) for owner, name, _ in head_slots(model)}
+    groups = {}  # what a linear got -> the kinds of linear (in_proj, ..., the head) that got it
+    for owner, name, _ in linear_slots(model):
+        linear = getattr(owner, name)
+        if not isinstance(linear, QuantizedLinear):
+            got = "float"
+        else:
+            got = f"group of {linear.in_features // linear.scale.shape[1]}" if linear.scale.dim() == 3 else "channel"
+            got = f"int{linear.bits} per {got}"
+        kinds = groups.setdefault(got, [])
+        kind = "the head" if id(linear) in head else name
+        if kind not in kinds:
+            kinds.append(kind)
+    scales = ", float16 scales" if config.weight_spec().half_scales else ""
+    order = " in activation order" if config.act_order else ""
+    lines = [f"{rounding}{order} {got}{scales}: {', '.join(k for k in kinds if k != 'the head')} of every block"
+             f"{', and the head' if 'the head' in kinds else ''}" for got, kinds in groups.items() if got != "float"]
+    lines += [f"kept in float: {', '.join(kinds)}" for got, kinds in groups.items() if got == "float"]
+    if config.target == llama_cpp.ENGINE and "float" in groups:
+        lines[-1] += f" (input widths not a multiple of {llama_cpp.BLOCK}: llama.cpp's blocks run along the input)"
+    return lines
+
+
+def check_engine_runs(model: nn.Module, config: QuantConfig, report: QuantReport) -> None:
+    """A run for an engine target leaves nothing the engine does not execute (a recipe that did would be a bug)."""
+    problems = llama_cpp.execution_problems(model)
+    if problems:
+        raise InputError(f"method {config.method} left what {config.target} does not execute: {'; '.join(problems)}")
+    report.transforms.append(f"target {config.target}: only the transforms fused into the weights (llama.cpp runs "
+                             f"none at run time); weights in {llama_cpp.WEIGHT_TYPES[config.w_bits]} blocks of "
+                             f"{llama_cpp.BLOCK} with float16 scales; each quantized linear's input quantized as "
+                             f"llama.cpp does (int8 per {llama_cpp.BLOCK} values); the conv, the scan and its state in "
+                             "float32")
 
 
 def switch_on(pending: list[tuple[Site, ActivationQuantizer]], slots: list[tuple[nn.Module, str, Site]],
@@ -241,6 +295,13 @@ def switch_on(pending: list[tuple[Site, ActivationQuantizer]], slots: list[tuple
         else:
             append_op(site, quantizer)
         report.activation_sites[site.name] = quantizer.extra_repr()
+
+
+def check_target(model: nn.Module, config: QuantConfig) -> None:
+    if config.target == llama_cpp.ENGINE:
+        problems = llama_cpp.architecture_problems(model)
+        if problems:
+            raise InputError(f"target llama.cpp: llama.cpp cannot run this model: {'; '.join(problems)}")
 
 
 def methods_for(model: nn.Module, methods=None) -> tuple[str, ...]:
@@ -298,8 +359,10 @@ def check_finite(module: nn.Module, prefix: str = "", skip: str | None = None) -
 def quantize(model, method: str = "mambaquant", w_bits: int = 8, a_bits: int = 8, calib=None,
              act_granularity: str | None = None, seed: int = 0, calib_samples: int = 32, calib_len: int | None = None,
              progress: bool = False, tokenizer: str | None = None, backend: str = "fake", out=None,
-             stream: bool | None = None, overwrite: bool = False, shard_size: int = 2 * 2**30, **options):
-    """Quantize `model` (a model object, an embedded model name, a directory or a checkpoint) with `method`.
+             stream: bool | None = None, overwrite: bool = False, shard_size: int = 2 * 2**30,
+             revision: str | None = None, **options):
+    """Quantize `model` (a model object, an embedded model name, a directory, a checkpoint or a Hugging Face hub id,
+    `org/name` or `org/name@rev`; `revision`, a branch, tag or commit of the hub id) with `method`.
 
     `calib`: inputs in the model's form (token ids (N, L), images (N, C, H, W), a time series (N, L, C), ...) as a
     tensor, a Dataset or an iterable of inputs or (input, label) pairs, or a .pt / .npz / .safetensors file of
@@ -319,8 +382,10 @@ def quantize(model, method: str = "mambaquant", w_bits: int = 8, a_bits: int = 8
     for bit). `stream` True insists on streaming (one line where the source cannot be streamed), False quantizes in
     memory, None (default) streams where the source allows."""
     from ..calibration import resolve_calibration
-    from ..loaders import load, save  # not at the top: the loaders import this package (loaders/quantized.py)
+    from ..loaders import load, save, source_at_revision  # not at the top: the loaders import this package
 
+    if revision is not None:
+        model = source_at_revision(model, revision)
     source = model if isinstance(model, str) else type(model).__name__
     config = QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, act_granularity=act_granularity, seed=seed,
                          **options)
@@ -350,8 +415,11 @@ def opened_for_streaming(source, strict: bool):
     checkpoint on disk that one can read; None otherwise, or with `strict` the one line saying why not."""
     import os
 
+    from ..loaders.hub import parse_hub_id, snapshot_directory
     from ..loaders.streamed import open_streamed
 
+    if isinstance(source, str) and not os.path.exists(source) and parse_hub_id(source):
+        source = snapshot_directory(source)  # its safetensors are read in place, in the cache
     if not isinstance(source, (str, os.PathLike)) or not os.path.exists(source):
         if strict:
             raise InputError(f"stream=True reads a checkpoint on disk (a model directory or a safetensors file); "

@@ -74,7 +74,9 @@ class QuantizedLinear(nn.Module):
     2^24) or in int32 (`torch._int_mm`, "int8"), then the same float operations in the same order; so the two
     backends give the same numbers, bit for bit. Without one (weight-only quantization), "fake" multiplies by the
     dequantized weight in float32 and "int8" splits the float input into int8 limbs (`limb_codes`): the same result
-    to float32 precision (the difference is bounded in tests/test_integer_kernels.py), with no float copy of W."""
+    to float32 precision (the difference is bounded in tests/test_integer_kernels.py), with no float copy of W. An
+    input quantizer with scales per block of the input (llama.cpp's, `--target llama.cpp`) gives the quantized
+    input's values, which then take the weight-only path."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, bits: int,
                  input_quantizer: ActivationQuantizer | None = None):
@@ -130,8 +132,11 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        if self.input_quantizer is not None:
-            q, input_scale = self.input_quantizer.codes(x)
+        quantizer = self.input_quantizer
+        if quantizer is not None and quantizer.spec.granularity == "block":  # an engine's scales per block of the
+            rows, quantizer = quantizer(rows), None  # input (llama.cpp): its values, then the weight-only product
+        if quantizer is not None:
+            q, input_scale = quantizer.codes(x)
             y = self.weight_scaled_sums(q).mul_(input_scale)
         elif self.backend == "int8":
             limbs, scale = limb_codes(rows)

@@ -4,7 +4,9 @@ Conventions: symmetric quantization uses the restricted range [-(2^(b-1) - 1), 2
 asymmetric uses [0, 2^b - 1] with an integer zero point. Weights are quantized per output channel (optionally in
 groups along the input); activations per tensor or per token, with static scales from calibration or dynamic
 scales computed from each tensor at run time, or with static scales per channel of the last dimension, which
-channels may share in clusters (Quamba2's groups).
+channels may share in clusters (Quamba2's groups), or dynamically per block of `group_size` consecutive values of a
+token as llama.cpp quantizes a linear's input (its Q8_0 blocks: `block_fake_quantize`). With `half_scales` every
+scale is rounded to float16, as an engine that stores its scales in float16 holds them.
 """
 
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ from torch import nn
 from ..errors import InputError
 
 WEIGHT_GRANULARITIES = ("channel", "group")
-ACTIVATION_GRANULARITIES = ("tensor", "position", "token", "channel")
+ACTIVATION_GRANULARITIES = ("tensor", "position", "token", "channel", "block")
 OBSERVERS = ("minmax", "percentile")
 
 
@@ -29,6 +31,7 @@ class QuantSpec:
     observer: str = "minmax"
     percentile: float = 99.99
     clip: float = 1.0  # activations: the share of the observed (or, dynamic, the token's) range the scale covers
+    half_scales: bool = False  # scales rounded to float16 (llama.cpp's blocks hold float16 scales)
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -64,6 +67,16 @@ def scale_and_zero(low: torch.Tensor, high: torch.Tensor, spec: QuantSpec) -> tu
     return scale.clamp(min=1e-12), zero
 
 
+def half_scale(scale: torch.Tensor) -> torch.Tensor:
+    """A positive float32 scale rounded to float16 (to nearest, as llama.cpp converts): at least the smallest
+    float16 above 0, and refused above float16's largest value."""
+    rounded = scale.half().float()
+    if torch.isinf(rounded).any():
+        raise InputError(f"a scale of {scale.max().item():g} does not fit a float16 scale (at most 65504); expected "
+                         "smaller values for an engine with float16 scales")
+    return rounded.clamp_(min=2.0**-24)
+
+
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Real values -> integer codes (as float tensor), clamped to the spec's range."""
     return torch.clamp(torch.round(x / scale) + zero, spec.qmin, spec.qmax)
@@ -84,7 +97,8 @@ def weight_scale_and_zero(weight: torch.Tensor, spec: QuantSpec,
     low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
     if clip is not None:
         low, high = low * clip, high * clip
-    return scale_and_zero(low, high, spec)
+    scale, zero = scale_and_zero(low, high, spec)
+    return (half_scale(scale), zero) if spec.half_scales else (scale, zero)
 
 
 def group_view(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -117,6 +131,19 @@ def fake_quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return dequantize_weight(*quantize_weight(weight, spec))
 
 
+def block_fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """llama.cpp's Q8_0 quantization of a linear's input, dequantized: each block of `group_size` values of a token
+    gets d = amax / qmax (stored in float16 with `half_scales`) and the codes round(x * (qmax / amax)) (its
+    vectorised path: the reciprocal multiplied, ties to even)."""
+    blocks = x.unflatten(-1, (-1, spec.group_size))
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, spec.qmax / amax, torch.zeros_like(amax))
+    scale = amax / spec.qmax
+    if spec.half_scales:
+        scale = scale.half().float()
+    return (blocks * inverse).round_().mul_(scale).flatten(-2)
+
+
 def token_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Min and max over the channel dims of a (batch, time, channels...) site tensor, one pair per token."""
     dims = tuple(range(2, x.dim()))
@@ -139,6 +166,8 @@ class ActivationQuantizer(nn.Module):
             raise InputError("per-position activation scales are static min-max ranges")
         if spec.granularity == "channel" and spec.dynamic:
             raise InputError("per-channel activation scales are static")
+        if spec.granularity == "block" and not (spec.dynamic and spec.symmetric):
+            raise InputError("per-block activation scales are dynamic and symmetric (llama.cpp's Q8_0 inputs)")
         self.spec = spec
         self.register_buffer("low", torch.tensor(0.0))
         self.register_buffer("high", torch.tensor(0.0))
@@ -211,6 +240,8 @@ class ActivationQuantizer(nn.Module):
         self.low, self.high = low[clusters], high[clusters]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.granularity == "block":
+            return block_fake_quantize(x, self.spec)
         scale, zero = self.scale_and_zero(x)
         return fake_quantize(x, scale, zero, self.spec)
 
@@ -219,8 +250,8 @@ class ActivationQuantizer(nn.Module):
         tensor (a 0-d tensor), or one per row, shaped (rows, 1)."""
         if not self.spec.symmetric:
             raise InputError("the int8 backend needs symmetric activation quantization")
-        if self.spec.granularity == "channel":
-            raise InputError("an integer linear takes one input scale per row, not per channel")
+        if self.spec.granularity in ("channel", "block"):
+            raise InputError(f"an integer linear takes one input scale per row, not per {self.spec.granularity}")
         scale, _ = self.scale_and_zero(x)
         q = torch.div(x, scale).round_().clamp_(self.spec.qmin, self.spec.qmax).to(torch.int8)
         if scale.numel() == 1:
@@ -230,6 +261,10 @@ class ActivationQuantizer(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         kind = f"dynamic per {s.granularity}" if s.dynamic else f"static per {s.granularity} ({s.observer})"
+        if s.granularity == "block":
+            kind += f" of {s.group_size} values"
+        if s.half_scales:
+            kind += ", float16 scales"
         if s.granularity == "channel" and self.low.dim() == 1:
             distinct = len(torch.stack([self.low, self.high], 1).unique(dim=0))
             kind += f", {distinct} distinct ranges over {len(self.low)} channels"

@@ -165,14 +165,17 @@ def fuse_block_norm(layer: nn.Module) -> None:
 
 
 @torch.no_grad()
-def fuse_norms(model: nn.Module, edit_blocks=None) -> nn.Module:
+def fuse_norms(model: nn.Module, edit_blocks=None, untie: bool = False) -> nn.Module:
     """Fold every block norm into in_proj and the final norm into the head. A tied LM head is the embedding, so
     there the final norm's scale g becomes an online x -> x diag(g) at the head input instead (a D x D product,
     ~1/vocab of the head's cost): the checkpoint keeps one matrix for both; so it does before a max pooling, which
-    a negative g would not pass. LayerNorm models are first centred (`center_residual`), and their norms become
-    scale-free RMSNorms. Absent norms (norm "none") have nothing to fold. `edit_blocks` applies the per-block part
-    (default: `each_block`)."""
+    a negative g would not pass. With `untie` a tied head gets its own matrix instead (an engine runs no online
+    product). LayerNorm models are first centred (`center_residual`), and their norms become scale-free RMSNorms.
+    Absent norms (norm "none") have nothing to fold. `edit_blocks` applies the per-block part (default:
+    `each_block`)."""
     edit_blocks = edit_blocks or each_block(model)
+    if untie:
+        untie_head(model)
     layer_norm = isinstance(model.norm_f, nn.LayerNorm)
     if layer_norm:
         center_residual(model, edit_blocks)
