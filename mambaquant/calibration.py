@@ -89,7 +89,8 @@ def resolve_calibration(model: nn.Module, source: str, calib, samples: int = 32,
     """`calib`: a tensor of inputs, a tuple (inputs, labels), a Dataset or iterable of inputs or (input, label)
     pairs, a .pt/.npz/.npy/.safetensors file of inputs or an ImageFolder-style directory (labels are ignored; the
     first `samples` inputs are taken), a calibration set name, a text file, or None for the model's default set.
-    Text for a model with a BPE vocabulary is tokenised with `tokenizer` (default: GPT-NeoX's)."""
+    Text for a model with a BPE vocabulary is tokenised with `tokenizer` (default: the tokenizer.json the model
+    directory or hub snapshot `source` ships, else GPT-NeoX's)."""
     from .evaluation import NEOX_VOCAB
     from .evaluation.user_data import is_user_data
 
@@ -110,9 +111,9 @@ def resolve_calibration(model: nn.Module, source: str, calib, samples: int = 32,
         check_modality(model, str(calib))
         bpe = None
         if getattr(model.config, "vocab_size", 0) >= NEOX_VOCAB:
-            from .tokenizer import tokenizer_for
+            from .tokenizer import own_tokenizer, tokenizer_for
 
-            bpe = tokenizer_for(model.config.vocab_size, tokenizer)
+            bpe = tokenizer_for(model.config.vocab_size, tokenizer or own_tokenizer(source))
         inputs = calibration_inputs(str(calib), samples, length, seed, bpe, partial(check_calibration_size, model))
         inputs = checked_inputs(model, inputs)
     return list(inputs.split(batch_size))

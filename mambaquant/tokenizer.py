@@ -1,5 +1,6 @@
 """Text <-> token ids: raw bytes for byte-level models, the GPT-NeoX BPE for the state-spaces Mamba models."""
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -60,7 +61,13 @@ def tokenizer_for(vocab_size: int, path: str | Path | None = None):
 
 
 def own_tokenizer(source) -> Path | None:
-    """The tokenizer.json inside a model directory (a Hugging Face model ships its own), if there is one."""
-    if isinstance(source, (str, Path)) and Path(source).is_dir() and (Path(source) / "tokenizer.json").is_file():
-        return Path(source) / "tokenizer.json"
+    """The tokenizer.json inside a model directory or the cached snapshot of a hub id (a Hugging Face model ships
+    its own), if there is one."""
+    from .loaders.hub import cached_snapshot_of
+
+    if not isinstance(source, (str, Path)) or not str(source):
+        return None
+    directory = Path(source) if os.path.exists(source) else cached_snapshot_of(source)
+    if directory is not None and directory.is_dir() and (directory / "tokenizer.json").is_file():
+        return directory / "tokenizer.json"
     return None

@@ -72,7 +72,8 @@ def evaluate(model: nn.Module, source: str, max_samples: int | None = None, refe
     """Measure `model` with `task` (default: its main protocol); `max_samples` limits it to a fixed subset;
     `reference` (the full-precision model) adds the agreement of the predictions where the protocol has discrete
     predictions. For GPT-NeoX-tokenised LMs, `data` is the WikiText-2 raw test file or the LAMBADA jsonl and
-    `tokenizer` the tokenizer.json (defaults: the data directory's). `eval_data`, the user's own labelled set
+    `tokenizer` the tokenizer.json (defaults: the data directory's, and the tokenizer.json that the model
+    directory or hub snapshot `source` ships before it). `eval_data`, the user's own labelled set
     instead of a built-in protocol (top-1 % on its first `max_samples`): (inputs, labels) tensors, a Dataset or
     iterable of (input, label) pairs, an .npz or .pt file with "inputs" and "labels", or an ImageFolder-style
     directory (see `user_data.user_data`)."""
@@ -95,9 +96,9 @@ def evaluate(model: nn.Module, source: str, max_samples: int | None = None, refe
         protocol = "Tiny Shakespeare validation (last 10 %), non-overlapping 256-byte windows, bits per byte"
         return Result(source, "bits_per_byte", bpb, False, protocol, windows, extra={"byte_perplexity": 2**bpb})
     if task in ("wikitext2", "lambada"):
-        from ..tokenizer import tokenizer_for
+        from ..tokenizer import own_tokenizer, tokenizer_for
 
-        bpe = tokenizer_for(model.config.vocab_size, tokenizer)
+        bpe = tokenizer_for(model.config.vocab_size, tokenizer or own_tokenizer(source))
         if task == "wikitext2":
             ppl, windows = perplexity(model, wikitext2_tokens(bpe, data), max_windows=max_samples)
             protocol = ("WikiText-2 raw test joined with blank lines, GPT-NeoX tokens, non-overlapping 2048-token "

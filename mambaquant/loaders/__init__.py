@@ -1,4 +1,5 @@
-"""`load(source)`: an embedded model name, a directory, a checkpoint file or an in-memory model -> our runtime."""
+"""`load(source)`: an embedded model name, a directory, a checkpoint file, a Hugging Face hub id or an in-memory
+model -> our runtime."""
 
 import json
 import os
@@ -10,7 +11,7 @@ from ..errors import InputError
 from ..outputs import write_atomic_dir
 from ..runtime import (Mamba2LMConfig, MambaLM, MambaModel, MambaTagger, ModelConfig, TaggerConfig, VisionConfig,
                       VisionMamba)
-from . import hf, layouts, mamba2, quantized, typeseg, vim
+from . import hf, hub, layouts, mamba2, quantized, typeseg, vim
 from .shards import DEFAULT_SHARD_BYTES, ShardWriter
 from .layouts import load_state_dict  # noqa: F401 (mambaquant.load_state_dict)
 from ..schema import describe, display, read_json
@@ -30,10 +31,13 @@ MODEL_ARCHITECTURE = "mamba-model"
 OUR_MODELS = (MambaLM, MambaModel, VisionMamba, MambaTagger)
 
 
-def load(source, **options) -> nn.Module:
+def load(source, revision: str | None = None, **options) -> nn.Module:
     """Return a `MambaLM`, `MambaModel`, `VisionMamba` or `MambaTagger` in eval mode. `source`: an embedded model
-    name (or `zoo:NAME`), a model directory, a checkpoint file or a model object. `options` complete a bare
+    name (or `zoo:NAME`), a model directory, a checkpoint file, a Hugging Face hub id (`org/name`, `org/name@rev`;
+    see `hub`) or a model object; `revision`, a branch, tag or commit of a hub id. `options` complete a bare
     checkpoint where its state dict does not record something: img_size and stride for Vim, n_groups for Mamba-2."""
+    if revision is not None:
+        source = source_at_revision(source, revision)
     if isinstance(source, OUR_MODELS):
         return source
     if isinstance(source, nn.Module):
@@ -53,12 +57,13 @@ def load(source, **options) -> nn.Module:
 
 
 def resolve_source(source) -> tuple[str, object]:
-    """("zoo", NAME) for an embedded model, ("path", Path) for a file or directory; one line for anything else.
+    """("zoo", NAME) for an embedded model, ("path", Path) for a file or directory, and for a Hugging Face hub id
+    that is no existing path its snapshot directory (fetched if not cached); one line for anything else.
     A string that names both an embedded model and an existing path is refused: `./NAME` is the path,
     `zoo:NAME` the embedded model. A `Path` is always a path."""
     from ..zoo import ZOO, ZOO_PREFIX
 
-    expected = f"an embedded model name ({', '.join(ZOO)}), a model directory or a checkpoint file"
+    expected = f"an embedded model name ({', '.join(ZOO)}), a model directory, a checkpoint file or {hub.EXPECTED}"
     if isinstance(source, os.PathLike):
         path = Path(source)
         if not path_exists(path):
@@ -81,10 +86,26 @@ def resolve_source(source) -> tuple[str, object]:
             raise InputError(f"{source}: both an embedded model and a path here; write ./{source} for the path or "
                              f"{ZOO_PREFIX}{source} for the embedded model")
         return "zoo", source
-    if not exists:
-        raise InputError(f"{display(source)}: no such file or directory, and not an embedded model (expected one of "
-                         f"{', '.join(ZOO)}, a model directory or a checkpoint file)")
-    return "path", Path(source)
+    if exists:
+        return "path", Path(source)
+    if hub.parse_hub_id(source) is not None:
+        return "path", hub.snapshot_directory(source)
+    raise InputError(f"{display(source)}: no such file or directory, and not an embedded model (expected one of "
+                     f"{', '.join(ZOO)}, a model directory, a checkpoint file or {hub.EXPECTED})")
+
+
+def source_at_revision(source, revision: str) -> str:
+    """A hub id and a revision (`--revision`, `revision=`) as `org/name@revision`, the form every command takes;
+    refused for a source that is no hub id."""
+    from ..zoo import embedded_name
+
+    if isinstance(source, str) and not path_exists(Path(source)) and not embedded_name(source):
+        return hub.pinned(source, revision)
+    if isinstance(source, (str, os.PathLike)):
+        what = "an embedded model" if embedded_name(source) and not path_exists(Path(source)) else "a local path"
+    else:
+        what = f"a {type(source).__name__}"
+    raise InputError(f"{display(source)}: is {what}; a revision ({display(revision)}) applies to {hub.EXPECTED}")
 
 
 def path_exists(path: Path) -> bool:

@@ -148,6 +148,8 @@ def open_torch(path: Path) -> Checkpoint:
 
 def check_shard_name(index: Path, shard, tensor: str) -> Path:
     """A shard named by an index -> its path, which must be a checkpoint file inside the index's directory."""
+    from .hub import snapshot_blobs
+
     where = display(index)
     if not isinstance(shard, str) or not shard:
         raise InputError(f"{where}: weight_map[{tensor!r}] must be a shard file name (a non-empty string), "
@@ -169,14 +171,15 @@ def check_shard_name(index: Path, shard, tensor: str) -> Path:
         path = (index.parent / shard).resolve()
     except (OSError, RuntimeError, ValueError):
         raise InputError(f"{where}: shard {shown} cannot be resolved (a symlink loop?)") from None
-    if not path.is_relative_to(directory):
+    blobs = snapshot_blobs(directory)  # a hub cache snapshot's files link into its repository's blobs/
+    if not path.is_relative_to(directory) and not (blobs and path.is_relative_to(blobs)):
         raise InputError(f"{where}: shard {shown} resolves outside the model directory ({display(path)}); shards "
                          "are read only from inside it")
     if path == index.resolve():
         raise InputError(f"{where}: shard {shown} is the index itself")
     if not path.is_file():
         raise InputError(f"{where}: shard {shown} not found in {display(index.parent)}")
-    return path
+    return index.parent / shard  # not `path`: the format is read from the name, and a hub cache's blobs have none
 
 
 def open_index(path: Path) -> Checkpoint:
