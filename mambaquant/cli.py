@@ -15,6 +15,7 @@ from .errors import InputError
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 MAX_SEED = 2**63 - 1
+SOURCE_HELP = "embedded model name, model directory, checkpoint file or Hugging Face hub id (org/name[@revision])"
 EVAL_DATA_HELP = ("your own labelled data, top-1 and agreement with FP: an .npz, .pt or .safetensors file with "
                   "'inputs' and 'labels', or a directory of class subdirectories of images")
 
@@ -61,6 +62,19 @@ def temperature_value(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"expected a finite temperature > 0, or 0 for greedy decoding; got {text!r}")
     return value
+
+
+def add_revision_option(parser) -> None:
+    parser.add_argument("--revision", metavar="REV",
+                        help="a branch, tag or commit of a Hugging Face hub id SOURCE (the same as SOURCE@REV)")
+
+
+def apply_revision(args) -> None:
+    """--revision REV: the hub id SOURCE becomes SOURCE@REV, the form every command and the Python API take."""
+    if getattr(args, "revision", None) is not None:
+        from .loaders import source_at_revision
+
+        args.source = source_at_revision(args.source, args.revision)
 
 
 def path_value(text: str) -> str:
@@ -336,12 +350,12 @@ def cmd_eval(args) -> None:
 def cmd_generate(args) -> None:
     from . import load
     from .runtime import MambaLM
-    from .tokenizer import tokenizer_for
+    from .tokenizer import own_tokenizer, tokenizer_for
 
     model = load(args.source)
     if not isinstance(model, MambaLM):
         raise InputError(f"{args.source}: generate needs a language model, got a {type(model).__name__}")
-    tokenizer = tokenizer_for(model.config.vocab_size, args.tokenizer)
+    tokenizer = tokenizer_for(model.config.vocab_size, args.tokenizer or own_tokenizer(args.source))
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
         raise InputError("the prompt is empty; expected some text after --prompt")
@@ -362,7 +376,7 @@ def build_parser() -> Parser:
     from .quant.linear import BACKENDS
 
     evaluate = commands.add_parser("eval", help="evaluate a model with its protocol")
-    evaluate.add_argument("source", help="embedded model name, model directory or checkpoint file")
+    evaluate.add_argument("source", help=SOURCE_HELP)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.add_argument("--eval-samples", type=positive_int, help="evaluate on the first N samples only")
     evaluate.add_argument("--task", help="evaluation task (default: the model's main one)")
@@ -372,6 +386,7 @@ def build_parser() -> Parser:
     evaluate.add_argument("--backend", choices=BACKENDS, default="fake",
                           help="for a quantized model: simulated (fake) or int8 matrix products")
     add_lm_eval_options(evaluate)
+    add_revision_option(evaluate)
     evaluate.set_defaults(run=cmd_eval)
 
     from .calibration import CALIBRATION_SETS
@@ -379,7 +394,7 @@ def build_parser() -> Parser:
     from .methods.config import CALIB_DTYPES
 
     quantize = commands.add_parser("quantize", help="quantize a model with a method, print what was done, evaluate")
-    quantize.add_argument("source", help="embedded model name, model directory or checkpoint file")
+    quantize.add_argument("source", help=SOURCE_HELP)
     quantize.add_argument("--method", choices=METHODS, default="mambaquant")
     quantize.add_argument("--w-bits", type=bit_width, default=8, help="weight bits, 2-8 (16: not quantized)")
     quantize.add_argument("--a-bits", type=bit_width, default=8, help="activation bits, 2-8 (16: not quantized)")
@@ -425,13 +440,15 @@ def build_parser() -> Parser:
                                "(for models larger than memory; the same result as in memory; no evaluation)")
     quantize.add_argument("--shard-size", type=positive_int, default=2048, metavar="MIB",
                           help="largest output shard in MiB (Hugging Face shards + index above it; default 2048)")
+    add_revision_option(quantize)
     quantize.set_defaults(run=cmd_quantize)
 
     from .compare import DEFAULT_BITS
 
     compare = commands.add_parser("compare", help="every method x bit width x granularity against full precision")
-    compare.add_argument("sources", nargs="*", help="embedded model names, model directories or checkpoint files "
-                                                    "(default: the embedded Mamba-1, Vim and tagger models)")
+    compare.add_argument("sources", nargs="*", help="embedded model names, model directories, checkpoint files or "
+                                                    "Hugging Face hub ids (org/name[@revision]) (default: the "
+                                                    "embedded Mamba-1, Vim and tagger models)")
     compare.add_argument("--methods", type=comma_list, default=None,
                          help="comma-separated (default: every method for the model's block kind)")
     compare.add_argument("--bits", type=comma_list, default=list(DEFAULT_BITS),
@@ -458,7 +475,7 @@ def build_parser() -> Parser:
 
     analyze = commands.add_parser("analyze", help="outliers, the scan's heavy tails, what each transform does to "
                                                   "them and each method's SQNR: stats, plots, index.html")
-    analyze.add_argument("source", help="embedded model name, model directory or checkpoint file")
+    analyze.add_argument("source", help=SOURCE_HELP)
     analyze.add_argument("--out", type=path_value, required=True, help="directory to write (refused if it exists, see --overwrite)")
     analyze.add_argument("--calib", help=calib_help)
     analyze.add_argument("--calib-samples", type=positive_int, default=32)
@@ -468,16 +485,18 @@ def build_parser() -> Parser:
                               "the model's block kind)")
     analyze.add_argument("--seed", type=seed_value, default=0)
     analyze.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    add_revision_option(analyze)
     analyze.set_defaults(run=cmd_analyze)
 
     generate = commands.add_parser("generate", help="generate text from a language model")
-    generate.add_argument("source", help="embedded model name, model directory or checkpoint file")
+    generate.add_argument("source", help=SOURCE_HELP)
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=positive_int, default=200)
     generate.add_argument("--temperature", type=temperature_value, default=0.8, help="0 for greedy decoding")
     generate.add_argument("--top-k", type=positive_int)
     generate.add_argument("--seed", type=seed_value, default=0)
     generate.add_argument("--tokenizer", help="tokenizer.json for non-byte vocabularies")
+    add_revision_option(generate)
     generate.set_defaults(run=cmd_generate)
     return parser
 
@@ -514,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         try:
+            apply_revision(args)
             args.run(args)
         except InputError as e:
             return fail(f"error: {one_line(e)}", 2)
