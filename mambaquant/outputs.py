@@ -256,17 +256,27 @@ def check_output_file(path) -> Path:
 def write_atomic(path, text: str) -> None:
     """Write a whole text file or nothing; a symbolic link is followed, a non-regular target written through."""
     path = check_output_file(path)
-    try:
-        if write_through(path):
+    if write_through(path):
+        try:
             with open(path, "w") as file:
                 file.write(text)
-            return
+        except OSError as e:
+            raise output_problem(path, e) from None
+        return
+    write_atomic_file(path, lambda temporary: temporary.write_text(text))
+
+
+def write_atomic_file(path, write: Callable[[Path], None]) -> Path:
+    """A whole file or nothing: `write` fills a temporary file beside `path` (a symbolic link is followed), which is
+    then renamed over it; an interruption or an error leaves no temporary file."""
+    path = Path(path)
+    try:
         target = Path(os.path.realpath(path))
         mode = stat.S_IMODE(os.stat(target).st_mode) if target.exists() else 0o666 & ~umask()
         handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        os.close(handle)
         try:
-            with os.fdopen(handle, "w") as file:
-                file.write(text)
+            write(Path(temporary))
             os.chmod(temporary, mode)
             os.replace(temporary, target)
         except BaseException:
@@ -274,3 +284,4 @@ def write_atomic(path, text: str) -> None:
             raise
     except OSError as e:
         raise output_problem(path, e) from None
+    return path
