@@ -1,11 +1,11 @@
 """Models by their Hugging Face hub id: `org/name` or `org/name@REVISION` (a branch, tag or commit) is the snapshot
 directory of that revision in the Hugging Face cache, which the loaders read like any model directory.
 
-A snapshot already in the cache is used without asking the hub (a branch is the commit it was when it was
-cached; `hf download` brings it up to date); otherwise only the files mambaquant reads are fetched (the config, the safetensors weights and their index, the tokenizer; the torch pickle only for a repository
-without safetensors). huggingface_hub finds the token (HF_TOKEN, `hf auth login`); the cache (HF_HUB_CACHE,
-HF_HOME) and offline mode (HF_HUB_OFFLINE) are read from the environment at each call, because huggingface_hub
-reads them once, when it is imported."""
+A snapshot already in the cache is used without asking the hub (a branch is the commit it was when it was cached;
+`hf download` brings it up to date). Otherwise only the files mambaquant reads are fetched: the config, the
+safetensors weights and their index, the tokenizer, and the torch pickle only for a repository without safetensors.
+huggingface_hub finds the token (HF_TOKEN, `hf auth login`); the cache (HF_HUB_CACHE, HF_HOME) and offline mode
+(HF_HUB_OFFLINE) are read from the environment at each call, because huggingface_hub reads them once, at import."""
 
 import os
 import re
