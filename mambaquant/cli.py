@@ -117,6 +117,9 @@ def cmd_quantize(args) -> None:
         check_output_dir(args.out, args.overwrite, [args.source], source_bytes(args.source))
     if args.eval_data is not None and args.no_eval:
         raise InputError("--eval-data and --no-eval: expected one of them")
+    if args.export is not None and (args.out is None or args.target != "llama.cpp"):
+        raise InputError("--export gguf writes model.gguf into the --out directory of a model quantized for "
+                         "llama.cpp: expected --out DIR and --target llama.cpp")
     eval_data = eval_data_of(args)
     model = load(args.source)
     quantized = quantize(model, method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, calib=args.calib,
@@ -138,9 +141,16 @@ def cmd_quantize(args) -> None:
         card_notes.append(lines[-1])
     if args.out is not None:
         check_output_dir(args.out, args.overwrite, [args.source])
-        save(quantized, args.out, overwrite=args.overwrite, notes=card_notes, shard_size=args.shard_size * 2**20)
+        extra = None
+        if args.export is not None:
+            from .exporters.gguf import export_gguf
+
+            def extra(staging):
+                export_gguf(quantized, staging / "model.gguf", tokenizer=export_tokenizer(quantized, args))
+        save(quantized, args.out, overwrite=args.overwrite, notes=card_notes, shard_size=args.shard_size * 2**20,
+             extra=extra)
         output["out"] = args.out
-        lines.append(f"wrote {args.out}")
+        lines.append(f"wrote {args.out}" + (" (model.gguf: run it in llama.cpp)" if extra else ""))
     print(json.dumps(output) if args.json else "\n".join(lines))
 
 
@@ -148,7 +158,38 @@ def method_options(args) -> dict:
     """The `QuantConfig` options of `quantize` beyond method, bits and granularity."""
     return {"head_clusters": args.head_clusters, "channel_clusters": args.channel_clusters,
             "calib_dtype": args.calib_dtype, "clip_search": args.clip_search, "act_order": args.act_order,
-            "site_bits": args.site_bits}
+            "site_bits": args.site_bits, "target": args.target, "weight_group_size": args.weight_group_size}
+
+
+def export_tokenizer(model, args):
+    """The tokenizer.json a GGUF export carries: --tokenizer, else the source's own; None for a byte-level model
+    (llama.cpp then takes token ids, as do our byte-level models)."""
+    from .tokenizer import own_tokenizer
+
+    if 256 <= model.config.vocab_size < 512 and args.tokenizer is None:
+        return None
+    return args.tokenizer or own_tokenizer(args.source)
+
+
+def cmd_export(args) -> None:
+    """`export SOURCE --to gguf --out FILE`: a model quantized with --target llama.cpp, or with --dtype f32 any
+    full-precision language model llama.cpp runs, as a GGUF file."""
+    from . import load
+    from .exporters.gguf import export_gguf
+    from .loaders import check_source
+
+    check_source(args.source)
+    model = load(args.source)
+    quantized = hasattr(model, "quantization_report")
+    if quantized and args.dtype is not None:
+        raise InputError(f"{args.source} is quantized: its codes go to the GGUF file as they are; expected no --dtype")
+    if not quantized and args.dtype is None:
+        raise InputError(f"{args.source} is a full-precision model: pass --dtype f32 for a float export, or quantize "
+                         "it with --target llama.cpp first")
+    tokenizer = export_tokenizer(model, args)
+    path = export_gguf(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
+    vocabulary = f"tokenizer {tokenizer}" if tokenizer else f"no tokenizer: llama.cpp takes token ids 0..{model.config.vocab_size - 1}"
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB; {vocabulary})")
 
 
 def site_bits_value(text: str) -> dict:
@@ -391,7 +432,7 @@ def build_parser() -> Parser:
 
     from .calibration import CALIBRATION_SETS
     from .methods import GRANULARITIES, METHODS
-    from .methods.config import CALIB_DTYPES
+    from .methods.config import CALIB_DTYPES, TARGETS
 
     quantize = commands.add_parser("quantize", help="quantize a model with a method, print what was done, evaluate")
     quantize.add_argument("source", help=SOURCE_HELP)
@@ -435,6 +476,15 @@ def build_parser() -> Parser:
     quantize.add_argument("--site-bits", type=site_bits_value, metavar="SITE=BITS,...",
                           help="activation bits by site kind over --a-bits, e.g. h=8,x=8 (mixed precision), or none "
                                "(--a-bits everywhere); default: mambaquant+'s own rule, none for the others")
+    quantize.add_argument("--weight-group-size", type=non_negative_int, default=0, metavar="N",
+                          help="weight scales per group of N inputs (0: per output channel; a layer whose input width "
+                               "N does not divide keeps per-channel scales)")
+    quantize.add_argument("--target", choices=TARGETS, default="runtime",
+                          help="where the model will run: our runtime (every transform and site), or llama.cpp (only "
+                               "what it executes: transforms fused into the weights, Q8_0 / Q4_0 weights, its own "
+                               "int8 inputs per 32 values, simulated exactly)")
+    quantize.add_argument("--export", choices=("gguf",),
+                          help="also write the model for its engine into --out: model.gguf for --target llama.cpp")
     quantize.add_argument("--stream", action="store_true",
                           help="read a safetensors language model one block at a time and write --out as it goes "
                                "(for models larger than memory; the same result as in memory; no evaluation)")
@@ -487,6 +537,18 @@ def build_parser() -> Parser:
     analyze.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     add_revision_option(analyze)
     analyze.set_defaults(run=cmd_analyze)
+
+    export = commands.add_parser("export", help="write a model for an engine: a GGUF file for llama.cpp")
+    export.add_argument("source", help="a model quantized with --target llama.cpp (or, with --dtype f32, any "
+                                       f"full-precision language model: {SOURCE_HELP})")
+    export.add_argument("--to", choices=("gguf",), required=True, help="the format (gguf: llama.cpp)")
+    export.add_argument("--out", type=path_value, required=True, help="the file to write (FILE.gguf)")
+    export.add_argument("--dtype", choices=("f32",), help="a float export of a full-precision model")
+    export.add_argument("--tokenizer", help="tokenizer.json to write as the GGUF vocabulary (default: the source's own; "
+                                            "none for a byte-level model)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    add_revision_option(export)
+    export.set_defaults(run=cmd_export)
 
     generate = commands.add_parser("generate", help="generate text from a language model")
     generate.add_argument("source", help=SOURCE_HELP)

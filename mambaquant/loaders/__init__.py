@@ -3,6 +3,7 @@ model -> our runtime."""
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from torch import nn
@@ -228,14 +229,15 @@ def check_saveable(model: nn.Module) -> None:
 
 
 def save(model: nn.Module, directory: str | Path, overwrite: bool = False, notes: tuple[str, ...] = (),
-         shard_size: int = DEFAULT_SHARD_BYTES) -> Path:
+         shard_size: int = DEFAULT_SHARD_BYTES, extra: Callable[[Path], None] | None = None) -> Path:
     """Write a model as config.json + model.safetensors (+ MODEL_CARD.md with `notes` for a quantized model); a
     model above `shard_size` bytes as Hugging Face shards (model-0000k-of-0000n.safetensors + an index).
     Full precision: the Hugging Face Mamba layout for language models (transformers can read it), the official
     Vim names for vision models, our own names and the composition's config for a `MambaModel`. Quantized
     (`mambaquant.quantize`'s output): integer codes and everything
     that rebuilds the quantized model (see `loaders.quantized`). Atomic: written to a temporary directory that is
-    renamed into place at the end, so an interrupted save leaves nothing that looks complete."""
+    renamed into place at the end, so an interrupted save leaves nothing that looks complete. `extra` writes more
+    files into the directory before it is moved into place (an export beside the checkpoint)."""
     check_saveable(model)
     check_shard_size(shard_size)
 
@@ -264,6 +266,8 @@ def save(model: nn.Module, directory: str | Path, overwrite: bool = False, notes
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if card:
             (staging / "MODEL_CARD.md").write_text(card)
+        if extra is not None:
+            extra(staging)
 
     return write_atomic_dir(directory, write, overwrite=overwrite)
 
