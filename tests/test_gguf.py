@@ -5,6 +5,7 @@ quantized layer alone within 1e-4 of the logits' scale), and what llama.cpp cann
 
 import math
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -20,7 +21,6 @@ from mambaquant.quant.linear import QuantizedLinear
 
 from .helpers import run_cli
 
-gguf = pytest.importorskip("gguf", reason="the llama extra (gguf, llama-cpp-python) is part of the test extra")
 TEXT = list(tinyshakespeare_validation()[:1024])
 
 
@@ -45,8 +45,8 @@ def bits_per_token(logits: np.ndarray, ids: list[int]) -> float:
 
 def random_mamba2(**overrides):
     torch.manual_seed(0)
-    values = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, state_size=16, num_heads=4, head_dim=32,
-                  n_groups=2, initializer_range=0.02, **overrides)
+    values = {**dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, state_size=16, num_heads=4, head_dim=32,
+                     n_groups=2, initializer_range=0.02), **overrides}
     return mambaquant.load(Mamba2ForCausalLM(Mamba2Config(**values)).eval())
 
 
@@ -178,3 +178,43 @@ def test_the_export_command(tmp_path):
                               str(tmp_path / "fp.gguf"))
     assert code == 0, stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again.gguf", "fp.gguf", "q4"]
+
+
+def test_streamed_quantization_for_llama_cpp_equals_the_in_memory_one(tmp_path):
+    mambaquant.save(mambaquant.load("mamba2-shakespeare"), tmp_path / "fp")
+    options = dict(method="mambaquant+", w_bits=4, target="llama.cpp", weight_group_size=32, calib_samples=2,
+                   calib_len=64)
+    streamed = mambaquant.load(mambaquant.quantize(tmp_path / "fp", out=tmp_path / "q", **options))
+    in_memory = mambaquant.quantize("mamba2-shakespeare", **options)
+    x = torch.tensor([TEXT[:100]])
+    assert torch.equal(streamed(x), in_memory(x))
+    exported = [export_gguf(model, tmp_path / f"{i}.gguf").read_bytes() for i, model in enumerate((streamed, in_memory))]
+    assert exported[0] == exported[1]
+
+
+def small_bpe_tokenizer(path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([bytes(TEXT).decode()] * 4, trainer)
+    tokenizer.save(str(path))
+
+
+def test_a_bpe_vocabulary_tokenizes_in_llama_cpp_as_in_ours(tmp_path):
+    from mambaquant.tokenizer import BPETokenizer
+
+    small_bpe_tokenizer(tmp_path / "tokenizer.json")
+    ours_tokenizer = BPETokenizer(tmp_path / "tokenizer.json")
+    model = random_mamba2(vocab_size=416)  # padded beyond the tokenizer's 400 entries, as real checkpoints are
+    path = export_gguf(model, tmp_path / "model.gguf", tokenizer=tmp_path / "tokenizer.json")
+    text = "ROMEO: What light through yonder window breaks?\n  It is the east, and Juliet is the sun!"
+    with LlamaCppModel(path) as llm:
+        assert llm.tokenize(text) == ours_tokenizer.encode(text)
+        ids = ours_tokenizer.encode(text)
+        assert relative(llm.logits(ids), ours(model, ids)) < 1e-4
+    fields = gguf.GGUFReader(path).fields
+    assert bytes(fields["tokenizer.ggml.model"].parts[-1]).decode() == "gpt2"

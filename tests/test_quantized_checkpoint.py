@@ -144,3 +144,26 @@ def test_bad_checkpoints_exit_2_with_one_line(saved, tmp_path):
     for case, (directory, expected) in broken_copies(saved, tmp_path).items():
         code, _, err = run_cli("eval", directory, "--eval-samples", "1")
         assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, (case, err)
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_a_group_size_that_does_not_divide_a_layer_gives_it_channel_scales_and_the_checkpoint_loads(method, tmp_path):
+    """mamba-shakespeare's dt_proj reads dt_rank 12 inputs: at weight_group_size 32 it is quantized per channel (GPTQ
+    used to give it one group of 12 and the loader refused the checkpoint), and every linear says its own."""
+    quantized = mambaquant.quantize("mamba-shakespeare", method=method, w_bits=4, a_bits=16, weight_group_size=32,
+                                    calib_samples=2, calib_len=64)
+    ssm = quantized.layers[0].mixer.ssm
+    assert ssm.dt_proj.scale.shape == (384, 1) and ssm.x_proj.scale.shape == (44, 12, 1)
+    assert any("per channel" in line and "dt_proj" in line for line in quantized.quantization_report.weights)
+    mambaquant.save(quantized, tmp_path / "q")
+    layout = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["layout"]["linears"]
+    assert layout["layers.0.mixer.ssm.dt_proj"]["group_size"] == 0
+    assert layout["layers.0.mixer.ssm.x_proj"]["group_size"] == 32
+    x = torch.randint(0, 256, (1, 30))
+    assert torch.equal(mambaquant.load(tmp_path / "q")(x), quantized(x))
+    layout["layers.0.mixer.ssm.x_proj"]["group_size"] = 64  # a group size that is neither the run's nor 0
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    config["quantization_config"]["layout"]["linears"] = layout
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="group_size: 64, but quantization_config.weight_group_size is 32"):
+        mambaquant.load(tmp_path / "q")

@@ -62,12 +62,15 @@ def architecture_problems(model: nn.Module) -> list[str]:
     return problems
 
 
-def execution_problems(model: nn.Module) -> list[str]:
-    """The parts of a quantized model that llama.cpp does not execute as we simulate them (empty: it does): online
-    transforms, activation quantizers other than its own, weight widths and scales it cannot hold."""
+def execution_problems(model: nn.Module, skip: str | None = None) -> list[str]:
+    """The parts of a quantized model (or block) that llama.cpp does not execute as we simulate them (empty: it
+    does): online transforms, activation quantizers other than its own, weight widths and scales it cannot hold.
+    Modules under `skip` are left out."""
     problems = []
     quantized = {id(m) for m in model.modules() if isinstance(m, QuantizedLinear)}
     for name, module in model.named_modules():
+        if skip is not None and name.startswith(skip):
+            continue
         if isinstance(module, Site) and module.op is not None:
             problems.append(f"an online op at site {module.name} ({type(module.op).__name__})")
         elif isinstance(module, MambaMixer) and module.gate_scale is not None:

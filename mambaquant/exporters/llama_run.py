@@ -50,6 +50,16 @@ class LlamaCppModel:
         self.batch_size = batch
         self.batch = lib.llama_batch_init(batch, 0, 1)
 
+    def tokenize(self, text: str) -> list[int]:
+        """llama.cpp's tokenization of `text` (no special tokens added)."""
+        data = text.encode()
+        tokens = (self.lib.llama_token * (len(data) + 8))()
+        vocab = self.lib.llama_model_get_vocab(self.model)
+        count = self.lib.llama_tokenize(vocab, data, len(data), tokens, len(tokens), False, False)
+        if count < 0:
+            raise RuntimeError("llama_tokenize failed")
+        return list(tokens[:count])
+
     def reset(self) -> None:
         self.lib.llama_memory_clear(self.lib.llama_get_memory(self.context), True)
 

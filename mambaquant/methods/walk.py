@@ -205,6 +205,8 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
             quantize_linears(slots, runner, config, clipped)
         switch_on(pending, slots, report)
         check_finite(layer, f"layers.{index}.")
+        if not config.online_transforms:
+            check_engine_runs(layer, config)
         blocks.finish(index)
         hidden = held(outputs, config.calib_dtype)
     head_runner = Runner(model.output, hidden)
@@ -224,7 +226,12 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
     switch_on(pending, slots, report)
     check_finite(model, skip="layers.")
     if not config.online_transforms:
-        check_engine_runs(model, config, report)
+        check_engine_runs(model, config, skip="layers.")
+        report.transforms.append(f"target {config.target}: only the transforms fused into the weights (llama.cpp runs "
+                                 f"none at run time); weights in {llama_cpp.WEIGHT_TYPES[config.w_bits]} blocks of "
+                                 f"{llama_cpp.BLOCK} with float16 scales; each quantized linear's input quantized as "
+                                 f"llama.cpp does (int8 per {llama_cpp.BLOCK} values); the conv, the scan and its "
+                                 "state in float32")
     if config.calib_dtype != "float32":
         report.transforms.append(f"calibration activations held in {config.calib_dtype} between blocks (each block "
                                  "computed in float32)")
@@ -272,16 +279,12 @@ def weight_lines(model: nn.Module, config: QuantConfig) -> list[str]:
     return lines
 
 
-def check_engine_runs(model: nn.Module, config: QuantConfig, report: QuantReport) -> None:
-    """A run for an engine target leaves nothing the engine does not execute (a recipe that did would be a bug)."""
-    problems = llama_cpp.execution_problems(model)
+def check_engine_runs(module: nn.Module, config: QuantConfig, skip: str | None = None) -> None:
+    """A block (or the rest of the model, `skip`ping the blocks) quantized for an engine holds nothing the engine
+    does not execute (a recipe that left something would be a bug)."""
+    problems = llama_cpp.execution_problems(module, skip)
     if problems:
         raise InputError(f"method {config.method} left what {config.target} does not execute: {'; '.join(problems)}")
-    report.transforms.append(f"target {config.target}: only the transforms fused into the weights (llama.cpp runs "
-                             f"none at run time); weights in {llama_cpp.WEIGHT_TYPES[config.w_bits]} blocks of "
-                             f"{llama_cpp.BLOCK} with float16 scales; each quantized linear's input quantized as "
-                             f"llama.cpp does (int8 per {llama_cpp.BLOCK} values); the conv, the scan and its state in "
-                             "float32")
 
 
 def switch_on(pending: list[tuple[Site, ActivationQuantizer]], slots: list[tuple[nn.Module, str, Site]],
