@@ -273,7 +273,7 @@ def cmd_compare(args) -> None:
     from .outputs import check_output_file, write_atomic
     from .zoo import ZOO, ZOO_PREFIX
 
-    runs = plan(args.methods or METHODS, args.bits, args.granularity)  # bad options fail before any model is loaded
+    runs = plan(args.methods or METHODS, args.bits, args.granularity, args.target)  # bad options fail before loading
     lm_eval = lm_eval_config(args)
     for path in (args.json, args.markdown):
         if path is not None:
@@ -293,7 +293,7 @@ def cmd_compare(args) -> None:
         try:
             rows += compare(source, args.methods, args.bits, args.granularity, args.tasks, args.eval_samples,
                             args.calib, args.calib_samples, args.calib_len, args.seed, data, args.tokenizer,
-                            progress=True, lm_eval=lm_eval, eval_data=eval_data)
+                            progress=True, lm_eval=lm_eval, eval_data=eval_data, target=args.target)
         except InputError as e:
             failure = e
             break
@@ -520,6 +520,9 @@ def build_parser() -> Parser:
     compare.add_argument("--tokenizer", help="tokenizer.json for BPE models (default: GPT-NeoX's)")
     compare.add_argument("--json", type=path_value, help="write the rows as a JSON list to this file")
     compare.add_argument("--markdown", type=path_value, help="write the table as Markdown to this file")
+    compare.add_argument("--target", choices=TARGETS, default="runtime",
+                         help="llama.cpp: every run restricted to what llama.cpp executes and simulated exactly "
+                              "(presets w8a8 -> Q8_0, w4a8 -> Q4_0; --granularity does not apply)")
     add_lm_eval_options(compare)
     compare.set_defaults(run=cmd_compare)
 

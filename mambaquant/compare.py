@@ -11,7 +11,7 @@ from torch import nn
 
 from .errors import InputError
 from .methods import FULL_PRECISION, GRANULARITIES, METHODS, PRESETS, QuantConfig, methods_for, run_recipe
-from .methods.config import AUTO_METHODS
+from .methods.config import AUTO_METHODS, ENGINE_GRANULARITY
 from .outputs import write_atomic
 from .progress import progress as progress_of
 
@@ -51,9 +51,10 @@ class Row:
         return {**row, "change": self.change, "relative_change_percent": self.relative_change}
 
 
-def plan(methods, bits, granularities) -> list[tuple[str, str, str]]:
+def plan(methods, bits, granularities, target: str = "runtime") -> list[tuple[str, str, str]]:
     """(method, bits, granularity) runs: FP once; weight-only bit widths once per method; otherwise every
-    granularity asked for, "auto" only for the methods whose recipe has it."""
+    granularity asked for, "auto" only for the methods whose recipe has it. For an engine `target` one run per
+    method and bit width, with the engine's own activation quantization."""
     for method in methods:
         if method not in METHODS:
             raise InputError(f"unknown method {method!r}; expected some of {', '.join(METHODS)}")
@@ -64,6 +65,10 @@ def plan(methods, bits, granularities) -> list[tuple[str, str, str]]:
         if granularity not in GRANULARITIES:
             raise InputError(f"unknown granularity {granularity!r}; expected some of {', '.join(GRANULARITIES)}")
     runs = [("fp", "fp32", "none")] if "fp" in methods else []
+    if target != "runtime":
+        for preset in (b.lower() for b in bits):
+            QuantConfig(method="rtn", w_bits=PRESETS[preset][0], a_bits=PRESETS[preset][1], target=target)
+        return runs + [(m, b.lower(), ENGINE_GRANULARITY) for b in bits for m in methods if m != "fp"]
     for preset in (b.lower() for b in bits):
         for method in (m for m in methods if m != "fp"):
             if PRESETS[preset][1] == FULL_PRECISION:
@@ -93,21 +98,22 @@ class Memo(nn.Module):
 def compare(source, methods=None, bits=DEFAULT_BITS, granularities=GRANULARITIES, tasks=None,
             eval_samples: int | None = None, calib=None, calib_samples: int = 32, calib_len: int | None = None,
             seed: int = 0, data: dict | None = None, tokenizer: str | None = None, progress: bool = False,
-            on_row=None, lm_eval=None, eval_data=None) -> list[Row]:
+            on_row=None, lm_eval=None, eval_data=None, target: str = "runtime") -> list[Row]:
     """Quantize `source` (an embedded model name, a directory or a model object) with every planned run and
     evaluate each against the full-precision model on `tasks` (default: every protocol that applies, or none
     when `lm_eval` is given). `methods`: None for every method that applies to the model's block kind (Quamba2
     only to Mamba-2). `data` maps a task to its data file (GPT-NeoX LM tasks); `lm_eval` (an LMEvalConfig) adds
     lm-evaluation-harness tasks and their mean; `eval_data` (the user's own labelled set, see `evaluate`) adds its
     top-1 as task "user-data" (and, as `lm_eval`, no built-in task by default); `on_row` is called with each row as
-    it is done. Calibration never takes `eval_data`: it is `calib`, or the model's default training set."""
+    it is done. Calibration never takes `eval_data`: it is `calib`, or the model's default training set. `target`
+    "llama.cpp" restricts every run to what llama.cpp executes, and simulates it (`QuantConfig.target`)."""
     from .calibration import resolve_calibration
     from .evaluation import evaluate, tasks_for
     from .loaders import load
     from .zoo import embedded_name
 
     name = (embedded_name(source) or source) if isinstance(source, str) else type(source).__name__
-    plan(methods or METHODS, bits, granularities)  # bad options fail before the model is loaded
+    plan(methods or METHODS, bits, granularities, target)  # bad options fail before the model is loaded
     if lm_eval is not None:
         from .evaluation.local_tasks import load_tasks
 
@@ -117,7 +123,7 @@ def compare(source, methods=None, bits=DEFAULT_BITS, granularities=GRANULARITIES
 
         eval_data = user_data(eval_data, eval_samples, "eval_data")  # read once, and a bad file fails here
     model = load(source).eval()
-    runs = plan(methods_for(model, methods), bits, granularities)
+    runs = plan(methods_for(model, methods), bits, granularities, target)
     tasks = list(tasks or ([] if lm_eval is not None or eval_data is not None else tasks_for(model, name)))
     data = data or {}
     batches = resolve_calibration(model, name, calib, calib_samples, calib_len, seed, tokenizer=tokenizer)
@@ -140,8 +146,8 @@ def compare(source, methods=None, bits=DEFAULT_BITS, granularities=GRANULARITIES
             quantized = model
         else:
             w_bits, a_bits = PRESETS[preset]
-            config = QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, seed=seed,
-                                 act_granularity=None if granularity == "none" else granularity)
+            config = QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, seed=seed, target=target,
+                                 act_granularity=None if granularity in ("none", ENGINE_GRANULARITY) else granularity)
             quantized, _ = run_recipe(model, config, batches)
         seconds = time.perf_counter() - started
         results = measure(quantized, None if method == "fp" else memo)

@@ -218,3 +218,15 @@ def test_a_bpe_vocabulary_tokenizes_in_llama_cpp_as_in_ours(tmp_path):
         assert relative(llm.logits(ids), ours(model, ids)) < 1e-4
     fields = gguf.GGUFReader(path).fields
     assert bytes(fields["tokenizer.ggml.model"].parts[-1]).decode() == "gpt2"
+
+
+def test_compare_for_llama_cpp_runs_one_row_per_method_and_width():
+    from mambaquant.compare import compare, plan
+
+    rows = compare("mamba-shakespeare", methods=("fp", "rtn"), bits=("w8a8", "w4a8"), eval_samples=2,
+                   calib_samples=2, calib_len=64, target="llama.cpp")
+    assert [(r.method, r.bits, r.granularity) for r in rows] == [("fp", "fp32", "none"), ("rtn", "w8a8", "block"),
+                                                                 ("rtn", "w4a8", "block")]
+    assert rows[2].value > rows[1].value > rows[0].value - 0.01
+    with pytest.raises(InputError, match="expected a_bits 8"):
+        plan(("rtn",), ("w4a16",), ("tensor",), "llama.cpp")
