@@ -147,6 +147,8 @@ def test_what_llama_cpp_cannot_run_is_refused_and_nothing_written(tmp_path):
         mambaquant.quantize("mamba-shakespeare", method="rtn", target="llama.cpp", w_bits=6)
     with pytest.raises(InputError, match="expected a_bits 8"):
         mambaquant.quantize("mamba-shakespeare", method="rtn", target="llama.cpp", a_bits=4)
+    with pytest.raises(InputError, match="runs there .* expected --backend fake"):
+        mambaquant.quantize("mamba-shakespeare", method="rtn", target="llama.cpp", backend="int8")
     export_gguf(mambaquant.load("mamba-shakespeare"), tmp_path / "c.gguf")
     with pytest.raises(InputError, match="exists; pass --overwrite"):
         export_gguf(mambaquant.load("mamba-shakespeare"), tmp_path / "c.gguf")

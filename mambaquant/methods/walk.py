@@ -330,17 +330,22 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
     simulation, bit for bit), the float input split into int8 limbs where only the weights are (the same to
     float32 precision). The other quantization points (conv1d input, h, C) are simulated in both."""
     linears = [module for module in model.modules() if isinstance(module, QuantizedLinear)]
-    check_backend(backend, bool(linears))
+    engine = any(linear.input_quantizer is not None and linear.input_quantizer.spec.granularity == "block"
+                 for linear in linears)
+    check_backend(backend, bool(linears), llama_cpp.ENGINE if engine else "runtime")
     for linear in linears:
         linear.set_backend(backend)
     return model
 
 
-def check_backend(backend: str, quantized_weights: bool) -> None:
+def check_backend(backend: str, quantized_weights: bool, target: str = "runtime") -> None:
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend == "int8" and not quantized_weights:
         raise InputError("the int8 backend needs a model with quantized weights (w_bits <= 8)")
+    if backend == "int8" and target != "runtime":
+        raise InputError(f"a model quantized for {target} runs there (mambaquant export DIR --to gguf); here it runs "
+                         "as its exact simulation: expected --backend fake")
 
 
 def check_finite_activations(tensors: list[torch.Tensor], where: str) -> list[torch.Tensor]:
@@ -392,7 +397,7 @@ def quantize(model, method: str = "mambaquant", w_bits: int = 8, a_bits: int = 8
     source = model if isinstance(model, str) else type(model).__name__
     config = QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, act_granularity=act_granularity, seed=seed,
                          **options)
-    check_backend(backend, config.w_bits != FULL_PRECISION)  # before any work
+    check_backend(backend, config.w_bits != FULL_PRECISION, config.target)  # before any work
     opened = opened_for_streaming(model, strict=bool(stream)) if out is not None and stream is not False else None
     if opened is not None:
         from ..loaders.streamed import quantize_streamed
