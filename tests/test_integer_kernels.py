@@ -3,6 +3,7 @@ simulation (per channel and per group, static and dynamic input scales), weight-
 precision of the dequantized product with no float copy of the weights, and a tied embedding that reads the
 quantized head's codes (in memory and after reloading)."""
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import mambaquant
 from mambaquant.errors import InputError
 from mambaquant.methods import set_backend
 from mambaquant.quant import linear as linear_module
-from mambaquant.quant.linear import QuantizedEmbedding, QuantizedLinear, limb_codes
+from mambaquant.quant.linear import QuantizedEmbedding, QuantizedLinear, int8_product, limb_codes
 from mambaquant.quant.quantizer import ActivationQuantizer, QuantSpec, quantize_weight
 from mambaquant.runtime import LMConfig, MambaLM, init_weights
 
@@ -106,6 +107,103 @@ def test_a_broken_int_mm_is_one_clear_error(monkeypatch):
     layer = quantized_linear(8, 0, QuantSpec(8))
     with pytest.raises(InputError, match="int8 matrix product.*--backend fake"):
         layer.set_backend("int8")
+
+
+def test_a_kernel_wrong_only_at_a_degenerate_shape_is_refused(monkeypatch):
+    """torch 2.13's oneDNN int8 product gets (M, 1) @ (1, N) wrong in some layouts: the start-up check must try the
+    degenerate shapes the backend runs, not only wide ones."""
+    int_mm = torch._int_mm
+    monkeypatch.setattr(linear_module, "INT8_KERNELS_CHECKED", None)
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: int_mm(a, b) + (a.shape[1] == 1))
+    with pytest.raises(InputError, match="int8 matrix product.*--backend fake"):
+        quantized_linear(8, 0, QuantSpec(8)).set_backend("int8")
+
+
+def test_int8_product_is_exact_in_every_layout_of_its_operands():
+    """A single row or a width-1 weight in any valid layout: the strides of a size-1 dimension are arbitrary, and
+    oneDNN reads them (q (1, K) with strides (1, 1) and codes.t() (1, N) with strides (1, 1) give wrong sums)."""
+    generator = torch.Generator().manual_seed(0)
+    for rows, width, out_features in itertools.product((1, 3), (1, 2, 17), (1, 2, 33)):
+        q = torch.randint(-127, 128, (rows, width + 2), generator=generator, dtype=torch.int8)
+        codes = torch.randint(-127, 128, (out_features, width + 2), generator=generator, dtype=torch.int8)
+        q_layouts = [q[:, :width].contiguous(), q[:, 1:width + 1], q[:, :width].t().contiguous().t(),
+                     torch.empty_strided((rows, width), (1, 1), dtype=torch.int8).copy_(q[:, :width])]
+        codes_layouts = [codes[:, :width].contiguous(), codes[:, 2:], codes[:, :width].t().contiguous().t()]
+        for a, b in itertools.product(q_layouts[:3] if rows > 1 else q_layouts, codes_layouts):
+            assert torch.equal(int8_product(a, b).long(), a.long() @ b.long().t()), (a.stride(), b.stride())
+
+
+WIDTHS = (1, 2, 3, 7, 16, 33)
+GROUPS = {1: 1, 2: 2, 3: 3, 7: 7, 16: 4, 33: 3}  # per-group weight scales: groups of width 1, 4 and 11
+SWEEP_INPUTS = INPUTS | {"weight-only": None}
+
+
+def extreme_or_random_linear(out_features, in_features, bits, per_group, extreme, input_spec, generator):
+    top = 2 ** (bits - 1) - 1
+    if extreme:
+        codes = torch.where(torch.rand(out_features, in_features, generator=generator) < 0.5, -top, top)
+    else:
+        codes = torch.randint(-top, top + 1, (out_features, in_features), generator=generator)
+    groups = GROUPS[in_features] if per_group else 0
+    scale_shape = (out_features, groups, 1) if per_group else (out_features, 1)
+    scale = torch.rand(scale_shape, generator=generator) * 0.1 + 1e-3
+    quantizer = None
+    if input_spec is not None:
+        quantizer = ActivationQuantizer(input_spec)
+        quantizer.observe(None, 2 * torch.randn(4, in_features, generator=generator))
+    return QuantizedLinear(codes, scale, torch.randn(out_features, generator=generator), bits, quantizer)
+
+
+@pytest.mark.parametrize("input_spec", SWEEP_INPUTS.values(), ids=SWEEP_INPUTS.keys())
+@pytest.mark.parametrize("bits,per_group", [(8, False), (4, False), (8, True), (4, True)])
+def test_every_width_down_to_one_matches_the_simulation(bits, per_group, input_spec):
+    """in_features and out_features down to 1 (dt_proj at dt_rank 1 is 1 -> d_inner), single and several rows,
+    extreme and random codes: bit for bit where the input is quantized, within float32 precision otherwise."""
+    generator = torch.Generator().manual_seed(bits + per_group)
+    for in_features in WIDTHS:
+        for out_features in WIDTHS:
+            for extreme in (True, False):
+                layer = extreme_or_random_linear(out_features, in_features, bits, per_group, extreme, input_spec,
+                                                 generator)
+                for rows in (1, 5):
+                    x = 3 * torch.randn(rows, in_features, generator=generator)
+                    x[0] = 1e3 * torch.where(torch.rand(in_features, generator=generator) < 0.5, -1.0, 1.0)
+                    layer.set_backend("fake")
+                    simulated = layer(x)
+                    layer.set_backend("int8")
+                    integer = layer(x)
+                    case = f"{rows} x {in_features} -> {out_features}, {'extreme' if extreme else 'random'} codes"
+                    assert torch.isfinite(integer).all(), case
+                    if input_spec is not None:
+                        assert torch.equal(integer, simulated), case
+                    else:  # the limbs' 2^-23 of max|x| sum|w| (as in the test above), plus float32's rounding of
+                        # the few operations that scale and add up the limbs' sums and the bias, at these large outputs
+                        weight = layer.dequantized_weight().double()
+                        reference = x.double() @ weight.T + layer.bias.double()
+                        magnitude = x.abs().amax(1, keepdim=True).double() * weight.abs().sum(1) + layer.bias.abs()
+                        bound = magnitude * 2**-21
+                        assert ((simulated - reference).abs() <= bound).all(), case
+                        assert ((integer - reference).abs() <= bound).all(), case
+
+
+@pytest.mark.parametrize("w_bits,a_bits", [(8, 8), (4, 4)])
+def test_a_model_with_dt_rank_1_runs_exactly_on_the_int8_backend(w_bits, a_bits):
+    """dt_proj takes a width-1 input: every quantized linear, and so the logits, must equal the simulation's. The
+    weights are drawn larger than usual (std 0.3) so that a wrong dt_proj reaches the logits."""
+    config = LMConfig(d_model=16, n_layer=2, d_state=4, dt_rank=1, vocab_size=256)
+    model = init_weights(MambaLM(config), std=0.3, seed=0).eval()
+    calib = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
+    quantized = mambaquant.quantize(model, method="rtn", w_bits=w_bits, a_bits=a_bits, calib=calib, calib_samples=4)
+    ids = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(1))
+    outputs = {}
+    for name, module in quantized.named_modules():
+        if isinstance(module, QuantizedLinear):
+            module.register_forward_hook(lambda m, i, o, name=name: outputs.setdefault(name, []).append(o.clone()))
+    simulated = quantized(ids)
+    integer = set_backend(quantized, "int8")(ids)
+    assert quantized.layers[0].mixer.ssm.dt_proj.in_features == 1
+    assert {name: torch.equal(*pair) for name, pair in outputs.items()} == {name: True for name in outputs}
+    assert torch.isfinite(integer).all() and torch.equal(integer, simulated)
 
 
 def tied_lm():

@@ -21,17 +21,51 @@ LIMB_STEP = 254  # each limb's scale is the previous one's / 254: the residual o
 INT8_KERNELS_CHECKED = None  # per process: None before the check, then "" or what is wrong with torch._int_mm
 
 
+def int8_product(q: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """q (M, K) int8 times codes (N, K) int8 transposed: the exact int32 sums (M, N) from `torch._int_mm`.
+
+    Its oneDNN path (torch 2.13 on CPU) reads the stride of a size-1 dimension as given, and returns wrong sums
+    for layouts that are valid but not the usual ones: a width-1 weight codes.t() (1, N) with strides (1, 1), as
+    dt_proj's at dt_rank 1, or a single row q (1, K) with strides (1, 1). So q goes in row-major with strides
+    (K, 1) exactly, and the weight column-major (its transposed codes, strides (1, in_features)) except at K = 1,
+    where it goes in row-major with strides (N, 1). `check_int8_kernels` tries these layouts at every degenerate
+    size."""
+    if q.stride() != (q.shape[1], 1):
+        q = q.new_empty(q.shape).copy_(q)
+    weight = codes.t()
+    if weight.shape[0] == 1:
+        weight = weight.new_empty(weight.shape).copy_(weight)
+    return torch._int_mm(q, weight)
+
+
+def kernel_check_cases():
+    """(q, codes) pairs of extreme codes in the shapes the int8 backend multiplies: a wide input, whose int32 sums
+    must neither saturate nor drift, and every small size of rows, inputs and outputs, whole or as a slice of
+    wider tensors (a group of inputs), where a kernel may misread a degenerate layout."""
+    generator = torch.Generator().manual_seed(0)
+
+    def extreme(*shape):
+        return torch.where(torch.rand(shape, generator=generator) < 0.5, -128, 127).to(torch.int8)
+
+    q, codes = extreme(2, 4096), extreme(16, 4096)
+    q[0], codes[0] = -128, -128  # the largest sum there is, 4096 * 2^14
+    yield q, codes
+    for rows in (1, 2, 5):
+        for width in (1, 2, 3, 17):
+            for out_features in (1, 2, 33):
+                yield extreme(rows, width), extreme(out_features, width)
+                yield extreme(rows, width + 3)[:, 1:width + 1], extreme(out_features, width + 3)[:, 2:width + 2]
+
+
 def check_int8_kernels() -> None:
-    """Once per process: `torch._int_mm` on the extreme codes at a wide input, against exact int64 sums (a CPU
-    whose int8 path saturates or falls back to float would give wrong numbers, not an error)."""
+    """Once per process: `int8_product` on extreme codes in every shape the backend relies on, against exact int64
+    sums (a CPU whose int8 path saturates, falls back to float or misreads a layout gives wrong numbers, not an
+    error)."""
     global INT8_KERNELS_CHECKED
     if INT8_KERNELS_CHECKED is None:
-        q = torch.full((2, 4096), -128, dtype=torch.int8)
-        q[1, ::2] = 127
-        w = torch.full((4096, 16), -128, dtype=torch.int8)
-        w[::3, 1] = 127
         try:
-            exact = torch.equal(torch._int_mm(q, w).long(), q.long() @ w.long())
+            exact = all(torch.equal(int8_product(q, codes).long(), q.long() @ codes.long().t())
+                        for q, codes in kernel_check_cases())
             INT8_KERNELS_CHECKED = "" if exact else "gives wrong sums for extreme codes"
         except (RuntimeError, NotImplementedError) as e:
             INT8_KERNELS_CHECKED = f"is not available ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
@@ -113,7 +147,7 @@ class QuantizedLinear(nn.Module):
         """q (rows, K') int8 times the codes' input columns `columns`, transposed: the exact integer sums (rows, N)
         as float32."""
         if self.backend == "int8":
-            sums = torch._int_mm(q, self.codes[:, columns].t())
+            sums = int8_product(q, self.codes[:, columns])
             return sums.view(torch.float32).copy_(sums)  # int32 -> float32 in place: no second output-sized buffer
         return F.linear(q.float(), self.cached("codes_f", self.codes.float)[:, columns])
 
