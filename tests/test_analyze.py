@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mambaquant
-from mambaquant.analysis import capture
+from mambaquant.analysis import analyze, capture
 from mambaquant.analysis.error import measure
 from mambaquant.analysis.stats import SketchConfig, transformed_channels
 from mambaquant.runtime import find_sites
@@ -123,3 +123,18 @@ def test_cli_bad_methods_exit_2_before_any_work(tmp_path):
     code, _, stderr = run_cli("analyze", "mamba-shakespeare", "--out", tmp_path / "a", "--methods", "rtn,nope")
     assert code == 2 and "unknown method(s) nope" in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("w_bits", [8, 16])  # 16: only the activations quantized, no QuantizedLinear at all
+def test_a_quantized_checkpoint_is_refused_before_any_work(small_lm, tmp_path, w_bits):
+    calib = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    quantized = mambaquant.quantize(small_lm, method="rtn", w_bits=w_bits, a_bits=8, calib=calib, calib_samples=4)
+    source = mambaquant.save(quantized, tmp_path / "quantized")
+    out = tmp_path / "analysis"
+    code, _, stderr = run_cli("analyze", source, "--out", out, "--calib-samples", "4")
+    assert code == 2 and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr, stderr
+    assert f"{source} is a quantized checkpoint; analyze takes a full-precision model (the one you quantized)" in stderr
+    assert not out.exists()
+    with pytest.raises(mambaquant.InputError, match="is a quantized model; analyze takes a full-precision model"):
+        analyze(quantized, out)
+    assert not out.exists()

@@ -129,8 +129,9 @@ def analyze(source, out_dir: str | Path, config: AnalysisConfig | None = None, o
     from . import plots, report
 
     config = config or AnalysisConfig(**options)
-    out_dir = check_output_dir(out_dir, overwrite, sources=[source])
     name = str(source) if isinstance(source, (str, Path)) else type(source).__name__
+    check_full_precision(source, name)
+    out_dir = check_output_dir(out_dir, overwrite, sources=[source])
     model = load(source).eval()
     methods_for(model, config.methods)  # a method that does not apply to this block kind fails before any work
     batches = resolve_calibration(model, name, config.calib, config.calib_samples, config.calib_len, config.seed,
@@ -175,6 +176,22 @@ def analyze(source, out_dir: str | Path, config: AnalysisConfig | None = None, o
     write_atomic_dir(out_dir, lambda staging: write_outputs(results, staging, plots, report), overwrite,
                      kind="analysis", sources=[source])
     return results
+
+
+def check_full_precision(source, name: str) -> None:
+    """Refuse a quantized model, before it is loaded where it is a checkpoint directory: analyze measures what each
+    method would do to the full-precision model."""
+    from ..loaders import quantized, read_config, resolve_source
+
+    if isinstance(source, torch.nn.Module):
+        is_quantized, what = hasattr(source, "quantization_report"), "a quantized model"
+    else:
+        kind, path = resolve_source(source)
+        is_quantized = kind == "path" and (path / "config.json").is_file() and quantized.is_quantized_config(
+            read_config(path))
+        what = "a quantized checkpoint"
+    if is_quantized:
+        raise InputError(f"{name} is {what}; analyze takes a full-precision model (the one you quantized)")
 
 
 def write_outputs(results: dict, directory: Path, plots, report) -> None:
