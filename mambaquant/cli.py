@@ -350,7 +350,7 @@ def lm_eval_config(args):
 
     config = LMEvalConfig(args.lm_eval, args.num_fewshot, args.limit, dict(args.lm_eval_data or []),
                           tuple(args.lm_eval_include or ()), args.batch_size)
-    load_tasks(config.tasks, config.data, config.include)
+    load_tasks(config.tasks, config.data, config.include, config.num_fewshot)
     if args.limit:
         print(f"quick look: every lm-eval task uses its first {args.limit} documents only, not the full set",
               file=sys.stderr)

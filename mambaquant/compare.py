@@ -117,7 +117,8 @@ def compare(source, methods=None, bits=DEFAULT_BITS, granularities=GRANULARITIES
     if lm_eval is not None:
         from .evaluation.local_tasks import load_tasks
 
-        load_tasks(lm_eval.tasks, lm_eval.data, lm_eval.include)  # so do unknown tasks and unreachable task data
+        # so do unknown tasks, unreachable task data and more few-shot examples than a task has
+        load_tasks(lm_eval.tasks, lm_eval.data, lm_eval.include, lm_eval.num_fewshot)
     if eval_data is not None:
         from .evaluation.user_data import user_data
 

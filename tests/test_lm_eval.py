@@ -254,6 +254,37 @@ def test_cli_refusals(cli):
                    "TASK=FILE")
 
 
+def test_more_few_shot_examples_than_documents_are_refused_before_the_model(cli):
+    assert_refused(cli.run("eval", "mamba-shakespeare", "--lm-eval", "shakespeare_mc", "--num-fewshot", "1000000",
+                           "--limit", "2"), "lm-eval task shakespeare_mc", "has 200 documents", "--num-fewshot 200")
+    assert_refused(cli.run("compare", "mamba-shakespeare", "--methods", "fp", "--lm-eval", "shakespeare_mc",
+                           "--num-fewshot", "201", "--limit", "2"), "shakespeare_mc", "has 200 documents")
+    loaded, _ = load_tasks("shakespeare_mc", num_fewshot=200)  # all of them: lm-eval samples 200 of 200
+    assert loaded["shakespeare_mc"].get_config("num_fewshot") == 200
+
+
+def test_few_shot_examples_from_the_evaluated_split_leave_the_document_out(tmp_path):
+    """Drawn from the split being evaluated, a document's examples exclude it: one fewer is available."""
+    task = tmp_path / "fewshot_from_test.yaml"
+    task.write_text(f"""task: fewshot_from_test
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {TASKS_DIR / "shakespeare_mc.jsonl"}
+test_split: test
+fewshot_split: test
+output_type: multiple_choice
+doc_to_text: context
+doc_to_choice: choices
+doc_to_target: label
+""")
+    with pytest.raises(InputError, match="fewshot_from_test: 200 few-shot .* has 200 documents; expected "
+                                         "--num-fewshot 199 or fewer"):
+        load_tasks(str(task), num_fewshot=200)
+    loaded, _ = load_tasks(str(task), num_fewshot=199)
+    assert loaded["fewshot_from_test"].get_config("num_fewshot") == 199
+
+
 class Recording(MambaQuantLM):
     """The adapter, keeping every (context, continuation) it was asked to score."""
 

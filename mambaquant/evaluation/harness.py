@@ -24,7 +24,6 @@ from .text import check_logits
 
 NEWLINE = 10  # what a byte-level model's documents start after: byte models have no end-of-text token
 DEFAULT_MAX_GEN_TOKENS = 256
-FEWSHOT_SEED = 1234  # lm-eval's default
 
 
 @register_model("mambaquant")
@@ -259,16 +258,10 @@ def lm_eval_results(model, source: str, config: LMEvalConfig, tokenizer: str | N
     fails before the model does."""
     from lm_eval.evaluator import evaluate  # not simple_evaluate: no git call, no logging set-up, no task index
 
-    loaded, origins = load_tasks(config.tasks, config.data, config.include)
+    loaded, origins = load_tasks(config.tasks, config.data, config.include, config.num_fewshot)
     adapter = model if isinstance(model, MambaQuantLM) else MambaQuantLM(model, tokenizer=tokenizer,
                                                                           batch_size=config.batch_size,
                                                                           progress=progress)
-    for task in loaded.values():  # lm-eval's rules: a task configured 0-shot stays so
-        if config.num_fewshot is not None and task.get_config("num_fewshot") != 0:
-            task.set_config(key="num_fewshot", value=config.num_fewshot)
-        elif task.get_config("num_fewshot") is None:
-            task.set_config(key="num_fewshot", value=0)
-        task.set_fewshot_seed(seed=FEWSHOT_SEED)
     limit = config.limit
     with quiet():
         output = evaluate(adapter, {"tasks": loaded, "groups": {}, "group_map": {}}, limit=limit, bootstrap_iters=0,

@@ -26,6 +26,7 @@ ALIASES = {"paper": tuple(PAPER_TASKS)}
 DATA_DIRECTORY_TASKS = {"lambada_openai": ("lambada/lambada_openai.yaml", "lambada/lambada_test.jsonl")}
 DATA_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 SPLITS = ("training_split", "validation_split", "test_split", "fewshot_split")
+FEWSHOT_SEED = 1234  # lm-eval's default
 
 
 @dataclass
@@ -195,9 +196,10 @@ def data_directory_file(name: str) -> Path | None:
     return file if file is not None and file.is_file() else None
 
 
-def load_tasks(tasks, data: dict | None = None, include=()) -> tuple[dict, dict]:
-    """({task name: lm-eval Task}, {task name: where its data comes from}), every task's documents read (locally).
-    `data` maps a task to a local file for its evaluation split; `include` adds folders of task YAMLs."""
+def load_tasks(tasks, data: dict | None = None, include=(), num_fewshot: int | None = None) -> tuple[dict, dict]:
+    """({task name: lm-eval Task}, {task name: where its data comes from}), every task's documents read (locally)
+    and its few-shot examples set (`set_fewshot`). `data` maps a task to a local file for its evaluation split;
+    `include` adds folders of task YAMLs."""
     require_lm_eval()
     names = task_names(tasks)
     specs, origins, manager = task_specs(names, data, include)
@@ -219,7 +221,30 @@ def load_tasks(tasks, data: dict | None = None, include=()) -> tuple[dict, dict]
                     "(docs/lm-eval.md)") from None
             loaded.update(built)
             where.update(dict.fromkeys(built, origin))
+    for name, task in loaded.items():
+        set_fewshot(name, task, num_fewshot)
     return loaded, where
+
+
+def set_fewshot(name: str, task, num_fewshot: int | None) -> None:
+    """Few-shot examples by lm-eval's rules (a task configured 0-shot stays so; None: the task's default, else 0),
+    refused beyond what the task's few-shot documents hold (lm-eval itself would fail in random.sample, at the first
+    document, after the model has loaded)."""
+    if num_fewshot is not None and task.get_config("num_fewshot") != 0:
+        task.set_config(key="num_fewshot", value=num_fewshot)
+    elif task.get_config("num_fewshot") is None:
+        task.set_config(key="num_fewshot", value=0)
+    task.set_fewshot_seed(seed=FEWSHOT_SEED)
+    shots = task.get_config("num_fewshot")
+    if shots:
+        sampler = getattr(task, "sampler", None)  # lm-eval makes one only for a task with few-shot documents
+        documents = len(sampler.fewshot_docs()) if sampler is not None else 0
+        # drawn from the evaluation split itself, a document's examples leave the document out
+        fewshot_split = getattr(getattr(task, "fewshot_cfg", None), "split", None)
+        usable = documents - int(fewshot_split is not None and fewshot_split == task.get_config("test_split"))
+        if shots > usable:
+            raise InputError(f"lm-eval task {name}: {shots} few-shot examples asked for, but its few-shot split has "
+                             f"{documents} documents; expected --num-fewshot {max(usable, 0)} or fewer")
 
 
 @contextmanager
