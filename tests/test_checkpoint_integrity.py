@@ -269,6 +269,18 @@ def set_element(name, index, value):
     return apply
 
 
+def every_group_size(size: int):
+    """quantization_config.weight_group_size and every quantized linear's group_size = size (a config that agrees
+    with itself, not with the scales)."""
+    def apply(config):
+        q = config["quantization_config"]
+        q["weight_group_size"] = size
+        for entry in q["layout"]["linears"].values():
+            if "float" not in entry:
+                entry["group_size"] = size
+    return apply
+
+
 def set_field(path, value):
     """config[path...] = value (a path of keys; the last one may be deleted with value DELETE)."""
     def apply(config):
@@ -431,9 +443,13 @@ CASES = {
                        ["quantization_config.percentile: expected a finite number > 50 and <= 100, got NaN"]),
     "group size a float": ("w4", edit_config(set_field(Q + ("weight_group_size",), 0.0)),
                            ["weight_group_size: expected an integer >= 0, got 0.0"]),
-    "group size not dividing": ("w4", edit_config(set_field(Q + ("weight_group_size",), 3)),
-                                ["weight_group_size: 3 does not divide the input width 16"]),
-    "group size not matching the scales": ("w4", edit_config(set_field(Q + ("weight_group_size",), 1)),
+    "group size not dividing": ("w4", edit_config(set_field(Q + ("layout", "linears", "layers.0.mixer.in_proj",
+                                                                     "group_size"), 3)),
+                                ["group_size: 3 does not divide the input width 16"]),
+    "group size not the run's": ("w4", edit_config(set_field(Q + ("weight_group_size",), 8)),
+                                 ["group_size: 0, but quantization_config.weight_group_size 8 gives this linear groups "
+                                  "of 8"]),
+    "group size not matching the scales": ("w4", edit_config(every_group_size(1)),
                                            ["layers.0.mixer.in_proj.scale has shape (64, 1), expected (64, 16, 1)"]),
     "seed a float": ("w8", edit_config(set_field(Q + ("seed",), 1.5)), ["seed: expected an integer, got 1.5"]),
     "alpha a string": ("w8", edit_config(set_field(Q + ("alpha",), "0.5")), ["alpha: expected a finite number"]),

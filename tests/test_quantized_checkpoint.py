@@ -165,5 +165,6 @@ def test_a_group_size_that_does_not_divide_a_layer_gives_it_channel_scales_and_t
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     config["quantization_config"]["layout"]["linears"] = layout
     (tmp_path / "q" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(InputError, match="group_size: 64, but quantization_config.weight_group_size is 32"):
+    with pytest.raises(InputError, match="group_size: 64, but quantization_config.weight_group_size 32 gives this "
+                                         "linear groups of 32"):
         mambaquant.load(tmp_path / "q")

@@ -556,13 +556,14 @@ def build_skeleton(config: dict, q: dict, verifier: Verifier) -> tuple[nn.Module
         if entry["shape"] != [out_features, in_features]:
             verifier.config_error(f"{at}.shape", f"{entry['shape']}, but model_config gives this linear the shape "
                                                  f"{[out_features, in_features]}")
-        group = entry["group_size"]
-        if group not in (0, q["weight_group_size"]):
-            verifier.config_error(f"{at}.group_size", f"{group}, but quantization_config.weight_group_size is "
-                                                      f"{q['weight_group_size']} (expected it, or 0: per channel)")
+        group, requested = entry["group_size"], q["weight_group_size"]
         if group and in_features % group:
             verifier.config_error(f"{at}.group_size", f"{group} does not divide the input width {in_features} of "
                                                       f"{display(name)}")
+        expected = requested if requested and in_features % requested == 0 else 0  # QuantConfig.weight_spec's rule
+        if group != expected:
+            verifier.config_error(f"{at}.group_size", f"{group}, but quantization_config.weight_group_size {requested} "
+                                  f"gives this linear {f'groups of {expected}' if expected else 'per-channel scales'}")
         scale_shape = (out_features, in_features // group, 1) if group else (out_features, 1)
         input_quantizer = None
         if entry["input"] is not None:
