@@ -18,6 +18,16 @@ def test_eval_and_generate():
     assert code == 0 and out.startswith("ROMEO:") and len(out) > 30
 
 
+def test_generate_at_a_vanishing_temperature_is_greedy():
+    """A temperature so small that logits / T overflows is greedy decoding in effect, not a NaN traceback."""
+    args = ("generate", "mamba-shakespeare", "--prompt", "ROMEO:", "--max-new-tokens", "24", "--temperature")
+    code, greedy, stderr = run_cli(*args, "0")
+    assert code == 0, stderr
+    for temperature in ("1e-40", "1e-300", "1e-45"):
+        code, out, stderr = run_cli(*args, temperature)
+        assert code == 0 and out == greedy, (temperature, stderr)
+
+
 @pytest.fixture
 def bad_inputs(tmp_path, small_lm):
     cases = {}

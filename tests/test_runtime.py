@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from mambaquant.runtime import SITES, find_sites, use_reference_scan
+from mambaquant.runtime.lm import sample
 
 from .helpers import rel_err
 
@@ -33,6 +34,25 @@ def test_greedy_generation_matches_argmax_of_full_forward(small_lm):
     sequence = torch.cat([prompt, new], dim=1)
     logits = small_lm(sequence[:, :-1])
     assert torch.equal(logits[:, 8:].argmax(-1), new)
+
+
+def test_a_vanishing_temperature_is_greedy_and_a_normal_one_samples_as_before():
+    """logits / T overflows float32 for T below about 1e-38 (and T rounds to 0 below about 1e-45): the limit is
+    greedy decoding, not a NaN distribution. Above that, the same seeded draws as softmax(logits / T) always gave."""
+    logits = 4 * torch.randn(3, 300, generator=torch.Generator().manual_seed(0))
+    logits[2] = 0.0  # all equal: 0 / T rounds to 0 / 0 where T does
+    for temperature in (1e-38, 1e-40, 1e-45, 1e-46, 1e-300, 5e-324):
+        for top_k in (None, 5):
+            assert torch.equal(sample(logits, temperature, top_k, torch.Generator()), logits.argmax(-1)), temperature
+    for temperature, top_k in ((0.8, None), (1.0, 5), (1e-3, None)):
+        draws = [sample(logits, temperature, top_k, torch.Generator().manual_seed(seed)) for seed in range(20)]
+        scaled = logits / temperature
+        if top_k is not None:
+            scaled = scaled.masked_fill(scaled < scaled.topk(top_k, dim=-1).values[:, -1:], float("-inf"))
+        before = [torch.multinomial(scaled.softmax(-1), 1, generator=torch.Generator().manual_seed(seed))[:, 0]
+                  for seed in range(20)]
+        assert all(torch.equal(a, b) for a, b in zip(draws, before))
+    assert len({tuple(draw.tolist()) for draw in draws}) > 1  # sampled, not greedy
 
 
 def test_every_site_is_named_and_seen_with_its_documented_rank(small_lm, small_vim):

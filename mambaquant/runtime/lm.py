@@ -91,9 +91,15 @@ def check_generation(input_ids, max_new_tokens, temperature, top_k, vocab_size: 
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None):
+    """The next token of each row: the argmax at temperature 0, else drawn from softmax(logits / temperature) over
+    the top_k largest logits. A temperature so small that logits / temperature overflows float32 (or rounds to 0 in
+    it: below about 1e-45) is greedy decoding too: every logit below the largest has probability 0 long before."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    scaled = logits.float() / temperature
+    if not scaled.isfinite().all() and logits.isfinite().all():
+        return logits.argmax(-1)
+    logits = scaled
     if top_k is not None and top_k < logits.shape[-1]:
         threshold = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < threshold, float("-inf"))
