@@ -52,7 +52,7 @@ def export_gguf(model: nn.Module, path, tokenizer: str | Path | None = None, nam
     if problems:
         hint = "; quantize it with --target llama.cpp (target=\"llama.cpp\")" if hasattr(model, "quantization_report") \
             else ""
-        raise InputError(f"llama.cpp cannot run this model: {'; '.join(problems)}{hint}")
+        raise InputError(f"llama.cpp cannot run this model: {llama_cpp.summary(problems)}{hint}")
     path = Path(check_output_file(path))
     if path.suffix != ".gguf":
         raise InputError(f"{path}: expected a file name ending in .gguf")

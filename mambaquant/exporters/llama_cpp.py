@@ -7,6 +7,9 @@ itself, dynamically, to int8 per block of 32 values (`block_fake_quantize`); eve
 scan, its state, the norms) in float32; and no transform at run time: no online rotation, no S-SiLU gate, no scale
 at a site."""
 
+import re
+from collections import Counter
+
 from torch import nn
 
 from ..quant.linear import QuantizedEmbedding, QuantizedLinear
@@ -82,6 +85,15 @@ def execution_problems(model: nn.Module, skip: str | None = None) -> list[str]:
     if isinstance(getattr(model, "embedding", None), QuantizedEmbedding) and not model.config.tie_embeddings:
         problems.append("a quantized embedding not tied to the head")
     return problems
+
+
+def summary(problems: list[str], shown: int = 4) -> str:
+    """Problems as one line: those that differ only in the block index counted once ("... in layers.N.mixer x4"),
+    the first `shown` kinds named and the rest counted."""
+    kinds = Counter(re.sub(r"layers\.\d+\.", "layers.N.", problem) for problem in problems)
+    named = [f"{kind} (x{count})" if count > 1 else kind for kind, count in list(kinds.items())[:shown]]
+    rest = len(kinds) - shown
+    return "; ".join(named) + (f"; and {rest} more" if rest > 0 else "")
 
 
 def linear_problems(name: str, linear: QuantizedLinear) -> list[str]:

@@ -284,7 +284,8 @@ def check_engine_runs(module: nn.Module, config: QuantConfig, skip: str | None =
     does not execute (a recipe that left something would be a bug)."""
     problems = llama_cpp.execution_problems(module, skip)
     if problems:
-        raise InputError(f"method {config.method} left what {config.target} does not execute: {'; '.join(problems)}")
+        raise InputError(f"method {config.method} left what {config.target} does not execute: "
+                         f"{llama_cpp.summary(problems)}")
 
 
 def switch_on(pending: list[tuple[Site, ActivationQuantizer]], slots: list[tuple[nn.Module, str, Site]],
