@@ -3,8 +3,8 @@ position of a token sequence, greedy decoding, and llama.cpp's own quantizer. Th
 hold an export to what llama.cpp computes.
 
 `extra_buffers` is llama.cpp's `use_extra_bufts` (weights repacked for its AMX / repack kernels). It is off by
-default: on this project's CPUs (Intel Xeon with AMX) llama.cpp's AMX matrix product crashes on a Q8_0 / Q4_0
-weight whose output rows are not a multiple of 32 (x_proj's dt_rank + 2 d_state rows), and its generic path is
+default: on this project's CPUs (Intel Xeon with AMX) llama.cpp 0.3.36's AMX matrix product crashes the process
+(SIGSEGV) on every Q8_0 / Q4_0 Mamba file tried, llama.cpp's own quantizations included, and its generic path is
 what every CPU without AMX runs."""
 
 import ctypes

@@ -273,8 +273,6 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp's and torch's")
     parser.add_argument("--markdown", help="also write the tables to this file")
     args = parser.parse_args()
-    # this file's name is the llama-cpp-python package's: keep its directory off the path before llama_cpp's import
-    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
     both = not (args.quality or args.speed)
     torch.set_num_threads(args.threads)
     lines = [f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
