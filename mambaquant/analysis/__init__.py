@@ -130,8 +130,8 @@ def analyze(source, out_dir: str | Path, config: AnalysisConfig | None = None, o
 
     config = config or AnalysisConfig(**options)
     name = str(source) if isinstance(source, (str, Path)) else type(source).__name__
+    out_dir = check_output_dir(out_dir, overwrite, sources=[source])  # first: --overwrite never takes the source
     check_full_precision(source, name)
-    out_dir = check_output_dir(out_dir, overwrite, sources=[source])
     model = load(source).eval()
     methods_for(model, config.methods)  # a method that does not apply to this block kind fails before any work
     batches = resolve_calibration(model, name, config.calib, config.calib_samples, config.calib_len, config.seed,
