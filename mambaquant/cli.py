@@ -141,16 +141,15 @@ def cmd_quantize(args) -> None:
         card_notes.append(lines[-1])
     if args.out is not None:
         check_output_dir(args.out, args.overwrite, [args.source])
-        extra = None
-        if args.export is not None:
+        def write_gguf(staging):
             from .exporters.gguf import export_gguf
 
-            def extra(staging):
-                export_gguf(quantized, staging / "model.gguf", tokenizer=export_tokenizer(quantized, args))
+            export_gguf(quantized, staging / "model.gguf", tokenizer=export_tokenizer(quantized, args))
+
         save(quantized, args.out, overwrite=args.overwrite, notes=card_notes, shard_size=args.shard_size * 2**20,
-             extra=extra)
+             extra=write_gguf if args.export else None)
         output["out"] = args.out
-        lines.append(f"wrote {args.out}" + (" (model.gguf: run it in llama.cpp)" if extra else ""))
+        lines.append(f"wrote {args.out}" + (" (model.gguf: run it in llama.cpp)" if args.export else ""))
     print(json.dumps(output) if args.json else "\n".join(lines))
 
 
