@@ -255,6 +255,8 @@ def add_lm_eval_options(parser) -> None:
                         help="read an lm-eval task's evaluation split from a local .jsonl/.json/.csv/.parquet file")
     parser.add_argument("--lm-eval-include", type=path_value, action="append", metavar="DIR",
                         help="a folder of lm-eval task YAMLs (relative data files are read beside each YAML)")
+    parser.add_argument("--trust-task-code", action="store_true",
+                        help="let your task YAMLs import the Python they name (!function): only for files you trust")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="sequences per batch in lm-eval tasks")
 
 
@@ -339,7 +341,7 @@ def cmd_zoo(args) -> None:
 def lm_eval_config(args):
     """The --lm-eval options as an LMEvalConfig, tasks and their data checked (before any model is loaded)."""
     lm_options = {"--num-fewshot": args.num_fewshot, "--limit": args.limit, "--lm-eval-data": args.lm_eval_data,
-                  "--lm-eval-include": args.lm_eval_include}
+                  "--lm-eval-include": args.lm_eval_include, "--trust-task-code": args.trust_task_code or None}
     if args.lm_eval is None:
         given = [option for option, value in lm_options.items() if value is not None]
         if given:
@@ -348,8 +350,8 @@ def lm_eval_config(args):
     from .evaluation.local_tasks import LMEvalConfig, load_tasks
 
     config = LMEvalConfig(args.lm_eval, args.num_fewshot, args.limit, dict(args.lm_eval_data or []),
-                          tuple(args.lm_eval_include or ()), args.batch_size)
-    load_tasks(config.tasks, config.data, config.include, config.num_fewshot)
+                          tuple(args.lm_eval_include or ()), args.batch_size, args.trust_task_code)
+    load_tasks(config.tasks, config.data, config.include, config.num_fewshot, config.trust_code)
     if args.limit:
         print(f"quick look: every lm-eval task uses its first {args.limit} documents only, not the full set",
               file=sys.stderr)

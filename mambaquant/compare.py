@@ -118,7 +118,7 @@ def compare(source, methods=None, bits=DEFAULT_BITS, granularities=GRANULARITIES
         from .evaluation.local_tasks import load_tasks
 
         # so do unknown tasks, unreachable task data and more few-shot examples than a task has
-        load_tasks(lm_eval.tasks, lm_eval.data, lm_eval.include, lm_eval.num_fewshot)
+        load_tasks(lm_eval.tasks, lm_eval.data, lm_eval.include, lm_eval.num_fewshot, lm_eval.trust_code)
     if eval_data is not None:
         from .evaluation.user_data import user_data
 

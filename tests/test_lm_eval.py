@@ -167,7 +167,7 @@ def test_tasks_resolve_before_any_model_runs():
         load_tasks("shakespear_mc")
     with pytest.raises(InputError, match=r"hellaswag: its data \(Rowan/hellaswag\) cannot be read.*--lm-eval-data"):
         load_tasks("hellaswag")
-    with pytest.raises(InputError, match="task data file not found"):
+    with pytest.raises(InputError, match="no such file; expected a task data file"):
         load_tasks("lambada_openai", data={"lambada_openai": "/nonexistent/lambada.jsonl"})
     with pytest.raises(InputError, match="not among the tasks"):
         load_tasks("shakespeare_mc", data={"lambada_openai": str(LAMBADA_SLICE)})
@@ -208,10 +208,12 @@ def test_a_user_task_yaml_over_local_files_from_any_directory(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path.parent)
     (task, result), = lm_eval(model, LMEvalConfig(str(folder / "complete.yaml")), "mamba-shakespeare")
     assert task == "shakespeare_complete" and result.value == 50.0 and result.metric == "exact_match"
-    assert "user data" in result.protocol
+    assert "user task" in result.protocol and f"data: {folder / 'complete.jsonl'}" in result.protocol
     shutil.copy(TASKS_DIR / "shakespeare_mc.yaml", folder / "mine.yaml")  # its !function is beside the original
-    with pytest.raises(InputError, match="not a readable lm-eval task YAML"):
+    with pytest.raises(InputError, match="runs Python code .* --trust-task-code"):
         load_tasks(str(folder / "mine.yaml"))
+    with pytest.raises(InputError, match="not a readable lm-eval task YAML"):
+        load_tasks(str(folder / "mine.yaml"), trust_code=True)
 
 
 def test_cli_eval_and_compare_with_lm_eval_tasks(cli, tmp_path):

@@ -258,7 +258,7 @@ def lm_eval_results(model, source: str, config: LMEvalConfig, tokenizer: str | N
     fails before the model does."""
     from lm_eval.evaluator import evaluate  # not simple_evaluate: no git call, no logging set-up, no task index
 
-    loaded, origins = load_tasks(config.tasks, config.data, config.include, config.num_fewshot)
+    loaded, origins = load_tasks(config.tasks, config.data, config.include, config.num_fewshot, config.trust_code)
     adapter = model if isinstance(model, MambaQuantLM) else MambaQuantLM(model, tokenizer=tokenizer,
                                                                           batch_size=config.batch_size,
                                                                           progress=progress)
