@@ -56,7 +56,32 @@ MAMBA2_SITES = {
     "out_proj_in": "norm(y * gate) per group (with the MLP part SiLU(z0)*x0 before it, if any) = out_proj input "
                    "(B, L, E)",
 }
-TABLES = {"mamba1": SITES, "mamba2": MAMBA2_SITES}
+
+# The layers beside Mamba in hybrid models (mambaquant.runtime.attention, .mlp, .moe). Their input is the block norm
+# output, the block's `norm` site, except where a consumer must see it on its own (the MLP, the MoE's router and
+# experts). Shapes: H query heads, G key/value heads, P head_dim, F the MLP or expert width, T_e the tokens routed
+# to one expert, R a latent MoE's latent width.
+ATTENTION_SITES = {
+    "q": "queries after RoPE (B, L, H*P), heads of P consecutive channels",
+    "k": "the new keys after RoPE, as the KV cache holds them (B, L, G*P)",
+    "v": "the new values, as the KV cache holds them (B, L, G*P)",
+    "o_proj_in": "softmax(q k^T * scale + causal mask) v per head = o_proj input (B, L, H*P)",
+}
+MLP_SITES = {
+    "mlp_in": "MLP input = gate_proj and up_proj input (B, L, D)",
+    "down_in": "act(gate) * up (gated) or act(up) = down_proj input (B, L, F)",
+}
+MOE_SITES = {
+    "router_in": "MoE input as the router's input only (B, L, D); the router is meant to stay in float",
+    "fc1_latent_in": "latent MoE: MoE input as fc1_latent_proj's input only (B, L, D)",
+    "expert_in": "the routed experts' gate and up input before tokens are gathered per expert: the MoE input "
+                 "(B, L, D), or fc1_latent_proj's output (B, L, R) in a latent MoE",
+    "expert_down_in": "act(gate) * up or act(up) of one expert = its down_proj input (1, T_e, F); one site for all "
+                      "experts, called once per expert that received tokens, in expert order",
+    "fc2_latent_in": "latent MoE: the experts' weighted sum = fc2_latent_proj input (B, L, R)",
+}
+TABLES = {"mamba1": SITES, "mamba2": MAMBA2_SITES, "attention": ATTENTION_SITES, "mlp": MLP_SITES,
+          "moe": MOE_SITES}
 
 Observer = Callable[["Site", torch.Tensor], None]
 

@@ -1,0 +1,195 @@
+"""Config dataclasses of the layers beside Mamba in hybrid models: attention, MLP and mixture of experts. Like the
+block configs they serialise to and from plain JSON dicts (`BlockConfig`); unlike them, a bad value raises
+`InputError` on construction too, with one line naming the field."""
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..errors import InputError
+from ..schema import boolean, integer, number, string, validate
+from .config import BlockConfig
+
+SIZE = 65536
+ACTIVATIONS = ("silu", "gelu", "relu2")
+CHOICES = {"activation": ACTIVATIONS, "scoring": ("softmax", "sigmoid")}
+# field -> (lowest, highest); 0 where allowed means "derived from the other fields" (see each config)
+LIMITS = {
+    "d_model": (1, SIZE),
+    "input_size": (0, 2 * SIZE),
+    "n_heads": (1, 4096),
+    "n_kv_heads": (0, 4096),
+    "head_dim": (0, SIZE),
+    "rope_theta": (0.0, 1e15),
+    "rotary_fraction": (0.0, 1.0),
+    "scale": (0.0, 1e4),
+    "key_multiplier": (0.0, 1e6),
+    "adapter_rank": (0, SIZE),
+    "d_ff": (1, 16 * SIZE),
+    "gate_multiplier": (0.0, 1e6),
+    "down_multiplier": (0.0, 1e6),
+    "n_experts": (1, 4096),
+    "top_k": (1, 4096),
+    "n_group": (1, 4096),
+    "topk_group": (1, 4096),
+    "routed_scaling_factor": (0.0, 1e6),
+    "shared_d_ff": (0, 16 * SIZE),
+    "latent_size": (0, SIZE),
+}
+POSITIVE = {"rope_theta", "rotary_fraction", "key_multiplier", "gate_multiplier", "down_multiplier",
+            "routed_scaling_factor"}
+
+
+class LayerConfig(BlockConfig):
+    """A hybrid layer's config: every field checked on construction (InputError naming the field), as `from_dict`
+    checks a JSON dict."""
+
+    def __post_init__(self):
+        where = type(self).__name__
+        self.check_consistency(validate(self.to_dict(), self.schema(), where), where)
+
+    @classmethod
+    def schema(cls, limits: dict = LIMITS) -> dict:
+        schema = {}
+        for f in dataclasses.fields(cls):
+            kind = f.type if isinstance(f.type, str) else f.type.__name__
+            if f.name in CHOICES:
+                schema[f.name] = string(*CHOICES[f.name], default=f.default)
+            elif kind == "bool":
+                schema[f.name] = boolean(f.default)
+            elif kind == "int":
+                schema[f.name] = integer(*limits[f.name], default=f.default)
+            elif kind == "float":
+                schema[f.name] = number(*limits[f.name], default=f.default, above=f.name in POSITIVE)
+            else:
+                raise TypeError(f"{cls.__name__}.{f.name}: no schema for type {kind}")
+        return schema
+
+
+@dataclass
+class AttentionConfig(LayerConfig):
+    """Grouped-query causal self-attention: n_heads query heads share n_kv_heads key/value heads (n_heads /
+    n_kv_heads queries per key/value head), each head_dim wide. RoPE (rotate-half convention) on the first
+    rotary_fraction of each head's channels, or none."""
+
+    d_model: int = 768  # o_proj output
+    n_heads: int = 12
+    n_kv_heads: int = 0  # 0: n_heads
+    head_dim: int = 0  # 0: input_size // n_heads
+    input_size: int = 0  # q/k/v input; 0: d_model (Zamba2's shared block reads 2 x d_model)
+    rope: bool = True
+    rope_theta: float = 10000.0
+    rotary_fraction: float = 1.0  # Bamba rotates half of each head
+    qkv_bias: bool = False
+    o_bias: bool = False
+    scale: float = 0.0  # the factor of q k^T; 0: 1/sqrt(head_dim) (Granite: attention_multiplier)
+    key_multiplier: float = 1.0  # k = k_proj(x) * key_multiplier (Falcon-H1)
+    adapter_rank: int = 0  # > 0: a low-rank adapter added to each of q_proj, k_proj, v_proj (Zamba2)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.input_size = self.input_size or self.d_model
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.head_dim = self.head_dim or self.input_size // self.n_heads
+        self.scale = self.scale or self.head_dim**-0.5
+
+    @property
+    def rotary_dim(self) -> int:
+        """Channels of each head that RoPE rotates: the first ones (transformers' int(head_dim x fraction))."""
+        return int(self.head_dim * self.rotary_fraction) if self.rope else 0
+
+    @classmethod
+    def check_consistency(cls, values: dict, where: str) -> None:
+        heads, kv_heads = values["n_heads"], values["n_kv_heads"] or values["n_heads"]
+        if heads % kv_heads:
+            raise InputError(f"{where}: n_heads {heads} is not a multiple of n_kv_heads {kv_heads}; expected a "
+                             f"divisor of n_heads")
+        head_dim = values["head_dim"] or (values["input_size"] or values["d_model"]) // heads
+        if not head_dim:
+            raise InputError(f"{where}: head_dim is 0 and the input is narrower than n_heads {heads}; expected "
+                             f"head_dim >= 1")
+        rotary = int(head_dim * values["rotary_fraction"])
+        if values["rope"] and (rotary < 2 or rotary % 2):
+            raise InputError(f"{where}: rotary_fraction {values['rotary_fraction']} of head_dim {head_dim} rotates "
+                             f"{rotary} channels; expected an even number >= 2")
+
+
+@dataclass
+class MLPConfig(LayerConfig):
+    """A feed-forward layer: gated, down(act(gate(x) * gate_multiplier) * up(x)) * down_multiplier (SwiGLU with
+    silu), or not gated, down(act(up(x))) * down_multiplier (Nemotron-H: relu2)."""
+
+    d_model: int = 768
+    d_ff: int = 3072
+    gated: bool = True
+    activation: str = "silu"  # "silu", "gelu" (exact, erf), "relu2" (relu(x)^2)
+    bias: bool = False  # on gate_proj, up_proj and down_proj
+    gate_multiplier: float = 1.0  # Falcon-H1 mlp_multipliers[0]
+    down_multiplier: float = 1.0  # Falcon-H1 mlp_multipliers[1]
+    adapter_rank: int = 0  # > 0: a low-rank adapter added to [gate | up] (Zamba2)
+
+    @classmethod
+    def check_consistency(cls, values: dict, where: str) -> None:
+        if values["adapter_rank"] and not values["gated"]:
+            raise InputError(f"{where}: adapter_rank {values['adapter_rank']} adapts a gated MLP's gate and up "
+                             f"projections; expected gated true or adapter_rank 0")
+
+
+@dataclass
+class MoEConfig(LayerConfig):
+    """Top-k mixture of experts, each an MLP (gated or not, as MLPConfig) d_ff wide, experts' weights stacked
+    (n_experts, out, in). Routing, from the router's float logits:
+    - "softmax": the top_k logits' softmax (norm_topk_prob: GraniteMoeHybrid), or the top_k of the softmax over all
+      experts, not renormalised (Jamba);
+    - "sigmoid" (Nemotron-H): scores = sigmoid(logits); the choice among scores + score_correction_bias, within
+      the topk_group of n_group groups whose two best corrected scores sum highest; weights = the chosen scores,
+      divided by their sum if norm_topk_prob.
+    Weights are then multiplied by routed_scaling_factor. A shared expert (shared_d_ff wide) sees every token."""
+
+    d_model: int = 768
+    d_ff: int = 3072
+    n_experts: int = 8
+    top_k: int = 2
+    scoring: str = "softmax"
+    norm_topk_prob: bool = True
+    score_correction: bool = False  # sigmoid only: a score_correction_bias buffer (e_score_correction_bias)
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    gated: bool = True
+    activation: str = "silu"
+    shared_d_ff: int = 0  # 0: no shared expert
+    latent_size: int = 0  # > 0: experts work in a latent space, fc1_latent_proj -> experts -> fc2_latent_proj
+    bias: bool = False  # on the shared expert's and the latent projections' linears (never on routed experts)
+
+    @property
+    def expert_width(self) -> int:
+        """The experts' input and output width: latent_size or d_model."""
+        return self.latent_size or self.d_model
+
+    def shared_expert(self) -> MLPConfig | None:
+        if not self.shared_d_ff:
+            return None
+        return MLPConfig(d_model=self.d_model, d_ff=self.shared_d_ff, gated=self.gated, activation=self.activation,
+                         bias=self.bias)
+
+    @classmethod
+    def check_consistency(cls, values: dict, where: str) -> None:
+        experts, groups, top_k = values["n_experts"], values["n_group"], values["top_k"]
+        if top_k > experts:
+            raise InputError(f"{where}: top_k {top_k} is above n_experts {experts}; expected at most n_experts")
+        if values["scoring"] == "softmax" and (groups > 1 or values["score_correction"]):
+            raise InputError(f"{where}: softmax routing has no expert groups or score correction; expected n_group "
+                             f"1 and score_correction false, or scoring 'sigmoid'")
+        if experts % groups:
+            raise InputError(f"{where}: n_experts {experts} do not split into n_group {groups} groups; expected "
+                             f"n_group to divide n_experts")
+        if values["topk_group"] > groups:
+            raise InputError(f"{where}: topk_group {values['topk_group']} is above n_group {groups}; expected at "
+                             f"most n_group")
+        per_group = experts // groups
+        if groups > 1 and per_group < 2:
+            raise InputError(f"{where}: a group's score is the sum of its two best experts, but n_group {groups} "
+                             f"leaves {per_group} expert per group; expected at least 2")
+        if top_k > values["topk_group"] * per_group:
+            raise InputError(f"{where}: top_k {top_k} is above the {values['topk_group'] * per_group} experts of "
+                             f"the topk_group {values['topk_group']} groups chosen; expected at most that")
