@@ -13,6 +13,7 @@ from .errors import InputError
 from .methods import FULL_PRECISION, GRANULARITIES, METHODS, PRESETS, QuantConfig, methods_for, run_recipe
 from .methods.config import AUTO_METHODS, ENGINE_GRANULARITY
 from .outputs import write_atomic
+from .schema import display
 from .progress import progress as progress_of
 
 DEFAULT_BITS = ("w8a8", "w4a8", "w4a16")
@@ -54,7 +55,10 @@ class Row:
 def plan(methods, bits, granularities, target: str = "runtime") -> list[tuple[str, str, str]]:
     """(method, bits, granularity) runs: FP once; weight-only bit widths once per method; otherwise every
     granularity asked for, "auto" only for the methods whose recipe has it. For an engine `target` one run per
-    method and bit width, with the engine's own activation quantization."""
+    method and bit width, with the engine's own activation quantization. Each of methods, bits and granularities
+    is a list of names or one comma-separated string."""
+    methods, bits, granularities = (names_of(value, what) for value, what in
+                                    ((methods, "methods"), (bits, "bits"), (granularities, "granularities")))
     for method in methods:
         if method not in METHODS:
             raise InputError(f"unknown method {method!r}; expected some of {', '.join(METHODS)}")
@@ -78,6 +82,14 @@ def plan(methods, bits, granularities, target: str = "runtime") -> list[tuple[st
     if not runs:
         raise InputError("nothing to compare: no method and bit width selected")
     return runs
+
+
+def names_of(value, what: str) -> list[str]:
+    if isinstance(value, str):
+        return [name.strip() for name in value.split(",") if name.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(name, str) for name in value):
+        raise InputError(f"{what} must be a list of names or a comma-separated string, got {display(repr(value))}")
+    return list(value)
 
 
 class Memo(nn.Module):
@@ -113,6 +125,7 @@ def compare(source, methods=None, bits=DEFAULT_BITS, granularities=GRANULARITIES
     from .zoo import embedded_name
 
     name = (embedded_name(source) or source) if isinstance(source, str) else type(source).__name__
+    methods = None if methods is None else names_of(methods, "methods")
     plan(methods or METHODS, bits, granularities, target)  # bad options fail before the model is loaded
     if lm_eval is not None:
         from .evaluation.local_tasks import load_tasks

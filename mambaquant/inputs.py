@@ -76,18 +76,25 @@ def read_text(path, what: str, max_bytes: int | None = None, copies: float = 1.0
     return text_of(read_bytes(path, what, max_bytes, copies), display(path), what)
 
 
-def walk(root, what: str, suffixes: tuple[str, ...], file_what: str,
+def walk(root, what: str, suffixes: tuple[str, ...], file_what: str, max_depth: int | None = None,
          max_entries: int = MAX_WALK_ENTRIES) -> list[Path]:
-    """The files under `root` whose names end in one of `suffixes`, sorted: symbolic links to folders not followed,
-    hidden and cache folders skipped, at most `max_entries` entries visited (one line instead of a walk through a
-    whole filesystem), the filesystem root refused. A match that is not a regular file is refused by its kind (as
-`file_what`)."""
+    """The files under `root` (at most `max_depth` folders down) whose names end in one of `suffixes`, sorted:
+    hidden and cache folders skipped, each folder visited once however symbolic links loop, at most `max_entries`
+    entries visited (one line instead of a walk through a whole filesystem), the filesystem root refused. A match
+    that is not a regular file is refused by its kind (as `file_what`)."""
     root = directory(root, what)
     if root.resolve() == Path(root.resolve().anchor):
         raise InputError(f"{display(root)}: the filesystem root; expected {what} (a folder of its own)")
-    found, visited = [], 0
-    for folder, folders, files in os.walk(root, followlinks=False):
-        folders[:] = sorted(f for f in folders if not f.startswith(".") and f != "__pycache__")
+    found, visited, seen = [], 0, set()
+    for folder, folders, files in os.walk(root, followlinks=True):
+        info = os.stat(folder)
+        depth = len(Path(folder).relative_to(root).parts)
+        if (info.st_dev, info.st_ino) in seen:
+            folders[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        keep = max_depth is None or depth < max_depth
+        folders[:] = sorted(f for f in folders if keep and not f.startswith(".") and f != "__pycache__")
         visited += len(folders) + len(files)
         if visited > max_entries:
             raise InputError(f"{display(root)}: more than {max_entries:,} files and folders; expected {what} "

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .errors import InputError
+from .schema import display
 
 MANIFEST = ".mambaquant-output.json"
 STAGING = re.compile(r"^\.(?P<name>.+)\.mambaquant-(?:staging|old)-(?P<pid>\d+)-[^/]*$")
@@ -94,8 +95,8 @@ def foreign_files(directory: Path, limit: int = 4) -> list[str]:
 
 def check_output_dir(directory, overwrite: bool = False, sources: Iterable = (), expected_bytes: int = 0) -> Path:
     """Refuse, before any work, an output directory that may not be written or replaced."""
-    if directory is None or not str(directory).strip():
-        raise InputError("the output directory is empty; expected a directory path")
+    if not isinstance(directory, (str, os.PathLike)) or not str(directory).strip():
+        raise InputError(f"the output directory is {display(repr(directory))}; expected a directory path")
     directory = Path(directory)
     if directory.is_symlink():
         raise InputError(f"{directory}: is a symbolic link; expected a new directory, or one mambaquant wrote")
@@ -236,8 +237,8 @@ def write_through(path: Path) -> bool:
 
 def check_output_file(path) -> Path:
     """Refuse, before any work, a report path that cannot be written."""
-    if path is None or not str(path).strip():
-        raise InputError("the output file name is empty; expected a file path")
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise InputError(f"the output file name is {display(repr(path))}; expected a file path")
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{path} is a directory; expected a file path")

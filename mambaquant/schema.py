@@ -9,6 +9,7 @@ field takes its default; with `wording=EXACT` (quantized checkpoints) every fiel
 and the errors read `config.json KEY: expected WHAT, got VALUE`.
 """
 
+import difflib
 import json
 import math
 import re
@@ -287,3 +288,23 @@ def read_json(path: Path, what: str = "a JSON object"):
         raise InputError(f"{where}: JSON nested too deeply; expected {what}") from None
     except ValueError as e:  # JSONDecodeError, or an integer too long to convert
         raise InputError(f"{where}: not valid JSON ({str(e).splitlines()[0][:200]}); expected {what}") from None
+
+
+def check_seed(seed) -> int:
+    """A random seed as torch takes it: an integer from 0 to 2**63 - 1 (not a bool)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise InputError(f"the seed must be an integer from 0 to {2**63 - 1}, got {display(repr(seed))}")
+    return seed
+
+
+def check_options(cls, options: dict, what: str) -> dict:
+    """`options` as keyword arguments of the dataclass `cls`: a name it has no field for is refused in one line."""
+    import dataclasses
+
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = [name for name in options if name not in known]
+    if unknown:
+        close = ", ".join(difflib.get_close_matches(unknown[0], known, n=3))
+        raise InputError(f"unknown {what} option {', '.join(map(display, unknown))}; expected "
+                         f"{'one of ' + close + ' or other ' if close else ''}{cls.__name__} fields")
+    return options

@@ -6,6 +6,9 @@ from pathlib import Path
 
 from .data import shared_data_dir
 from .errors import InputError
+from .inputs import regular_file
+
+MAX_TOKENIZER_BYTES = 256 * 2**20  # GPT-NeoX's tokenizer.json is 2 MiB; the largest published ones are ~40 MiB
 
 
 class ByteTokenizer:
@@ -54,10 +57,7 @@ def tokenizer_for(vocab_size: int, path: str | Path | None = None):
                 f"a model with a {vocab_size}-token vocabulary needs a tokenizer: pass --tokenizer PATH "
                 "(a tokenizer.json, e.g. GPT-NeoX-20B's for the state-spaces Mamba models)"
             )
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: tokenizer file not found")
-    return BPETokenizer(path)
+    return BPETokenizer(regular_file(path, "a tokenizer.json", MAX_TOKENIZER_BYTES))
 
 
 def own_tokenizer(source) -> Path | None:

@@ -450,7 +450,7 @@ BAD_OPTIONS = {  # case -> (argv after the source, words)
     "analyze fp method": (["analyze", "--out", "x", "--methods", "fp"], "unknown method"),
     "analyze unknown method": (["analyze", "--out", "x", "--methods", "rtn,awq"], "unknown method"),
     "calibration file missing": (["quantize", "--calib", "no/such/file.txt"], "unknown calibration set"),
-    "tokenizer missing": (["generate", "--prompt", "Hi", "--tokenizer", "no/such/tokenizer.json"], "not found"),
+    "tokenizer missing": (["generate", "--prompt", "Hi", "--tokenizer", "no/such/tokenizer.json"], "no such file; expected a tokenizer.json"),
     "unknown option": (["quantize", "--bits-w", "8"], "unrecognized arguments"),
 }
 

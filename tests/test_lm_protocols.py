@@ -99,7 +99,7 @@ def test_protocols_on_random_130m(files, mamba_130m):
 
 def test_protocol_errors_are_one_line(files, mamba_130m, tmp_path):
     _, tokenizer = files
-    with pytest.raises(InputError, match="file not found"):
+    with pytest.raises(InputError, match="none.raw: no such file; expected the WikiText-2 raw test split"):
         evaluate(mamba_130m, "m", 1, task="wikitext2", data=str(tmp_path / "none.raw"), tokenizer=str(tokenizer))
     (tmp_path / "bad.jsonl").write_text("not json\n")
     with pytest.raises(InputError, match="one JSON object"):

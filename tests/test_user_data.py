@@ -174,7 +174,7 @@ def bad_files(root):
     Image.new("RGB", (16, 16)).save(root / "mixed" / "a" / "0.png")
     Image.new("RGB", (8, 16)).save(root / "mixed" / "a" / "1.png")
     return {
-        "missing file": ("no/such.npz", "no such file or directory"),
+        "missing file": ("no/such.npz", "no such file; expected a .npz file of inputs"),
         "unknown extension": ("data.csv", "unknown file type"),
         "no labels": ("unlabelled.npz", "no labels"),
         "no inputs": ("noinputs.npz", "no 'inputs' among a, b"),

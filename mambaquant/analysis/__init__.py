@@ -18,6 +18,7 @@ from ..methods import METHODS, PRESETS, Runner, activation_sites, methods_for, q
 from ..methods.granularity import CHUNKED_SITES
 from ..methods.stages import fixed_length
 from ..outputs import check_output_dir, write_atomic_dir
+from ..schema import check_options
 from ..progress import progress as progress_of
 from ..runtime import find_sites
 from .error import SQNR, measure
@@ -128,7 +129,7 @@ def analyze(source, out_dir: str | Path, config: AnalysisConfig | None = None, o
     from ..loaders import load
     from . import plots, report
 
-    config = config or AnalysisConfig(**options)
+    config = config or AnalysisConfig(**check_options(AnalysisConfig, options, "analyze"))
     name = str(source) if isinstance(source, (str, Path)) else type(source).__name__
     out_dir = check_output_dir(out_dir, overwrite, sources=[source])  # first: --overwrite never takes the source
     check_full_precision(source, name)

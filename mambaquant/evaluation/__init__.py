@@ -77,6 +77,9 @@ def evaluate(model: nn.Module, source: str, max_samples: int | None = None, refe
     instead of a built-in protocol (top-1 % on its first `max_samples`): (inputs, labels) tensors, a Dataset or
     iterable of (input, label) pairs, an .npz or .pt file with "inputs" and "labels", or an ImageFolder-style
     directory (see `user_data.user_data`)."""
+    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
+                                    or max_samples < 1):
+        raise InputError(f"max_samples must be a positive integer (or None: all), got {max_samples!r}")
     if eval_data is not None:
         from .user_data import user_data, user_top1
 

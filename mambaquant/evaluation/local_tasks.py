@@ -73,7 +73,9 @@ def require_lm_eval():
 
 def task_names(tasks) -> list[str]:
     """A comma-separated string or a list of names, with "paper" standing for the paper's six tasks."""
-    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t).strip() for t in tasks]
+    if not isinstance(tasks, str) and not (isinstance(tasks, (list, tuple)) and all(isinstance(t, str) for t in tasks)):
+        raise InputError(f"lm-eval tasks must be a comma-separated string or a list of names, got {tasks!r}"[:300])
+    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [t.strip() for t in tasks]
     expanded = [alias for name in names if name for alias in ALIASES.get(name, (name,))]
     if not expanded:
         raise InputError("no lm-eval task given; expected a comma-separated list of task names or YAML files")

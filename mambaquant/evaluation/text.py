@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ..data import shared_data_dir
 from ..errors import InputError
+from ..inputs import read_text, regular_file
 from ..memory import check_allocation
 
 LOGIT_COPIES = 3  # the logits, their float32 copy and cross_entropy's log-softmax
@@ -58,16 +59,14 @@ def data_file(path: str | Path | None, relative: str, what: str) -> Path:
             raise InputError(f"{what} not found: expected {relative} in the data directory (set MAMBAQUANT_DATA) "
                              f"or pass its path")
         return data / relative
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: {what} file not found")
-    return path
+    return regular_file(path, what)
 
 
 def wikitext2_test_text(path: str | Path | None = None) -> str:
     """The raw WikiText-2 test split as the GPTQ/Quamba evaluation joins it: its lines joined with blank lines.
     (The data directory's copy has its blank lines dropped; joining non-empty lines with "\\n\\n" restores it.)"""
-    lines = data_file(path, "wikitext-2-raw/wiki.test.raw", "WikiText-2 raw test split").read_text(encoding="utf-8")
+    file = data_file(path, "wikitext-2-raw/wiki.test.raw", "the WikiText-2 raw test split")
+    lines = read_text(file, "the WikiText-2 raw test split", copies=30)  # the text and its BPE tokens
     return "\n\n".join(line.strip("\r") for line in lines.split("\n") if line.strip())
 
 
@@ -91,9 +90,10 @@ def perplexity(model, tokens: list[int], window: int = 2048, max_windows: int | 
 
 
 def lambada_passages(path: str | Path | None = None) -> list[str]:
-    file = data_file(path, "lambada/lambada_test.jsonl", "LAMBADA (OpenAI) test jsonl")
+    file = data_file(path, "lambada/lambada_test.jsonl", "the LAMBADA (OpenAI) test jsonl")
     try:
-        return [json.loads(line)["text"] for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [json.loads(line)["text"] for line in read_text(file, "the LAMBADA (OpenAI) test jsonl", copies=10)
+                .splitlines() if line.strip()]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise InputError(f"{file}: expected one JSON object with a 'text' field per line (LAMBADA OpenAI)") from None
 

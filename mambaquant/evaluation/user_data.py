@@ -114,12 +114,14 @@ def gather(source, description: str, what: str, limit: int | None):
 
 
 def read_file(path: Path):
-    """What a .pt/.pth file holds (tensors, dicts, lists: weights only), or the arrays of .npz/.npy/.safetensors."""
-    if not path.exists():
-        raise InputError(f"{path}: no such file or directory")
-    if path.suffix.lower() not in FILES or not path.is_file():
+    """What a .pt/.pth file holds (tensors, dicts, lists: weights only), or the arrays of .npz/.npy/.safetensors;
+    a regular file only, and an array's size, from its header, checked against the memory left before it is read."""
+    from ..inputs import regular_file
+
+    if path.suffix.lower() not in FILES:
         raise InputError(f"{path}: unknown file type; expected {', '.join(FILES)} or a directory of class "
                          "subdirectories of images")
+    regular_file(path, f"a {path.suffix} file of inputs")
     check_allocation(2 * path.stat().st_size, f"reading {path}")
     try:
         if path.suffix.lower() in (".pt", ".pth"):
@@ -128,9 +130,9 @@ def read_file(path: Path):
             from safetensors.torch import load_file
 
             return load_file(path)
-        arrays = np.load(path, allow_pickle=False)
+        arrays = np.load(path, allow_pickle=False, mmap_mode="r")
         if not hasattr(arrays, "files"):
-            return arrays
+            return np.array(arrays)
         with arrays:
             check_allocation(sum(info.file_size for info in arrays.zip.infolist()), f"decompressing {path}")
             return {name: arrays[name] for name in arrays.files}
@@ -142,29 +144,39 @@ def read_file(path: Path):
 
 def image_folder(root: Path, limit: int | None) -> UserData:
     """ImageFolder layout: one subdirectory of images per class, classes numbered in sorted order; images as
-    float (N, 3, H, W) with the CIFAR-10 normalisation of the built-in vision pipeline."""
+    float (N, 3, H, W) with the CIFAR-10 normalisation of the built-in vision pipeline. The folder is walked with
+    bounds (`inputs.walk`), every image is a regular file, and each image's size is read from its header and checked
+    (one size for all, all of them in memory) before any is decoded."""
     from PIL import Image
 
+    from ..inputs import walk
+
+    found = walk(root, "an image folder (one subdirectory of images per class)", IMAGES, "an image file",
+                 max_depth=1)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise InputError(f"{root}: no class subdirectories; expected one subdirectory of images per class")
-    files = [(label, p) for label, name in enumerate(classes) for p in sorted((root / name).iterdir())
-             if p.suffix.lower() in IMAGES]
+    label_of = {name: label for label, name in enumerate(classes)}
+    files = sorted((label_of[path.parent.name], path) for path in found if path.parent != root)
     if not files:
         raise InputError(f"{root}: no images ({', '.join(IMAGES)}) in its {len(classes)} class subdirectories")
     chosen = files[:limit]
-    images = []
+    images, size = [], None
     for _, path in chosen:
         try:
             with Image.open(path) as image:
+                if size is None:
+                    size = image.size
+                    check_allocation(size[0] * size[1] * 3 * 17 * len(chosen),  # uint8 RGB, its float copies
+                                     f"{len(chosen)} images of {size[0]}x{size[1]} pixels from {root}")
+                if image.size != size:
+                    raise InputError(f"{path}: {image.size[0]}x{image.size[1]} pixels, and {chosen[0][1]} "
+                                     f"{size[0]}x{size[1]}; expected images of one size")
                 images.append(np.asarray(image.convert("RGB")))
         except (OSError, ValueError, Image.DecompressionBombError) as e:
+            if isinstance(e, InputError):
+                raise
             raise InputError(f"{path}: not a readable image ({e})") from None
-        if images[-1].shape != images[0].shape:
-            raise InputError(f"{path}: {images[-1].shape[1]}x{images[-1].shape[0]} pixels, and {chosen[0][1]} "
-                             f"{images[0].shape[1]}x{images[0].shape[0]}; expected images of one size")
-        if len(images) == 1:
-            check_allocation(images[0].size * 17 * len(chosen), f"{len(chosen)} images of {root}")  # uint8, 4 floats
     labels = torch.tensor([label for label, _ in chosen])
     description = f"{root} ({len(classes)} classes)"
     return UserData(normalise_images(np.stack(images)), labels, description, len(chosen) < len(files))

@@ -30,6 +30,9 @@ VISION_ARCHITECTURE = "vision-mamba"
 TAGGER_ARCHITECTURE = "mamba-tagger"
 MODEL_ARCHITECTURE = "mamba-model"
 OUR_MODELS = (MambaLM, MambaModel, VisionMamba, MambaTagger)
+# what `load` may be told about a bare checkpoint file whose state dict does not record it -> the files it applies to
+LOAD_OPTIONS = {"img_size": "a Vision Mamba checkpoint file", "stride": "a Vision Mamba checkpoint file",
+                "n_groups": "a Mamba-2 checkpoint file"}
 
 
 def load(source, revision: str | None = None, **options) -> nn.Module:
@@ -37,11 +40,17 @@ def load(source, revision: str | None = None, **options) -> nn.Module:
     name (or `zoo:NAME`), a model directory, a checkpoint file, a Hugging Face hub id (`org/name`, `org/name@rev`;
     see `hub`) or a model object; `revision`, a branch, tag or commit of a hub id. `options` complete a bare
     checkpoint where its state dict does not record something: img_size and stride for Vim, n_groups for Mamba-2."""
+    unknown = sorted(set(options) - set(LOAD_OPTIONS))
+    if unknown:
+        raise InputError(f"unknown load option {', '.join(unknown)}; expected "
+                         f"{', '.join(f'{name} ({kind})' for name, kind in LOAD_OPTIONS.items())}")
     if revision is not None:
         source = source_at_revision(source, revision)
     if isinstance(source, OUR_MODELS):
+        check_no_options(options, f"a {type(source).__name__}")
         return source
     if isinstance(source, nn.Module):
+        check_no_options(options, f"a {type(source).__name__}")
         if type(source).__name__ in ("MambaForCausalLM", "FalconMambaForCausalLM"):
             return hf.from_transformers(source)
         if type(source).__name__ == "Mamba2ForCausalLM":
@@ -51,10 +60,18 @@ def load(source, revision: str | None = None, **options) -> nn.Module:
 
     kind, value = resolve_source(source)
     if kind == "zoo":
+        check_no_options(options, f"embedded model {value}")
         return load_zoo_model(value)
     if value.is_dir():
+        check_no_options(options, f"{display(value)}, a model directory")
         return load_directory(value)
     return load_checkpoint_file(value, options)
+
+
+def check_no_options(options: dict, what: str) -> None:
+    if options:
+        raise InputError(f"{', '.join(options)}: options complete a bare checkpoint file, and {what} records its "
+                         "config; expected no options")
 
 
 def resolve_source(source) -> tuple[str, object]:
@@ -190,10 +207,16 @@ def load_checkpoint_file(path: Path, options: dict) -> nn.Module:
         raise InputError(f"{source}: a JSON file is not a checkpoint; expected a model directory, a checkpoint file "
                          "or a sharded index (*.index.json)")
     checkpoint = open_checkpoint(path)
-    if vim.is_vim_state_dict(checkpoint.infos):
+    kind = (LOAD_OPTIONS["img_size"] if vim.is_vim_state_dict(checkpoint.infos) else
+            LOAD_OPTIONS["n_groups"] if mamba2.is_mamba2_state_dict(checkpoint.infos) else None)
+    misplaced = [name for name in options if LOAD_OPTIONS[name] != kind]
+    if misplaced:
+        raise InputError(f"{source}: {', '.join(misplaced)} apply only to {LOAD_OPTIONS[misplaced[0]]}, and this is "
+                         f"{kind or 'not one'}; expected no such option")
+    if kind == LOAD_OPTIONS["img_size"]:
         config = vim.vision_config_from_weights(checkpoint.infos, options, source)
         return vim.load_vim(config, checkpoint, source)
-    if mamba2.is_mamba2_state_dict(checkpoint.infos):
+    if kind == LOAD_OPTIONS["n_groups"]:
         return mamba2.load_lm_file(checkpoint, source, options)
     if hf.is_lm_state_dict(checkpoint.infos):
         return hf.load_lm_file(checkpoint, source)

@@ -132,6 +132,10 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], ma
     bad = next((k for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
     if bad is not None:
         raise InputError(f"{SOURCE}: entry {display(bad)} is a {type(state_dict[bad]).__name__}, expected a tensor")
+    for name, tensor in state_dict.items():
+        if tensor.is_meta or tensor.layout != torch.strided:
+            what = "a meta tensor (a shape without data)" if tensor.is_meta else f"a {tensor.layout} tensor"
+            raise InputError(f"{SOURCE}: {display(name)} is {what}; expected a dense tensor with its values")
     ours = model.state_dict()
     aliases = tied_aliases(model)
     custom = mapping_function(mapping)

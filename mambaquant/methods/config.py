@@ -6,6 +6,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import InputError
+from ..schema import check_seed
 from ..quant.quantizer import QuantSpec
 from ..runtime.sites import MAMBA2_SITES, SITES
 
@@ -102,8 +103,7 @@ class QuantConfig:
             self.site_bits = {}  # (mambaquant+'s own is chosen from the model's sites in the walk)
         if self.site_bits is not None:
             self.check_site_bits()
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
-            raise InputError(f"the seed must be an integer from 0 to {2**63 - 1}, got {self.seed!r}")
+        check_seed(self.seed)
 
     @property
     def online_transforms(self) -> bool:

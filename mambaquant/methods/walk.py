@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..schema import check_options
 from ..exporters import llama_cpp
 from ..progress import progress as progress_of
 from ..quant.clipping import SiteSample, activation_clip, weight_clip
@@ -397,7 +398,7 @@ def quantize(model, method: str = "mambaquant", w_bits: int = 8, a_bits: int = 8
         model = source_at_revision(model, revision)
     source = model if isinstance(model, str) else type(model).__name__
     config = QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, act_granularity=act_granularity, seed=seed,
-                         **options)
+                         **check_options(QuantConfig, options, "quantize"))
     check_backend(backend, config.w_bits != FULL_PRECISION, config.target)  # before any work
     opened = opened_for_streaming(model, strict=bool(stream)) if out is not None and stream is not False else None
     if opened is not None:

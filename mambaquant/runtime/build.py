@@ -1,11 +1,13 @@
 """`build(config)`: the model a config describes, with Mamba's random initialisation."""
 
 from ..errors import InputError
+from ..schema import check_seed
 from .config import BlockConfig, LMConfig, Mamba2LMConfig, ModelConfig, TaggerConfig, VisionConfig
 from .init import init_weights
 from .lm import MambaLM
 from .model import MambaModel, MambaTagger, VisionMamba
 
+INIT_COPIES = 1.5  # the weights, and the largest of initialisation's temporaries
 # config class -> model class, most specific first; a config dict names its kind under "architecture"
 MODEL_CLASSES = {VisionConfig: VisionMamba, TaggerConfig: MambaTagger, ModelConfig: MambaModel,
                  Mamba2LMConfig: MambaLM, LMConfig: MambaLM}
@@ -31,4 +33,20 @@ def build(config, seed: int = 0):
     if model_class is None:
         raise InputError(f"a {type(config).__name__} describes blocks, not a model; expected one of "
                          f"{', '.join(c.__name__ for c in MODEL_CLASSES)}")
+    check_seed(seed)
+    check_size(model_class, config)
     return init_weights(model_class(config), seed=seed).eval()
+
+
+def check_size(model_class, config) -> None:
+    """Refuse, before anything is allocated, a model whose float32 weights (and initialisation's temporaries) would
+    not fit in memory: its parameters counted on the meta device."""
+    import torch
+
+    from ..memory import check_allocation
+
+    with torch.device("meta"):
+        skeleton = model_class(config)
+    parameters = sum(p.numel() for p in skeleton.parameters()) + sum(b.numel() for b in skeleton.buffers())
+    check_allocation(parameters * 4 * INIT_COPIES, f"a {model_class.__name__} of {parameters:,} parameters",
+                     "; expected a smaller config")
