@@ -13,7 +13,8 @@ from torch import nn
 from .data import PACKAGE_DATA, cifar10, normalise_images
 from .errors import InputError
 from .inputs import read_bytes, text_of
-from .memory import available_bytes, check_allocation, describe
+from .memory import available_bytes, describe
+from .tasks import NEOX_VOCAB, checked_inputs, task_for
 
 TRAIN_TEXT = PACKAGE_DATA / "tinyshakespeare_train_head.txt"  # first 64 KiB of Tiny Shakespeare's training split
 TYPESEG_CALIBRATION = PACKAGE_DATA / "typeseg_calibration"
@@ -93,15 +94,12 @@ def resolve_calibration(model: nn.Module, source: str, calib, samples: int = 32,
     first `samples` inputs are taken), a calibration set name, a text file, or None for the model's default set.
     Text for a model with a BPE vocabulary is tokenised with `tokenizer` (default: the tokenizer.json the model
     directory or hub snapshot `source` ships, else GPT-NeoX's)."""
-    from .evaluation import NEOX_VOCAB
     from .evaluation.user_data import is_user_data
 
     if is_user_data(calib):
         inputs = user_inputs(model, calib, samples, batch_size)
     else:
         if calib is None:
-            from .evaluation import task_for
-
             try:
                 task = task_for(model, source)
             except InputError:  # no protocol: no default set either
@@ -167,28 +165,3 @@ def check_calibration_size(model: nn.Module, samples: int, positions: int, batch
                     f"calibration inputs shorter than {tokens:,} positions (--calib-len for text)")
         raise InputError(f"{samples} calibration samples of {tokens:,} positions need {describe(needed)} of "
                          f"activations ({describe(available)} available); expected {expected}")
-
-
-def checked_inputs(model: nn.Module, inputs: torch.Tensor, what: str = "calibration") -> torch.Tensor:
-    """Inputs of the kind, shape and range the model takes (its own `check_input` where it has one), finite; `what`
-    they are for, in messages."""
-    if len(inputs) == 0:
-        raise InputError(f"the {what} set is empty; expected at least one input")
-    if not inputs.is_floating_point() and inputs.dim() == 2 and inputs.shape[1] == 0:
-        raise InputError(f"{what} sequences are empty; expected a length of at least one token")
-    config = model.config
-    if hasattr(model, "check_input"):
-        try:
-            model.check_input(inputs)
-        except InputError as e:
-            raise InputError(f"{what} inputs: {e}") from None
-    else:  # a language model: token ids
-        if inputs.is_floating_point() or inputs.is_complex() or inputs.dtype == torch.bool or inputs.dim() != 2:
-            raise InputError(f"{what} inputs must be an integer tensor of token ids of shape (N, L); got "
-                             f"{inputs.dtype} of shape {tuple(inputs.shape)}")
-        if inputs.min() < 0 or inputs.max() >= config.vocab_size:
-            raise InputError(f"{what} token ids must lie in 0..{config.vocab_size - 1} (the model's vocabulary); "
-                             f"got {inputs.min().item()}..{inputs.max().item()}")
-    if inputs.is_floating_point() and not torch.isfinite(inputs).all():
-        raise InputError(f"{what} inputs contain NaN or Inf; expected finite values")
-    return inputs.float() if inputs.is_floating_point() else inputs.long()

@@ -120,8 +120,9 @@ def compare(source, methods=None, bits=DEFAULT_BITS, granularities=GRANULARITIES
     it is done. Calibration never takes `eval_data`: it is `calib`, or the model's default training set. `target`
     "llama.cpp" restricts every run to what llama.cpp executes, and simulates it (`QuantConfig.target`)."""
     from .calibration import resolve_calibration
-    from .evaluation import evaluate, tasks_for
+    from .evaluation import evaluate
     from .loaders import load
+    from .tasks import tasks_for
     from .zoo import embedded_name
 
     name = (embedded_name(source) or source) if isinstance(source, str) else type(source).__name__

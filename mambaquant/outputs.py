@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .schema import display
+from .version import __version__
 
 MANIFEST = ".mambaquant-output.json"
 STAGING = re.compile(r"^\.(?P<name>.+)\.mambaquant-(?:staging|old)-(?P<pid>\d+)-[^/]*$")
@@ -164,8 +165,6 @@ def exchange(a: Path, b: Path) -> bool:
 
 
 def write_manifest(staging: Path, kind: str) -> None:
-    from . import __version__
-
     files = {p.relative_to(staging).as_posix(): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
     manifest = {"written_by": "mambaquant", "version": __version__, "kind": kind, "files": files}
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")

@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 import mambaquant
 from mambaquant.errors import InputError
-from mambaquant.loaders import streamed as streamed_module
+from mambaquant.loaders.streamed import StreamedCheckpoint
+from mambaquant.methods.streamed import StreamedBlocks
 from mambaquant.runtime import LMConfig, Mamba2LMConfig, MambaLM, init_weights
 
 from .cli_cases import assert_refused
@@ -121,21 +122,21 @@ def test_half_precision_loads_without_a_copy_of_the_checkpoint(tmp_path):
 def test_only_blocks_are_read_one_at_a_time(tmp_path, monkeypatch):
     source = saved(lm("mamba1", n_layer=4), tmp_path / "source", torch.bfloat16)
     reads = []
-    original = streamed_module.StreamedCheckpoint.read
+    original = StreamedCheckpoint.read
 
     def recording(self, weights):
         reads.append(sorted({name.split(".")[0] if not name[0].isdigit() else "block" for name in weights}))
         return original(self, weights)
 
-    monkeypatch.setattr(streamed_module.StreamedCheckpoint, "read", recording)
+    monkeypatch.setattr(StreamedCheckpoint, "read", recording)
     live = []
-    original_load = streamed_module.StreamedBlocks.load
+    original_load = StreamedBlocks.load
 
     def counting(self, index):
         live.append(sum(not next(layer.parameters()).is_meta for layer in self.model.layers))
         return original_load(self, index)
 
-    monkeypatch.setattr(streamed_module.StreamedBlocks, "load", counting)
+    monkeypatch.setattr(StreamedBlocks, "load", counting)
     mambaquant.quantize(source, method="mambaquant", out=tmp_path / "out", calib=calib())
     assert reads[0] == ["embedding", "lm_head", "norm_f"]  # the ends, once
     assert len(reads) == 1 + 2 * 4  # then every block twice: the covariance pass and the quantizing pass
@@ -145,14 +146,14 @@ def test_only_blocks_are_read_one_at_a_time(tmp_path, monkeypatch):
 @pytest.mark.parametrize("where", ["finish", "load"])
 def test_an_interrupted_run_leaves_nothing(where, tmp_path, monkeypatch):
     source = saved(lm("mamba1"), tmp_path / "source")
-    original = getattr(streamed_module.StreamedBlocks, where)
+    original = getattr(StreamedBlocks, where)
 
     def failing(self, index):
         if index == 1:
             raise InputError("interrupted")
         return original(self, index)
 
-    monkeypatch.setattr(streamed_module.StreamedBlocks, where, failing)
+    monkeypatch.setattr(StreamedBlocks, where, failing)
     with pytest.raises(InputError, match="interrupted"):
         mambaquant.quantize(source, method="rtn", out=tmp_path / "out", calib=calib())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]

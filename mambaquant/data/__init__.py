@@ -30,6 +30,12 @@ def tinyshakespeare_validation() -> bytes:
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+TYPESEG_LABELS = (
+    "php", "csharp", "javascript_typescript", "go", "sql", "rust", "yaml", "ruby", "python", "java", "c_family",
+    "json", "css", "html", "text", "csv", "shell", "powershell", "visual_basic", "dockerfile", "dart",
+    "gettext_catalog", "kotlin", "markdown", "restructuredtext", "scala", "swift", "tex", "xml", "svg",
+    "encoding_hex", "encoding_base64", "encoding_base32", "encoding_base58", "encoding_base85",
+)  # typeseg 0.2.7 data/manifest.json, in head order
 
 
 def read_cifar10_tar(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:

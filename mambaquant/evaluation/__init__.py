@@ -1,63 +1,16 @@
 """Evaluation protocols. Each result names its protocol so a number is never read without its convention."""
 
-from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 import torch
 from torch import nn
 
 from ..errors import InputError
-from ..runtime import MambaLM, MambaTagger, VisionMamba
-from .tagging import TYPESEG_LABELS, typeseg_accuracy
+from ..tasks import task_for, tasks_for
+from .result import Result
+from .tagging import typeseg_accuracy
 from .text import bits_per_byte, lambada, lambada_passages, perplexity, wikitext2_test_text
 from .vision import cifar10_top1
-
-
-@dataclass
-class Result:
-    model: str
-    metric: str
-    value: float
-    higher_is_better: bool
-    protocol: str
-    samples: int
-    agreement: float | None = None  # % of predictions equal to the reference model's, where one was given
-    extra: dict | None = None  # secondary metrics of the same protocol (e.g. perplexity beside bits per byte)
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
-
-
-TASKS = ("bytes", "wikitext2", "lambada", "cifar10", "typeseg")
-NEOX_VOCAB = 50277  # GPT-NeoX-20B's tokenizer; the state-spaces models pad it to 50280
-
-
-def tasks_for(model: nn.Module, source: str) -> list[str]:
-    """Every protocol that applies to the model, its main one first."""
-    if isinstance(model, MambaLM) and model.config.vocab_size >= NEOX_VOCAB:
-        return ["wikitext2", "lambada"]
-    return [task_for(model, source)]
-
-
-def task_for(model: nn.Module, source: str) -> str:
-    """The protocol a model is measured with: from the zoo card, else from the model's shape."""
-    from ..zoo import ZOO, embedded_name
-
-    if embedded_name(source):
-        return ZOO[embedded_name(source)].task
-    if isinstance(model, MambaLM) and 256 <= model.config.vocab_size < 512:
-        return "bytes"
-    if isinstance(model, MambaLM) and model.config.vocab_size >= NEOX_VOCAB:
-        return "wikitext2"
-    if isinstance(model, VisionMamba) and (model.config.img_size, model.config.num_classes) == (32, 10):
-        return "cifar10"
-    if isinstance(model, MambaTagger) and model.config.num_classes == len(TYPESEG_LABELS):
-        return "typeseg"
-    raise InputError(
-        f"{source}: no evaluation protocol available for this model yet (supported: byte-level language models, "
-        "GPT-NeoX-tokenised language models, CIFAR-10 vision models (32x32, 10 classes), typeseg-style taggers); "
-        "evaluate it on your own labelled data (eval_data=, --eval-data)"
-    )
 
 
 @lru_cache(maxsize=2)

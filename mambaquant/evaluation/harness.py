@@ -18,8 +18,8 @@ from ..errors import InputError
 from ..runtime import MambaLM, MambaTagger, VisionMamba
 from ..runtime.conv import SSMState
 from ..runtime.lm import sample
-from . import Result
 from .local_tasks import LM_EVAL_VERSION, PAPER_TASKS, LMEvalConfig, load_tasks, quiet
+from .result import Result
 from .text import check_logits
 
 NEWLINE = 10  # what a byte-level model's documents start after: byte models have no end-of-text token

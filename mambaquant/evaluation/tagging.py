@@ -4,15 +4,9 @@ from pathlib import Path
 
 import torch
 
-from ..data import PACKAGE_DATA
+from ..data import PACKAGE_DATA, TYPESEG_LABELS
 
 CORPUS = PACKAGE_DATA / "typeseg_corpus"
-TYPESEG_LABELS = (
-    "php", "csharp", "javascript_typescript", "go", "sql", "rust", "yaml", "ruby", "python", "java", "c_family",
-    "json", "css", "html", "text", "csv", "shell", "powershell", "visual_basic", "dockerfile", "dart",
-    "gettext_catalog", "kotlin", "markdown", "restructuredtext", "scala", "swift", "tex", "xml", "svg",
-    "encoding_hex", "encoding_base64", "encoding_base32", "encoding_base58", "encoding_base85",
-)  # typeseg 0.2.7 data/manifest.json, in head order
 
 
 def corpus_files() -> list[Path]:

@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from ..calibration import checked_inputs
 from ..data import normalise_images
 from ..errors import InputError
 from ..memory import check_allocation
+from ..tasks import checked_inputs
 from .vision import top1_and_agreement
 
 FILES = (".pt", ".pth", ".npz", ".npy", ".safetensors")

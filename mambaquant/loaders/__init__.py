@@ -16,6 +16,7 @@ from . import hf, hub, layouts, mamba2, quantized, typeseg, vim
 from .shards import DEFAULT_SHARD_BYTES, ShardWriter
 from .layouts import load_state_dict  # noqa: F401 (mambaquant.load_state_dict)
 from ..schema import describe, display, read_json
+from ..zoo import MODELS_DIR, ZOO, ZOO_PREFIX, embedded_name
 from .weights import find_weight_file, load_checked, open_checkpoint
 from .weights import read_tensors  # noqa: F401 (mambaquant.loaders.read_tensors)
 
@@ -56,12 +57,10 @@ def load(source, revision: str | None = None, **options) -> nn.Module:
         if type(source).__name__ == "Mamba2ForCausalLM":
             return mamba2.from_transformers(source)
         raise InputError(f"unsupported model object {type(source).__name__}; supported: {SUPPORTED}")
-    from ..zoo import load_zoo_model
-
     kind, value = resolve_source(source)
     if kind == "zoo":
         check_no_options(options, f"embedded model {value}")
-        return load_zoo_model(value)
+        return load_directory(MODELS_DIR / value)
     if value.is_dir():
         check_no_options(options, f"{display(value)}, a model directory")
         return load_directory(value)
@@ -79,8 +78,6 @@ def resolve_source(source) -> tuple[str, object]:
     that is no existing path its snapshot directory (fetched if not cached); one line for anything else.
     A string that names both an embedded model and an existing path is refused: `./NAME` is the path,
     `zoo:NAME` the embedded model. A `Path` is always a path."""
-    from ..zoo import ZOO, ZOO_PREFIX
-
     expected = f"an embedded model name ({', '.join(ZOO)}), a model directory, a checkpoint file or {hub.EXPECTED}"
     if isinstance(source, os.PathLike):
         path = Path(source)
@@ -115,8 +112,6 @@ def resolve_source(source) -> tuple[str, object]:
 def source_at_revision(source, revision: str) -> str:
     """A hub id and a revision (`--revision`, `revision=`) as `org/name@revision`, the form every command takes;
     refused for a source that is no hub id."""
-    from ..zoo import embedded_name
-
     if isinstance(source, str) and not path_exists(Path(source)) and not embedded_name(source):
         return hub.pinned(source, revision)
     if isinstance(source, (str, os.PathLike)):

@@ -146,9 +146,3 @@ def not_cached(source: str, repo_id: str, revision: str | None, why: str) -> Inp
 def first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
-
-
-def snapshot_blobs(directory: Path) -> Path | None:
-    """The blobs/ folder into which the files of a hub cache snapshot (`<repo>/snapshots/<commit>/`) link."""
-    blobs = directory.parent.parent / "blobs"
-    return blobs.resolve() if directory.parent.name == "snapshots" and blobs.is_dir() else None

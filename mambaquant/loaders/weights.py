@@ -148,8 +148,6 @@ def open_torch(path: Path) -> Checkpoint:
 
 def check_shard_name(index: Path, shard, tensor: str) -> Path:
     """A shard named by an index -> its path, which must be a checkpoint file inside the index's directory."""
-    from .hub import snapshot_blobs
-
     where = display(index)
     if not isinstance(shard, str) or not shard:
         raise InputError(f"{where}: weight_map[{tensor!r}] must be a shard file name (a non-empty string), "
@@ -180,6 +178,12 @@ def check_shard_name(index: Path, shard, tensor: str) -> Path:
     if not path.is_file():
         raise InputError(f"{where}: shard {shown} not found in {display(index.parent)}")
     return index.parent / shard  # not `path`: the format is read from the name, and a hub cache's blobs have none
+
+
+def snapshot_blobs(directory: Path) -> Path | None:
+    """The blobs/ folder into which the files of a hub cache snapshot (`<repo>/snapshots/<commit>/`) link."""
+    blobs = directory.parent.parent / "blobs"
+    return blobs.resolve() if directory.parent.name == "snapshots" and blobs.is_dir() else None
 
 
 def open_index(path: Path) -> Checkpoint:

@@ -57,7 +57,7 @@ class InMemoryBlocks:
     """The blocks of a model in memory, as the walk and the model-wide transforms reach them: `edit` applies a
     per-block edit to every block, `load` gives a block ready to run, `release` follows a statistics pass over it,
     `finish` its quantization. A streamed walk has the same four methods over blocks read from disk one at a time
-    (`loaders.streamed.StreamedBlocks`); here they hold the model's own blocks and have nothing to free."""
+    (`methods.streamed.StreamedBlocks`); here they hold the model's own blocks and have nothing to free."""
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -1,7 +1,7 @@
-"""`quantize`, the one verb from a full-precision model to a quantized one, and the walk that applies a method's
-recipe (`run_recipe`), in memory or streamed from disk block by block (`loaders.streamed`).
+"""The walk that applies a method's recipe (`run_recipe`), in memory or streamed from disk block by block
+(`streamed`), for `pipeline.quantize`; `set_backend` and the checks.
 
-`quantize` walks the model one block at a time, holding only that block's calibration inputs. For each block, in
+The walk goes over the model one block at a time, holding only that block's calibration inputs. For each block, in
 this order: the method's function-preserving transforms, each from full-precision statistics of the block as
 transformed so far; static activation ranges, the granularity choice and GPTQ Hessians, in full precision; the
 block's full-precision outputs (the next block's inputs); then its weights are quantized and its activation
@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..schema import check_options
 from ..exporters import llama_cpp
 from ..progress import progress as progress_of
 from ..quant.clipping import SiteSample, activation_clip, weight_clip
@@ -364,80 +363,3 @@ def check_finite(module: nn.Module, prefix: str = "", skip: str | None = None) -
             continue
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise InputError(f"quantization produced NaN or Inf in {prefix}{name}; check the calibration data")
-
-
-def quantize(model, method: str = "mambaquant", w_bits: int = 8, a_bits: int = 8, calib=None,
-             act_granularity: str | None = None, seed: int = 0, calib_samples: int = 32, calib_len: int | None = None,
-             progress: bool = False, tokenizer: str | None = None, backend: str = "fake", out=None,
-             stream: bool | None = None, overwrite: bool = False, shard_size: int = 2 * 2**30,
-             revision: str | None = None, **options):
-    """Quantize `model` (a model object, an embedded model name, a directory, a checkpoint or a Hugging Face hub id,
-    `org/name` or `org/name@rev`; `revision`, a branch, tag or commit of the hub id) with `method`.
-
-    `calib`: inputs in the model's form (token ids (N, L), images (N, C, H, W), a time series (N, L, C), ...) as a
-    tensor, a Dataset or an iterable of inputs or (input, label) pairs, or a .pt / .npz / .safetensors file of
-    them; the name of a calibration set (see `mambaquant.calibration.CALIBRATION_SETS`), the path of a training
-    text file, or None for the model's default set (embedded models and models whose task is known). The first
-    `calib_samples` inputs are used. `tokenizer`: the tokenizer.json for text
-    calibration of a BPE-vocabulary model (default: GPT-NeoX's from the data directory). `backend`: "fake" runs the
-    quantized linears as a float32 simulation of their integer arithmetic, "int8" with int8 matrix products (see
-    `set_backend`: the same numbers, to float32 precision for weight-only models). Bits of 16 quantize nothing
-    there: `w_bits=16, a_bits=16` applies the method's transforms alone, which must keep the model's function.
-    `options` are `QuantConfig` fields. The returned model carries `quantization_report` (a `QuantReport`).
-
-    With `out` (a directory) the quantized model is written there (atomically; `overwrite` replaces a directory
-    mambaquant wrote; Hugging Face shards of at most `shard_size` bytes) and its path is returned. A language model
-    checkpoint on disk in safetensors (fp32, fp16 or bf16) is then quantized streamed: read one block at a time and
-    written as it goes, so a model larger than memory can be quantized (`loaders.streamed`; the same result, bit
-    for bit). `stream` True insists on streaming (one line where the source cannot be streamed), False quantizes in
-    memory, None (default) streams where the source allows."""
-    from ..calibration import resolve_calibration
-    from ..loaders import load, save, source_at_revision  # not at the top: the loaders import this package
-
-    if revision is not None:
-        model = source_at_revision(model, revision)
-    source = model if isinstance(model, str) else type(model).__name__
-    config = QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, act_granularity=act_granularity, seed=seed,
-                         **check_options(QuantConfig, options, "quantize"))
-    check_backend(backend, config.w_bits != FULL_PRECISION, config.target)  # before any work
-    opened = opened_for_streaming(model, strict=bool(stream)) if out is not None and stream is not False else None
-    if opened is not None:
-        from ..loaders.streamed import quantize_streamed
-
-        return quantize_streamed(opened, out, config, calib, calib_samples, calib_len, tokenizer, progress, overwrite,
-                                 shard_size)
-    if stream:
-        raise InputError("stream=True needs out: the directory the streamed quantization writes")
-    loaded = load(model)
-    check_blocks_for(config.method, loaded)
-    batches = resolve_calibration(loaded, source, calib, calib_samples, calib_len, seed, tokenizer=tokenizer)
-    # a model this call loaded is its own: transformed in place, no copy
-    quantized, report = run_recipe(loaded, config, batches, progress, copy_model=loaded is model)
-    quantized.quantization_report = report
-    quantized = set_backend(quantized, backend)
-    if out is None:
-        return quantized
-    return save(quantized, out, overwrite=overwrite, shard_size=shard_size)
-
-
-def opened_for_streaming(source, strict: bool):
-    """`source` opened for a streamed walk (a `loaders.streamed.StreamedCheckpoint`) where it is a language-model
-    checkpoint on disk that one can read; None otherwise, or with `strict` the one line saying why not."""
-    import os
-
-    from ..loaders.hub import parse_hub_id, snapshot_directory
-    from ..loaders.streamed import open_streamed
-
-    if isinstance(source, str) and not os.path.exists(source) and parse_hub_id(source):
-        source = snapshot_directory(source)  # its safetensors are read in place, in the cache
-    if not isinstance(source, (str, os.PathLike)) or not os.path.exists(source):
-        if strict:
-            raise InputError(f"stream=True reads a checkpoint on disk (a model directory or a safetensors file); "
-                             f"got {source if isinstance(source, str) else type(source).__name__}")
-        return None
-    try:
-        return open_streamed(source)
-    except InputError:
-        if strict:
-            raise
-        return None

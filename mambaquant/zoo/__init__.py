@@ -6,8 +6,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch import nn
-
 MODELS_DIR = Path(__file__).parent / "models"
 
 
@@ -47,9 +45,3 @@ def embedded_name(source) -> str | None:
 
 def card(name: str) -> dict:
     return json.loads((MODELS_DIR / (embedded_name(name) or name) / "card.json").read_text())
-
-
-def load_zoo_model(name: str) -> nn.Module:
-    from ..loaders import load_directory
-
-    return load_directory(MODELS_DIR / (embedded_name(name) or name))
