@@ -26,6 +26,7 @@ from ..quant.gptq import gptq_quantize
 from ..quant.linear import BACKENDS, QuantizedEmbedding, QuantizedLinear
 from ..quant.quantizer import ActivationQuantizer, quantize_weight
 from ..runtime import Mamba2Mixer, MambaLM, Site
+from ..runtime.lm import refuse_hybrid
 from ..transforms.klt import CovarianceObserver
 from ..transforms.rotation import append_op
 from .config import FULL_PRECISION, MAMBA2_ONLY_METHODS, METHODS, QuantConfig, QuantReport
@@ -165,6 +166,7 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
     """A quantized copy of `model` (the model itself, transformed in place, without `copy_model`) and the report of
     what was done where. `blocks` reaches the model's blocks (default `InMemoryBlocks`; a streamed walk passes
     blocks read from disk one at a time and written out as each is finished)."""
+    refuse_hybrid(model, "quantization")
     if not batches:
         raise InputError("the calibration set is empty; expected at least one batch of training data")
     torch.manual_seed(config.seed)
@@ -409,6 +411,7 @@ def quantize(model, method: str = "mambaquant", w_bits: int = 8, a_bits: int = 8
     if stream:
         raise InputError("stream=True needs out: the directory the streamed quantization writes")
     loaded = load(model)
+    refuse_hybrid(loaded, "quantization")
     check_blocks_for(config.method, loaded)
     batches = resolve_calibration(loaded, source, calib, calib_samples, calib_len, seed, tokenizer=tokenizer)
     # a model this call loaded is its own: transformed in place, no copy
