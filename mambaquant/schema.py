@@ -97,8 +97,8 @@ def boolean(default=REQUIRED) -> Field:
     return Field("boolean", default)
 
 
-def string(*choices: str, default=REQUIRED) -> Field:
-    return Field("string", default, choices=choices)
+def string(*choices: str, default=REQUIRED, nullable: bool = False) -> Field:
+    return Field("string", default, choices=choices, nullable=nullable)
 
 
 def constant(value) -> Field:
@@ -106,8 +106,8 @@ def constant(value) -> Field:
     return Field(KINDS[type(value)], choices=(value,))
 
 
-def obj(fields: "dict | Callable[[dict], dict] | None" = None, default=REQUIRED) -> Field:
-    return Field("object", default, fields=fields)
+def obj(fields: "dict | Callable[[dict], dict] | None" = None, default=REQUIRED, nullable: bool = False) -> Field:
+    return Field("object", default, fields=fields, nullable=nullable)
 
 
 def map_of(values: Field, text: str = "") -> Field:

@@ -21,6 +21,7 @@ from ..outputs import check_output_dir, write_atomic_dir
 from ..schema import check_options
 from ..progress import progress as progress_of
 from ..runtime import find_sites
+from ..runtime.lm import refuse_hybrid
 from .error import SQNR, measure
 from .stats import (
     AUTO,
@@ -134,6 +135,7 @@ def analyze(source, out_dir: str | Path, config: AnalysisConfig | None = None, o
     out_dir = check_output_dir(out_dir, overwrite, sources=[source])  # first: --overwrite never takes the source
     check_full_precision(source, name)
     model = load(source).eval()
+    refuse_hybrid(model, "analyze")
     methods_for(model, config.methods)  # a method that does not apply to this block kind fails before any work
     batches = resolve_calibration(model, name, config.calib, config.calib_samples, config.calib_len, config.seed,
                                   batch_size=config.batch_size)

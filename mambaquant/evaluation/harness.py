@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from ..errors import InputError
 from ..runtime import MambaLM, MambaTagger, VisionMamba
+from ..runtime.attention import KVCache
 from ..runtime.conv import SSMState
 from ..runtime.lm import sample
 from .local_tasks import LM_EVAL_VERSION, PAPER_TASKS, LMEvalConfig, load_tasks, quiet
@@ -183,6 +184,12 @@ class MambaQuantLM(LM):
         return results
 
     def generate(self, contexts: list[str], stops: list[list[str]], max_tokens: int, temperature: float) -> list[str]:
+        """Continuations of `contexts` decoded together. Attention's KV caches of prompts of different lengths do
+        not stack (no padding masks): a model with attention decodes such prompts one at a time."""
+        attention = any(isinstance(state, KVCache) for state in self.model.new_cache(1))
+        if attention and len(contexts) > 1:
+            return [self.generate([context], [stop], max_tokens, temperature)[0]
+                    for context, stop in zip(contexts, stops)]
         caches, logits = [], []
         for context in contexts:
             ids = (self.tokenizer.encode(context) or [self.prefix_token_id])[-self.max_length :]
@@ -237,10 +244,18 @@ def cut_at_stops(text: str, stops: list[str]) -> str:
     return text
 
 
-def stack_states(caches: list[list[SSMState]]) -> list[SSMState]:
-    """Per-layer recurrent states of several batch-1 runs as one batch."""
-    return [SSMState(conv=torch.cat([c[layer].conv for c in caches]), h=torch.cat([c[layer].h for c in caches]))
-            for layer in range(len(caches[0]))]
+def stack_states(caches: list[list]) -> list:
+    """Per-layer states of several batch-1 runs as one batch: recurrent states, KV caches of equal lengths, and
+    None for blocks that keep no state."""
+    stacked = []
+    for states in zip(*caches):
+        if states[0] is None:
+            stacked.append(None)
+        elif isinstance(states[0], KVCache):
+            stacked.append(KVCache(k=torch.cat([s.k for s in states]), v=torch.cat([s.v for s in states])))
+        else:
+            stacked.append(SSMState(conv=torch.cat([s.conv for s in states]), h=torch.cat([s.h for s in states])))
+    return stacked
 
 
 def main_metric(task: str, metrics: dict) -> str:

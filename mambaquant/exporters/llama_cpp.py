@@ -14,7 +14,7 @@ from torch import nn
 
 from ..quant.linear import QuantizedEmbedding, QuantizedLinear
 from ..quant.quantizer import ActivationQuantizer, QuantSpec, half_scale
-from ..runtime import Mamba2LMConfig, MambaLM, MambaMixer, Site
+from ..runtime import HybridLMConfig, Mamba2LMConfig, MambaLM, MambaMixer, Site
 
 ENGINE = "llama.cpp"
 BLOCK = 32  # the values of one Q8_0 / Q4_0 block, and of one block of a quantized input
@@ -46,6 +46,8 @@ def architecture_problems(model: nn.Module) -> list[str]:
     if not isinstance(model, MambaLM):
         return [f"a {type(model).__name__} (llama.cpp runs Mamba language models: mamba, mamba2)"]
     c = model.config
+    if isinstance(c, HybridLMConfig):
+        return [f"a hybrid of {', '.join(dict.fromkeys(c.blocks))} blocks (not exported yet)"]
     problems = []
     if isinstance(c, Mamba2LMConfig):
         if c.d_mlp:

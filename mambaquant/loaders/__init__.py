@@ -12,7 +12,8 @@ from ..errors import InputError
 from ..outputs import write_atomic_dir
 from ..runtime import (Mamba2LMConfig, MambaLM, MambaModel, MambaTagger, ModelConfig, TaggerConfig, VisionConfig,
                       VisionMamba)
-from . import hf, hub, layouts, mamba2, quantized, typeseg, vim
+from . import hf, hub, hybrid, layouts, mamba2, quantized, typeseg, vim
+from ..runtime.lm import refuse_hybrid
 from .shards import DEFAULT_SHARD_BYTES, ShardWriter
 from .layouts import load_state_dict  # noqa: F401 (mambaquant.load_state_dict)
 from ..schema import describe, display, read_json
@@ -20,10 +21,12 @@ from ..zoo import MODELS_DIR, ZOO, ZOO_PREFIX, embedded_name
 from .weights import find_weight_file, load_checked, open_checkpoint
 from .weights import read_tensors  # noqa: F401 (mambaquant.loaders.read_tensors)
 
+HYBRID_CLASSES = ("GraniteMoeHybridForCausalLM", "BambaForCausalLM", "NemotronHForCausalLM")
 SUPPORTED = (
     "Mamba-1 and Mamba-2 language models (Hugging Face MambaForCausalLM / FalconMambaForCausalLM / "
     "Mamba2ForCausalLM or the original "
     "state-spaces layout, alxndrTL mamba.py, johnma2006 mamba-minimal), "
+    "hybrid language models (Hugging Face GraniteMoeHybrid (Granite-4.0-H), Bamba, NemotronH), "
     "Vision Mamba (hustvl/Vim state dicts), typeseg's Mamba tagger (mamba_al.npz) and models composed from "
     "ModelConfig (saved by mambaquant)"
 )
@@ -56,6 +59,8 @@ def load(source, revision: str | None = None, **options) -> nn.Module:
             return hf.from_transformers(source)
         if type(source).__name__ == "Mamba2ForCausalLM":
             return mamba2.from_transformers(source)
+        if type(source).__name__ in HYBRID_CLASSES:
+            return hybrid.from_transformers(source)
         raise InputError(f"unsupported model object {type(source).__name__}; supported: {SUPPORTED}")
     kind, value = resolve_source(source)
     if kind == "zoo":
@@ -174,6 +179,8 @@ def load_directory(directory: Path) -> nn.Module:
                             source)
     if quantized.is_quantized_config(config):
         return quantized.build_quantized(config, open_checkpoint(find_weight_file(directory)), source)
+    if architecture is None and hybrid.is_hybrid_config(config):
+        return hybrid.load_hybrid(config, open_checkpoint(find_weight_file(directory)), source, where)
     if architecture is None and mamba2.is_hf_config(config):
         return mamba2.load_lm(mamba2.lm_config_from_hf(config, where), open_checkpoint(find_weight_file(directory)),
                               source)
@@ -224,6 +231,7 @@ def check_saveable(model: nn.Module) -> None:
     """Refuse, with one line, a model that `load` could not rebuild from its config: another class than ours, or
     modules changed after it was built (a user subclass or a replaced part: compose it from ModelConfig fields
     instead, see docs/own-models.md)."""
+    refuse_hybrid(model, "save")
     if type(model) not in OUR_MODELS:
         raise InputError(f"cannot save a {type(model).__name__}: mambaquant rebuilds a saved model from its config, "
                          f"so it saves {', '.join(c.__name__ for c in OUR_MODELS)} (not subclasses); compose a variant "

@@ -25,6 +25,7 @@ from ..quant.gptq import gptq_quantize
 from ..quant.linear import BACKENDS, QuantizedEmbedding, QuantizedLinear
 from ..quant.quantizer import ActivationQuantizer, quantize_weight
 from ..runtime import Mamba2Mixer, MambaLM, Site
+from ..runtime.lm import refuse_hybrid
 from ..transforms.klt import CovarianceObserver
 from ..transforms.rotation import append_op
 from .config import FULL_PRECISION, MAMBA2_ONLY_METHODS, METHODS, QuantConfig, QuantReport
@@ -164,6 +165,7 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
     """A quantized copy of `model` (the model itself, transformed in place, without `copy_model`) and the report of
     what was done where. `blocks` reaches the model's blocks (default `InMemoryBlocks`; a streamed walk passes
     blocks read from disk one at a time and written out as each is finished)."""
+    refuse_hybrid(model, "quantization")
     if not batches:
         raise InputError("the calibration set is empty; expected at least one batch of training data")
     torch.manual_seed(config.seed)

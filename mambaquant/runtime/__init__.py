@@ -5,6 +5,7 @@ from .block import MambaBlock, NoNorm, RMSNorm
 from .config import (LMConfig, Mamba2Config, Mamba2LMConfig, MambaConfig, ModelConfig, TaggerConfig,
                      VisionConfig)
 from .conv import SSMState
+from .hybrid_config import AttentionConfig, HybridLMConfig, MLPConfig, MoEConfig
 from .init import init_weights
 from .lm import MambaLM
 from .mixer import MambaMixer, SelectiveSSM
@@ -26,7 +27,11 @@ def use_reference_scan(model, on: bool = True):
 __all__ = [
     "MAMBA2_SITES",
     "SITES",
+    "AttentionConfig",
     "GroupRMSNorm",
+    "HybridLMConfig",
+    "MLPConfig",
+    "MoEConfig",
     "LMConfig",
     "Mamba2Config",
     "Mamba2LMConfig",

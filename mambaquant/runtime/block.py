@@ -1,11 +1,10 @@
-"""A pre-norm residual Mamba block: residual + mixer(norm(residual)) (or mixer(norm(x)) without the residual
-connection), with a Mamba-1 or a Mamba-2 mixer."""
+"""Pre-norm residual blocks: residual + mixer(norm(residual)) (or mixer(norm(x)) without the residual connection),
+the mixer a Mamba-1 or Mamba-2 mixer (`MambaBlock`) or any layer kind of a hybrid model (`Block`)."""
 
 import torch
 from torch import nn
 
 from .config import Mamba2Config, MambaConfig
-from .conv import SSMState
 from .mixer import MambaMixer
 from .mixer2 import Mamba2Mixer
 from .sites import make_sites
@@ -34,17 +33,35 @@ def make_norm(config: MambaConfig | Mamba2Config, kind: str | None = None) -> nn
     return NoNorm()
 
 
-class MambaBlock(nn.Module):
-    def __init__(self, config: MambaConfig | Mamba2Config):
+class Block(nn.Module):
+    """A pre-norm residual block around any mixer (a Mamba mixer, attention, an MLP or a mixture of experts):
+    residual + multiplier * mixer(norm(residual)), or the mixer's output alone without the residual connection.
+    A mixer that keeps no state between calls (an MLP) is called without one."""
+
+    def __init__(self, norm: nn.Module, mixer: nn.Module, residual: bool = True, multiplier: float = 1.0):
         super().__init__()
         self.sites = make_sites("residual", "norm", "out")
-        self.norm = make_norm(config)
-        self.mixer = Mamba2Mixer(config) if isinstance(config, Mamba2Config) else MambaMixer(config)
-        self.residual = config.residual
+        self.norm, self.mixer = norm, mixer
+        self.residual, self.multiplier = residual, multiplier
 
     forward_order = ("sites.residual", "norm", "sites.norm", "mixer", "sites.out")
 
-    def forward(self, residual: torch.Tensor, state: SSMState | None = None) -> torch.Tensor:
+    def forward(self, residual: torch.Tensor, state=None) -> torch.Tensor:
         residual = self.sites.residual(residual)
-        out = self.sites.out(self.mixer(self.sites.norm(self.norm(residual)), state))
+        normed = self.sites.norm(self.norm(residual))
+        out = self.sites.out(self.mixer(normed) if state is None else self.mixer(normed, state))
+        if self.multiplier != 1.0:
+            out = out * self.multiplier
         return residual + out if self.residual else out
+
+    def new_state(self, batch_size: int):
+        """The mixer's state for decoding (a Mamba mixer's SSMState, attention's KVCache), None for a stateless one."""
+        return self.mixer.new_state(batch_size) if hasattr(self.mixer, "new_state") else None
+
+
+class MambaBlock(Block):
+    """A block of a Mamba-1 or Mamba-2 stack, its norm and mixer from the stack's config."""
+
+    def __init__(self, config: MambaConfig | Mamba2Config):
+        mixer = Mamba2Mixer(config) if isinstance(config, Mamba2Config) else MambaMixer(config)
+        super().__init__(make_norm(config), mixer, config.residual)

@@ -3,6 +3,7 @@
 from ..errors import InputError
 from ..schema import check_seed
 from .config import BlockConfig, LMConfig, Mamba2LMConfig, ModelConfig, TaggerConfig, VisionConfig
+from .hybrid_config import HybridLMConfig
 from .init import init_weights
 from .lm import MambaLM
 from .model import MambaModel, MambaTagger, VisionMamba
@@ -10,9 +11,9 @@ from .model import MambaModel, MambaTagger, VisionMamba
 INIT_COPIES = 1.5  # the weights, and the largest of initialisation's temporaries
 # config class -> model class, most specific first; a config dict names its kind under "architecture"
 MODEL_CLASSES = {VisionConfig: VisionMamba, TaggerConfig: MambaTagger, ModelConfig: MambaModel,
-                 Mamba2LMConfig: MambaLM, LMConfig: MambaLM}
+                 Mamba2LMConfig: MambaLM, LMConfig: MambaLM, HybridLMConfig: MambaLM}
 ARCHITECTURES = {"mamba-model": ModelConfig, "vision-mamba": VisionConfig, "mamba-tagger": TaggerConfig,
-                 "mamba-lm": LMConfig, "mamba2-lm": Mamba2LMConfig}
+                 "mamba-lm": LMConfig, "mamba2-lm": Mamba2LMConfig, "hybrid-lm": HybridLMConfig}
 
 
 def build(config, seed: int = 0):
@@ -25,7 +26,7 @@ def build(config, seed: int = 0):
             raise InputError(f"unknown architecture {kind!r}; expected one of {', '.join(ARCHITECTURES)}")
         config = ARCHITECTURES[kind].from_dict({k: v for k, v in config.items() if k != "architecture"},
                                                where=f"{kind} config")
-    elif isinstance(config, BlockConfig):
+    elif isinstance(config, (BlockConfig, HybridLMConfig)):
         config = type(config).from_dict(config.to_dict(), where=f"{type(config).__name__}")
     else:
         raise InputError(f"expected a model config or a dict of its fields, got a {type(config).__name__}")

@@ -40,6 +40,7 @@ LIMITS = {
     "head_dim": (1, 65536),
     "n_groups": (1, 65536),
     "d_ssm": (0, 16 * 65536),  # 0: d_inner
+    "inner_size": (0, 16 * 65536),  # 0: expand x d_model
     "chunk_size": (1, 65536),
     "dt_limit_min": (0.0, 1e9),
     "dt_limit_max": (0.0, 1e9),  # 0: no upper limit
@@ -270,6 +271,7 @@ class Mamba2Config(BlockConfig):
     chunk_size: int = 256  # the checkpoint's training chunk; the CPU scan picks its own (results are the same)
     dt_limit_min: float = 0.0  # dt = clamp(softplus(dt + dt_bias), dt_limit_min, dt_limit_max)
     dt_limit_max: float = 0.0  # 0 means no upper limit
+    inner_size: int = 0  # d_inner where it is not expand x d_model (Nemotron-H: heads x head_dim); 0: expand x d_model
 
     norm = "rms"  # not fields: Mamba-2 blocks are always RMSNorm residual blocks
     residual = True
@@ -277,6 +279,10 @@ class Mamba2Config(BlockConfig):
     def __post_init__(self):
         if self.d_ssm == 0:
             self.d_ssm = self.d_inner
+
+    @property
+    def d_inner(self) -> int:
+        return self.inner_size or self.expand * self.d_model
 
     @property
     def n_heads(self) -> int:
@@ -310,10 +316,10 @@ class Mamba2Config(BlockConfig):
     def check_consistency(cls, values: dict, where: str) -> None:
         from ..errors import InputError
 
-        d_inner = values["expand"] * values["d_model"]
+        d_inner = values["inner_size"] or values["expand"] * values["d_model"]
         d_ssm = values["d_ssm"] or d_inner
         if d_ssm > d_inner:
-            raise InputError(f"{where}: d_ssm {d_ssm} is larger than d_inner = expand x d_model = {d_inner}")
+            raise InputError(f"{where}: d_ssm {d_ssm} is larger than d_inner {d_inner}")
         if d_ssm % values["head_dim"]:
             raise InputError(f"{where}: the SSM's {d_ssm} channels do not split into heads of head_dim "
                              f"{values['head_dim']}; expected n_heads x head_dim = {d_ssm}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..errors import InputError
 from ..schema import boolean, integer, number, string, validate
-from .config import BlockConfig
+from .config import BlockConfig, Mamba2Config
 
 SIZE = 65536
 ACTIVATIONS = ("silu", "gelu", "relu2")
@@ -193,3 +193,79 @@ class MoEConfig(LayerConfig):
         if top_k > values["topk_group"] * per_group:
             raise InputError(f"{where}: top_k {top_k} is above the {values['topk_group'] * per_group} experts of "
                              f"the topk_group {values['topk_group']} groups chosen; expected at most that")
+
+
+BLOCK_KINDS = ("mamba2", "attention", "mlp", "moe")
+LAYER_CONFIGS = {"mamba2": Mamba2Config, "attention": AttentionConfig, "mlp": MLPConfig, "moe": MoEConfig}
+LM_LIMITS = {"vocab_size": (1, 2**24), "d_model": (1, SIZE), "norm_eps": (0.0, 1.0), "embedding_multiplier": (0.0, 1e6),
+             "residual_multiplier": (0.0, 1e6), "logits_divisor": (0.0, 1e6)}
+
+
+@dataclass
+class HybridLMConfig:
+    """A causal language model whose blocks follow a pattern: `blocks` names each block's kind in order (a Mamba-2
+    mixer, attention, an MLP or a mixture of experts), every block a pre-norm residual block with an RMSNorm. A
+    model whose layers have two sublayers (Granite-4.0-H, Bamba: a mixer, then a feed-forward layer) lists both.
+    Each kind present takes its config; their d_model is the model's. Granite's multipliers: the embedding output
+    times `embedding_multiplier`, each block's output times `residual_multiplier` before it joins the residual
+    stream, the logits divided by `logits_divisor`."""
+
+    vocab_size: int
+    d_model: int
+    blocks: list
+    mamba2: Mamba2Config | None = None
+    attention: AttentionConfig | None = None
+    mlp: MLPConfig | None = None
+    moe: MoEConfig | None = None
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_divisor: float = 1.0
+
+    norm = "rms"  # not fields: every block norm and the final norm are RMSNorms
+
+    def __post_init__(self):
+        where = "HybridLMConfig"
+        for i, kind in enumerate(self.blocks):
+            if kind not in BLOCK_KINDS:
+                raise InputError(f"{where}: blocks[{i}] is {kind!r}; expected one of {', '.join(BLOCK_KINDS)}")
+        for kind in dict.fromkeys(self.blocks):
+            config = getattr(self, kind)
+            if not isinstance(config, LAYER_CONFIGS[kind]):
+                raise InputError(f"{where}: blocks has {kind} blocks and {kind} is {type(config).__name__}; expected "
+                                 f"a {LAYER_CONFIGS[kind].__name__}")
+            if config.d_model != self.d_model:
+                raise InputError(f"{where}: {kind}.d_model is {config.d_model}, the model's d_model {self.d_model}; "
+                                 "expected the same width")
+        if not self.blocks:
+            raise InputError(f"{where}: blocks is empty; expected at least one block kind")
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.blocks)
+
+    def to_dict(self) -> dict:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        layers = {kind: values.pop(kind) for kind in LAYER_CONFIGS}
+        return {**values, **{kind: config.to_dict() for kind, config in layers.items() if config is not None}}
+
+    @classmethod
+    def from_dict(cls, values: dict, *, where: str = "hybrid-lm config") -> "HybridLMConfig":
+        """A config from its JSON dict, every field checked (one line starting with `where` otherwise)."""
+        from ..schema import list_of, obj
+
+        schema = {
+            "vocab_size": integer(*LM_LIMITS["vocab_size"]),
+            "d_model": integer(*LM_LIMITS["d_model"]),
+            "blocks": list_of(string(*BLOCK_KINDS), min_items=1),
+            "norm_eps": number(*LM_LIMITS["norm_eps"], default=1e-5, above=True),
+            "tie_embeddings": boolean(False),
+            **{name: number(*LM_LIMITS[name], default=1.0, above=True)
+               for name in ("embedding_multiplier", "residual_multiplier", "logits_divisor")},
+            **{kind: obj(default=None) for kind in LAYER_CONFIGS},
+        }
+        checked = validate(values, schema, where)
+        layers = {kind: None if checked[kind] is None else
+                  LAYER_CONFIGS[kind].from_dict(checked[kind], where=f"{where} {kind}") for kind in LAYER_CONFIGS}
+        return cls(**{**checked, **layers})

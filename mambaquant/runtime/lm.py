@@ -1,4 +1,4 @@
-"""Mamba causal language model (Mamba-1 or Mamba-2 blocks) with a recurrent state cache for generation."""
+"""Causal language model of Mamba-1, Mamba-2 or hybrid blocks, with a state cache for generation."""
 
 import math
 
@@ -6,24 +6,44 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from .block import MambaBlock, make_norm
+from .attention import Attention
+from .block import Block, MambaBlock, make_norm
 from .config import LMConfig, Mamba2LMConfig
 from .conv import SSMState
+from .hybrid_config import HybridLMConfig
+from .mixer2 import Mamba2Mixer
+from .mlp import MLP
+from .moe import MoE
 from .sites import make_sites, name_sites
 
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
+def make_blocks(config: LMConfig | Mamba2LMConfig | HybridLMConfig) -> list[Block]:
+    """A pure model's n_layer Mamba blocks, or a hybrid's blocks as its pattern lists them."""
+    if not isinstance(config, HybridLMConfig):
+        return [MambaBlock(config) for _ in range(config.n_layer)]
+    mixers = {"mamba2": lambda: Mamba2Mixer(config.mamba2), "attention": lambda: Attention(config.attention),
+              "mlp": lambda: MLP(config.mlp), "moe": lambda: MoE(config.moe)}
+    return [Block(make_norm(config), mixers[kind](), multiplier=config.residual_multiplier) for kind in config.blocks]
+
+
 class MambaLM(nn.Module):
-    def __init__(self, config: LMConfig | Mamba2LMConfig):
+    """embedding -> blocks -> final norm -> head; the blocks Mamba-1, Mamba-2 or a hybrid's pattern of Mamba-2,
+    attention, MLP and mixture-of-experts blocks."""
+
+    def __init__(self, config: LMConfig | Mamba2LMConfig | HybridLMConfig):
         super().__init__()
         if isinstance(config, LMConfig) and (config.bidirectional != "none" or config.conv != "causal"):
             raise ValueError("a causal language model needs causal blocks (no bidirectional scan, causal conv)")
         self.config = config
         self.sites = make_sites("embed", "norm_f", "logits")
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(MambaBlock(config) for _ in range(config.n_layer))
+        self.layers = nn.ModuleList(make_blocks(config))
         self.norm_f = make_norm(config)
+        # Granite's muP multipliers, attributes a transform that folds them into weights may set to 1
+        self.embedding_multiplier = getattr(config, "embedding_multiplier", 1.0)
+        self.logits_divisor = getattr(config, "logits_divisor", 1.0)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
@@ -44,13 +64,20 @@ class MambaLM(nn.Module):
         return hidden
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.sites.embed(self.embedding(input_ids))
+        embedded = self.embedding(input_ids)
+        if self.embedding_multiplier != 1.0:
+            embedded = embedded * self.embedding_multiplier
+        return self.sites.embed(embedded)
 
     def output(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.sites.logits(self.lm_head(self.sites.norm_f(self.norm_f(hidden))))
+        logits = self.lm_head(self.sites.norm_f(self.norm_f(hidden)))
+        if self.logits_divisor != 1.0:
+            logits = logits / self.logits_divisor
+        return self.sites.logits(logits)
 
-    def new_cache(self, batch_size: int) -> list[SSMState]:
-        return [layer.mixer.new_state(batch_size) for layer in self.layers]
+    def new_cache(self, batch_size: int) -> list:
+        """Each block's state for decoding: SSMState, KVCache, or None for a block that keeps none."""
+        return [layer.new_state(batch_size) for layer in self.layers]
 
     @torch.no_grad()
     def generate(
@@ -72,6 +99,14 @@ class MambaLM(nn.Module):
             new_tokens.append(token)
             logits = self(token[:, None], cache)[:, -1]
         return torch.stack(new_tokens, dim=1)
+
+
+def refuse_hybrid(model: nn.Module, what: str) -> None:
+    """One line for a hybrid language model where `what` does not take one yet (they load, run and evaluate)."""
+    if isinstance(model, MambaLM) and isinstance(model.config, HybridLMConfig):
+        kinds = ", ".join(dict.fromkeys(model.config.blocks))
+        raise InputError(f"{what} does not take hybrid language models yet (this one has {kinds} blocks); they "
+                         "load, run, generate and evaluate in full precision")
 
 
 def check_generation(input_ids, max_new_tokens, temperature, top_k, vocab_size: int) -> None:

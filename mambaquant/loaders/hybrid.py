@@ -1,0 +1,275 @@
+"""Hybrid language models as transformers saves them -> our runtime: Granite-4.0-H (`granitemoehybrid`), Bamba
+(`bamba`) and Nemotron-H (`nemotron_h`), each a `MambaLM` whose blocks follow the model's pattern
+(`HybridLMConfig`). docs/hybrids.md says what each computes; the tests hold our logits to transformers'."""
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..runtime import MambaLM
+from ..runtime.config import Mamba2Config
+from ..runtime.hybrid_config import AttentionConfig, HybridLMConfig, MLPConfig, MoEConfig
+from ..schema import boolean, integer, list_of, number, obj, string, validate
+from .hybrid_layers import attention_weights, mlp_weights, moe_weights
+from .mamba2 import LIMIT, dt_limits
+from .weights import Checkpoint, assign_weights, check_memory, on_meta_device
+
+SIZE = 65536
+MAMBA_TYPES = ("mamba", "linear_attention")  # transformers 5 renames the layer types of older configs
+ATTENTION_TYPES = ("attention", "full_attention")
+COMMON_SCHEMA = {
+    "vocab_size": integer(1, 2**24),
+    "hidden_size": integer(1, SIZE),
+    "tie_word_embeddings": boolean(False),
+    "num_attention_heads": integer(1, 4096, default=32),
+    "num_key_value_heads": integer(1, 4096, default=None, nullable=True),
+    "attention_bias": boolean(False),
+    "time_step_limit": list_of(LIMIT, default=[0.0, math.inf], min_items=2, max_items=2),
+    "rope_parameters": obj(default=None, nullable=True),
+    "intermediate_size": integer(1, 16 * SIZE),
+}
+GRANITE_SCHEMA = {
+    **COMMON_SCHEMA,
+    "layer_types": list_of(string(*MAMBA_TYPES, *ATTENTION_TYPES), min_items=1, max_items=1024),
+    "rms_norm_eps": number(0, 1, default=1e-6, above=True),
+    "embedding_multiplier": number(0, 1e6, default=1.0, above=True),
+    "residual_multiplier": number(0, 1e6, default=1.0, above=True),
+    "attention_multiplier": number(0, 1e6, default=1.0, above=True),
+    "logits_scaling": number(0, 1e6, default=1.0, above=True),
+    "position_embedding_type": string("rope", "nope", default=None, nullable=True),
+    "num_local_experts": integer(0, 4096, default=0),
+    "num_experts_per_tok": integer(1, 4096, default=2),
+    "shared_intermediate_size": integer(1, 16 * SIZE),
+    "mamba_n_heads": integer(1, SIZE), "mamba_d_head": integer(1, SIZE), "mamba_n_groups": integer(1, SIZE),
+    "mamba_d_state": integer(1, 1024), "mamba_d_conv": integer(1, 64), "mamba_conv_bias": boolean(True),
+    "mamba_proj_bias": boolean(False),
+}
+BAMBA_SCHEMA = {
+    **COMMON_SCHEMA,
+    "num_hidden_layers": integer(1, 1024),
+    "attn_layer_indices": list_of(integer(0, 1023), default=None, nullable=True, max_items=1024),
+    "rms_norm_eps": number(0, 1, default=1e-5, above=True),
+    "mlp_bias": boolean(False),
+    "mamba_n_heads": integer(1, SIZE), "mamba_d_head": integer(1, SIZE), "mamba_n_groups": integer(1, SIZE),
+    "mamba_d_state": integer(1, 1024), "mamba_d_conv": integer(1, 64), "mamba_conv_bias": boolean(True),
+    "mamba_proj_bias": boolean(False),
+}
+NEMOTRON_KINDS = {"mamba": "mamba2", "linear_attention": "mamba2", "attention": "attention",
+                  "full_attention": "attention", "mlp": "mlp", "moe": "moe"}
+NEMOTRON_SCHEMA = {
+    **COMMON_SCHEMA,
+    "layers_block_type": list_of(string(*NEMOTRON_KINDS), min_items=1, max_items=1024),
+    "head_dim": integer(1, SIZE, default=None, nullable=True),
+    "layer_norm_epsilon": number(0, 1, default=1e-5, above=True),
+    "mlp_hidden_act": string("relu2", default="relu2"),
+    "mlp_bias": boolean(False),
+    "mamba_num_heads": integer(1, SIZE), "mamba_head_dim": integer(1, SIZE), "n_groups": integer(1, SIZE),
+    "ssm_state_size": integer(1, 1024), "conv_kernel": integer(1, 64), "use_conv_bias": boolean(True),
+    "use_bias": boolean(False),
+    "n_routed_experts": integer(1, 4096, default=8), "num_experts_per_tok": integer(1, 4096, default=2),
+    "moe_intermediate_size": integer(1, 16 * SIZE, default=None, nullable=True),
+    "moe_shared_expert_intermediate_size": integer(1, 16 * SIZE, default=None, nullable=True),
+    "moe_latent_size": integer(1, SIZE, default=None, nullable=True),
+    "n_group": integer(1, 4096, default=1), "topk_group": integer(1, 4096, default=1),
+    "norm_topk_prob": boolean(True), "routed_scaling_factor": number(0, 1e6, default=1.0, above=True),
+}
+MODEL_TYPES = {"granitemoehybrid": GRANITE_SCHEMA, "bamba": BAMBA_SCHEMA, "nemotron_h": NEMOTRON_SCHEMA}
+
+
+def is_hybrid_config(config: dict) -> bool:
+    return config.get("model_type") in MODEL_TYPES
+
+
+def config_from_hf(values: dict, where: str) -> HybridLMConfig:
+    """Our config of a transformers hybrid config.json (a dict), every field it reads checked."""
+    model_type = values.get("model_type")
+    c = validate(values, MODEL_TYPES[model_type], where)
+    c["model_type"] = model_type
+    return {"granitemoehybrid": granite_config, "bamba": bamba_config, "nemotron_h": nemotron_config}[model_type](
+        c, where)
+
+
+def rope_theta(c: dict, where: str) -> tuple[float, float]:
+    """(theta, rotary fraction) of transformers' default RoPE; another rope_type is refused."""
+    rope = c["rope_parameters"] or {}
+    if rope.get("rope_type", "default") != "default":
+        raise InputError(f"{where}: rope_parameters.rope_type {rope.get('rope_type')!r}; expected 'default' (other "
+                         "RoPE scalings are not in the runtime)")
+    theta, fraction = rope.get("rope_theta", 10000.0), rope.get("partial_rotary_factor", 1.0)
+    for name, value in (("rope_theta", theta), ("partial_rotary_factor", fraction)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise InputError(f"{where}: rope_parameters.{name} must be a positive number, got {value!r}")
+    if not 0 < fraction <= 1:
+        raise InputError(f"{where}: rope_parameters.partial_rotary_factor {fraction}; expected a fraction in (0, 1]")
+    return float(theta), float(fraction)
+
+
+def mamba2_config(c: dict, heads: int, head_dim: int, groups: int, state: int, conv: int, conv_bias: bool,
+                  bias: bool, eps: float, where: str) -> Mamba2Config:
+    low, high = dt_limits(c["time_step_limit"], where, "time_step_limit")
+    return Mamba2Config.from_dict(dict(d_model=c["hidden_size"], d_state=state, expand=1, inner_size=heads * head_dim,
+                                       head_dim=head_dim, n_groups=groups, d_conv=conv, conv_bias=conv_bias,
+                                       bias=bias, norm_eps=eps, dt_limit_min=low, dt_limit_max=high),
+                                  where=f"{where} (its Mamba-2 layers)")
+
+
+def attention_config(c: dict, where: str, **fields) -> AttentionConfig:
+    values = dict(d_model=c["hidden_size"], n_heads=c["num_attention_heads"], n_kv_heads=c["num_key_value_heads"] or 0,
+                  qkv_bias=c["attention_bias"], o_bias=c["attention_bias"])
+    return AttentionConfig.from_dict(values | fields, where=f"{where} (its attention layers)")
+
+
+def granite_config(c: dict, where: str) -> HybridLMConfig:
+    kinds = ["mamba2" if kind in MAMBA_TYPES else "attention" for kind in c["layer_types"]]
+    ffn = "moe" if c["num_local_experts"] else "mlp"
+    theta, _ = rope_theta(c, where)
+    mamba2 = mamba2_config(c, c["mamba_n_heads"], c["mamba_d_head"], c["mamba_n_groups"], c["mamba_d_state"],
+                           c["mamba_d_conv"], c["mamba_conv_bias"], c["mamba_proj_bias"], c["rms_norm_eps"], where)
+    attention = attention_config(c, where, rope=c["position_embedding_type"] == "rope", rope_theta=theta,
+                                 scale=c["attention_multiplier"])
+    mlp = MLPConfig.from_dict(dict(d_model=c["hidden_size"], d_ff=c["shared_intermediate_size"]), where=where)
+    moe = None if ffn == "mlp" else MoEConfig.from_dict(
+        dict(d_model=c["hidden_size"], d_ff=c["intermediate_size"], n_experts=c["num_local_experts"],
+             top_k=c["num_experts_per_tok"], scoring="softmax", norm_topk_prob=True,
+             shared_d_ff=c["shared_intermediate_size"]), where=f"{where} (its experts)")
+    return HybridLMConfig(
+        vocab_size=c["vocab_size"], d_model=c["hidden_size"], blocks=[b for kind in kinds for b in (kind, ffn)],
+        mamba2=mamba2 if "mamba2" in kinds else None, attention=attention if "attention" in kinds else None,
+        mlp=mlp if ffn == "mlp" else None, moe=moe, norm_eps=c["rms_norm_eps"], tie_embeddings=c["tie_word_embeddings"],
+        embedding_multiplier=c["embedding_multiplier"], residual_multiplier=c["residual_multiplier"],
+        logits_divisor=c["logits_scaling"])
+
+
+def bamba_config(c: dict, where: str) -> HybridLMConfig:
+    layers, attention_layers = c["num_hidden_layers"], set(c["attn_layer_indices"] or ())
+    outside = sorted(i for i in attention_layers if i >= layers)
+    if outside:
+        raise InputError(f"{where}: attn_layer_indices names layer {outside[0]}; expected indices below "
+                         f"num_hidden_layers {layers}")
+    kinds = ["attention" if i in attention_layers else "mamba2" for i in range(layers)]
+    theta, fraction = rope_theta(c, where)
+    return HybridLMConfig(
+        vocab_size=c["vocab_size"], d_model=c["hidden_size"], blocks=[b for kind in kinds for b in (kind, "mlp")],
+        mamba2=mamba2_config(c, c["mamba_n_heads"], c["mamba_d_head"], c["mamba_n_groups"], c["mamba_d_state"],
+                             c["mamba_d_conv"], c["mamba_conv_bias"], c["mamba_proj_bias"], c["rms_norm_eps"], where)
+        if "mamba2" in kinds else None,
+        attention=attention_config(c, where, rope=True, rope_theta=theta, rotary_fraction=fraction)
+        if "attention" in kinds else None,
+        mlp=MLPConfig.from_dict(dict(d_model=c["hidden_size"], d_ff=c["intermediate_size"], bias=c["mlp_bias"]),
+                                where=where),
+        norm_eps=c["rms_norm_eps"], tie_embeddings=c["tie_word_embeddings"])
+
+
+def nemotron_config(c: dict, where: str) -> HybridLMConfig:
+    kinds = [NEMOTRON_KINDS[kind] for kind in c["layers_block_type"]]
+    d_model = c["hidden_size"]
+    layers = {
+        "mamba2": lambda: mamba2_config(c, c["mamba_num_heads"], c["mamba_head_dim"], c["n_groups"],
+                                        c["ssm_state_size"], c["conv_kernel"], c["use_conv_bias"], c["use_bias"],
+                                        c["layer_norm_epsilon"], where),
+        "attention": lambda: attention_config(c, where, rope=False, qkv_bias=False, o_bias=False,
+                                              head_dim=c["head_dim"] or 0),
+        "mlp": lambda: MLPConfig.from_dict(dict(d_model=d_model, d_ff=c["intermediate_size"], gated=False,
+                                                activation="relu2", bias=c["mlp_bias"]), where=where),
+        "moe": lambda: MoEConfig.from_dict(dict(
+            d_model=d_model, d_ff=c["moe_intermediate_size"] or c["intermediate_size"],
+            n_experts=c["n_routed_experts"], top_k=c["num_experts_per_tok"], scoring="sigmoid",
+            norm_topk_prob=c["norm_topk_prob"], score_correction=True, n_group=c["n_group"],
+            topk_group=c["topk_group"], routed_scaling_factor=c["routed_scaling_factor"], gated=False,
+            activation="relu2", shared_d_ff=c["moe_shared_expert_intermediate_size"] or 0,
+            latent_size=c["moe_latent_size"] or 0, bias=c["mlp_bias"]), where=f"{where} (its experts)"),
+    }
+    return HybridLMConfig(vocab_size=c["vocab_size"], d_model=d_model, blocks=kinds,
+                          **{kind: layers[kind]() for kind in dict.fromkeys(kinds)},
+                          norm_eps=c["layer_norm_epsilon"], tie_embeddings=False)
+
+
+def runtime_weights(model_type: str, config: HybridLMConfig, tensors: dict, source: str) -> dict:
+    """{our name: (checkpoint name, tensor)} of a hybrid checkpoint's tensors (on disk or in transformers' memory
+    names), every block's part found where its model keeps it."""
+    backbone = "backbone." if any(name.startswith("backbone.") for name in tensors) else "model."
+    embedding = next((backbone + name for name in ("embed_tokens.weight", "embeddings.weight")
+                      if backbone + name in tensors), backbone + "embed_tokens.weight")
+    final = next((backbone + name for name in ("norm.weight", "final_layernorm.weight", "norm_f.weight")
+                  if backbone + name in tensors), backbone + "norm.weight")
+    weights = {"embedding.weight": (embedding, take(tensors, embedding, source)),
+               "norm_f.weight": (final, take(tensors, final, source))}
+    if not config.tie_embeddings:
+        weights["lm_head.weight"] = ("lm_head.weight", take(tensors, "lm_head.weight", source))
+    elif "lm_head.weight" in tensors:  # transformers' state dict names the tied head too
+        if not torch.equal(tensors["lm_head.weight"], weights["embedding.weight"][1]):
+            raise InputError(f"{source}: lm_head.weight differs from {embedding}, and the config ties them "
+                             "(tie_word_embeddings); expected equal tensors or tie_word_embeddings false")
+        weights["lm_head.weight"] = ("lm_head.weight", tensors["lm_head.weight"])
+    sublayers = 1 if model_type == "nemotron_h" else 2
+    for index, kind in enumerate(config.blocks):
+        layer = f"{backbone}layers.{index // sublayers}."
+        ours = f"layers.{index}."
+        if model_type == "nemotron_h":
+            norm, mixer, shared = layer + "norm.weight", layer + "mixer.", None
+        elif index % 2 == 0:
+            norm = layer + "input_layernorm.weight"
+            mixer = layer + ("mamba." if kind == "mamba2" else "self_attn.")
+        else:
+            norm = layer + ("post_attention_layernorm.weight" if model_type == "granitemoehybrid" else
+                            "pre_ff_layernorm.weight")
+            mixer = layer + {"granitemoehybrid": "block_sparse_moe." if kind == "moe" else "shared_mlp.",
+                             "bamba": "feed_forward."}[model_type]
+            shared = layer + "shared_mlp."
+        weights[ours + "norm.weight"] = (norm, take(tensors, norm, source))
+        if kind == "mamba2":
+            parts = {name[len(mixer):]: (name, tensor) for name, tensor in tensors.items() if name.startswith(mixer)}
+        elif kind == "attention":
+            parts = attention_weights(tensors, mixer, source=source)
+        elif kind == "mlp":
+            parts = mlp_weights(tensors, mixer, source=source)
+        else:
+            parts = moe_weights(tensors, mixer, shared, source=source)
+        weights |= {ours + "mixer." + name: value for name, value in parts.items()}
+    return weights
+
+
+def take(tensors: dict, name: str, source: str) -> torch.Tensor:
+    if name not in tensors:
+        raise InputError(f"{source}: missing weight {name}")
+    return tensors[name]
+
+
+def build_loaded(config: HybridLMConfig, model_type: str, tensors: dict, source: str) -> MambaLM:
+    used = {name for name in tensors if not name.startswith("mtp.")}  # Nemotron-H's multi-token prediction layers
+    weights = runtime_weights(model_type, config, {name: tensors[name] for name in used}, source)
+    consumed = {original.split("[")[0] for original, _ in weights.values() if "*" not in original}
+    unused = sorted(used - consumed - expert_names(weights, used))
+    if unused:
+        raise InputError(f"{source}: unexpected weight(s) {', '.join(unused[:4])}{' ...' if len(unused) > 4 else ''} "
+                         "for this architecture")
+    return assign_weights(MambaLM(config), weights, source).eval()
+
+
+def expert_names(weights: dict, names: set[str]) -> set[str]:
+    """The per-expert checkpoint names a stacked expert tensor was built from (`NAME.experts.*.PART`)."""
+    patterns = [original for original, _ in weights.values() if "*" in original]
+    return {name for name in names for pattern in patterns
+            if name.startswith(pattern.split("*")[0]) and name.endswith(pattern.split("*")[1])}
+
+
+def load_hybrid(values: dict, checkpoint: Checkpoint, source: str, where: str) -> MambaLM:
+    """A hybrid model from its config.json (a dict) and checkpoint: memory checked on the meta device first."""
+    config = config_from_hf(values, where)
+    with on_meta_device():
+        skeleton = MambaLM(config)
+    check_memory(skeleton, checkpoint.nbytes, source)
+    return build_loaded(config, values["model_type"], checkpoint.read(), source)
+
+
+def from_transformers(hf_model: nn.Module) -> MambaLM:
+    """An in-memory transformers hybrid (GraniteMoeHybridForCausalLM, BambaForCausalLM, NemotronHForCausalLM) ->
+    our runtime, same weights."""
+    where = type(hf_model).__name__
+    values = hf_model.config.to_dict()
+    values["time_step_limit"] = [float(v) for v in values.get("time_step_limit", (0.0, math.inf))]
+    config = config_from_hf(values, where)
+    return build_loaded(config, values["model_type"], {k: v.detach() for k, v in hf_model.state_dict().items()},
+                        where)
