@@ -128,7 +128,7 @@ def saved_config(tmp_path, name: str, **changes) -> None:
      "partial_rotary_factor 1.5; expected a fraction in (0, 1]"),
     ("bamba", {"rope_parameters": {"rope_theta": 10000.0, "rope_type": "yarn"}}, "rope_type 'yarn'"),
     ("bamba", {"attn_layer_indices": [5]}, "attn_layer_indices names layer 5"),
-    ("granite-4.0-h moe", {"mamba_d_head": 12}, "in_proj.weight has shape"),
+    ("granite-4.0-h moe", {"mamba_d_head": 12}, "weight model.layers.0.mamba."),
     ("nemotron-h dense", {"layers_block_type": ["mamba", "mlp"]}, "unexpected weight(s)"),
 ])
 def test_bad_configs_and_checkpoints_are_one_line(name, changes, words, tmp_path, cli):
