@@ -1,4 +1,4 @@
-"""Hybrid language models (Granite-4.0-H, Bamba, Nemotron-H) in our runtime, equal to transformers' CPU path: random
+"""Hybrid language models (Granite-4.0-H, Bamba, Nemotron-H, Jamba, Falcon-H1) in our runtime, equal to transformers' CPU path: random
 models of the published configurations' shapes at reduced depth and width (initializer_range 0.02), in memory and
 from save_pretrained directories in float32 and bfloat16, prefill and cached decode; bad configs and checkpoints in
 one line."""
@@ -46,6 +46,22 @@ ARCHITECTURES = {
         mamba_head_dim=16, ssm_state_size=16, n_groups=2, n_routed_experts=8, n_group=2, topk_group=1,
         num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=48, moe_latent_size=32,
         routed_scaling_factor=2.5, intermediate_size=64)),
+    # Jamba: Mamba-1 blocks with weighted dt/B/C norms, attention every 4th layer, experts every 2nd (no RoPE)
+    "jamba": ("Jamba", dict(
+        COMMON, num_hidden_layers=4, attn_layer_period=4, attn_layer_offset=2, expert_layer_period=2,
+        expert_layer_offset=1, num_experts=4, num_experts_per_tok=2, intermediate_size=96, mamba_d_state=8,
+        mamba_expand=2, mamba_dt_rank=8, use_mamba_kernels=False)),
+    # Falcon-H1 (-0.5B / -Tiny): Mamba-2 and attention side by side in every layer, muP multipliers everywhere,
+    # mamba_d_ssm set directly, the gated norm's three forms, tied embeddings, a large rope_theta
+    **{f"falcon-h1 {norm}": ("FalconH1", dict(
+        COMMON, num_hidden_layers=2, head_dim=24, mamba_d_ssm=96, mamba_n_heads=6, mamba_d_head=16, mamba_n_groups=2,
+        mamba_d_state=8, intermediate_size=80, mamba_rms_norm=norm != "no norm",
+        mamba_norm_before_gate=norm == "norm before gate", tie_word_embeddings=norm == "no norm",
+        rope_parameters={"rope_theta": 1e11, "rope_type": "default"}, embedding_multiplier=5.0,
+        lm_head_multiplier=0.125, attention_in_multiplier=0.7, attention_out_multiplier=0.9, key_multiplier=0.4,
+        ssm_in_multiplier=1.3, ssm_out_multiplier=0.6, ssm_multipliers=[0.8, 1.2, 0.5, 1.7, 0.9],
+        mlp_multipliers=[0.6, 1.4]))
+       for norm in ("norm before gate", "norm after gate", "no norm")},
 }
 
 
@@ -56,7 +72,7 @@ def reference(name: str, seed: int = 0):
     model = getattr(transformers, f"{kind}ForCausalLM")(config).eval()
     with torch.no_grad():  # the published models' parameters are not their initialisation: move them off it
         for parameter_name, parameter in model.named_parameters():
-            if parameter_name.endswith(("norm.weight", "layernorm.weight", ".D", "dt_bias")):
+            if parameter_name.endswith(("norm.weight", "layernorm.weight", ".D", "dt_bias", "dt_proj.bias")):
                 parameter.add_(0.2 * torch.randn(parameter.shape))
             if parameter_name.endswith("e_score_correction_bias"):
                 parameter.copy_(0.05 * torch.randn(parameter.shape))
@@ -88,7 +104,7 @@ def test_equal_to_transformers_in_memory_prefill_and_decode(name):
         assert rel_err(decoded(ours, ids, 13), expected) < 1e-5
 
 
-@pytest.mark.parametrize("name", ["granite-4.0-h moe", "nemotron-h moe"])
+@pytest.mark.parametrize("name", ["granite-4.0-h moe", "nemotron-h moe", "jamba", "falcon-h1 norm before gate"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_equal_to_transformers_from_a_saved_directory(name, dtype, tmp_path):
     reference(name).to(dtype).save_pretrained(tmp_path)

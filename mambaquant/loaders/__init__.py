@@ -21,12 +21,13 @@ from ..zoo import MODELS_DIR, ZOO, ZOO_PREFIX, embedded_name
 from .weights import find_weight_file, load_checked, open_checkpoint
 from .weights import read_tensors  # noqa: F401 (mambaquant.loaders.read_tensors)
 
-HYBRID_CLASSES = ("GraniteMoeHybridForCausalLM", "BambaForCausalLM", "NemotronHForCausalLM")
+HYBRID_CLASSES = ("GraniteMoeHybridForCausalLM", "BambaForCausalLM", "NemotronHForCausalLM", "JambaForCausalLM",
+                  "FalconH1ForCausalLM")
 SUPPORTED = (
     "Mamba-1 and Mamba-2 language models (Hugging Face MambaForCausalLM / FalconMambaForCausalLM / "
     "Mamba2ForCausalLM or the original "
     "state-spaces layout, alxndrTL mamba.py, johnma2006 mamba-minimal), "
-    "hybrid language models (Hugging Face GraniteMoeHybrid (Granite-4.0-H), Bamba, NemotronH), "
+    "hybrid language models (Hugging Face GraniteMoeHybrid (Granite-4.0-H), Bamba, NemotronH, Jamba, FalconH1), "
     "Vision Mamba (hustvl/Vim state dicts), typeseg's Mamba tagger (mamba_al.npz) and models composed from "
     "ModelConfig (saved by mambaquant)"
 )

@@ -1,5 +1,5 @@
 """Hybrid language models as transformers saves them -> our runtime: Granite-4.0-H (`granitemoehybrid`), Bamba
-(`bamba`) and Nemotron-H (`nemotron_h`), each a `MambaLM` whose blocks follow the model's pattern
+(`bamba`), Nemotron-H (`nemotron_h`), Jamba (`jamba`) and Falcon-H1 (`falcon_h1`), each a `MambaLM` whose blocks follow the model's pattern
 (`HybridLMConfig`). docs/hybrids.md says what each computes; the tests hold our logits to transformers'."""
 
 import math
@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..runtime import MambaLM
-from ..runtime.config import Mamba2Config
+from ..runtime.config import Mamba2Config, MambaConfig
 from ..runtime.hybrid_config import AttentionConfig, HybridLMConfig, MLPConfig, MoEConfig
 from ..schema import boolean, integer, list_of, number, obj, string, validate
 from .hybrid_layers import attention_weights, mlp_weights, moe_weights
@@ -75,7 +75,41 @@ NEMOTRON_SCHEMA = {
     "n_group": integer(1, 4096, default=1), "topk_group": integer(1, 4096, default=1),
     "norm_topk_prob": boolean(True), "routed_scaling_factor": number(0, 1e6, default=1.0, above=True),
 }
-MODEL_TYPES = {"granitemoehybrid": GRANITE_SCHEMA, "bamba": BAMBA_SCHEMA, "nemotron_h": NEMOTRON_SCHEMA}
+JAMBA_SCHEMA = {
+    **COMMON_SCHEMA,
+    "num_hidden_layers": integer(1, 1024),
+    "rms_norm_eps": number(0, 1, default=1e-6, above=True),
+    "attn_layer_period": integer(1, 1024, default=8), "attn_layer_offset": integer(0, 1023, default=4),
+    "expert_layer_period": integer(1, 1024, default=2), "expert_layer_offset": integer(0, 1023, default=1),
+    "num_experts": integer(1, 4096, default=16), "num_experts_per_tok": integer(1, 4096, default=2),
+    "mamba_d_state": integer(1, 1024), "mamba_d_conv": integer(1, 64), "mamba_expand": integer(1, 16),
+    "mamba_dt_rank": integer(1, SIZE, special=("auto",)), "mamba_conv_bias": boolean(True),
+    "mamba_proj_bias": boolean(False),
+}
+MULTIPLIER = number(0, 1e6, default=1.0, above=True)
+FALCON_H1_SCHEMA = {
+    **COMMON_SCHEMA,
+    "num_hidden_layers": integer(1, 1024),
+    "head_dim": integer(1, SIZE, default=None, nullable=True),
+    "rms_norm_eps": number(0, 1, default=1e-5, above=True),
+    "mlp_bias": boolean(False),
+    "mamba_d_ssm": integer(1, 16 * SIZE, default=None, nullable=True), "mamba_expand": integer(1, 16, default=2),
+    "mamba_n_heads": integer(1, SIZE), "mamba_d_head": integer(1, SIZE), "mamba_n_groups": integer(1, SIZE),
+    "mamba_d_state": integer(1, 1024), "mamba_d_conv": integer(1, 64), "mamba_conv_bias": boolean(True),
+    "mamba_proj_bias": boolean(False), "projectors_bias": boolean(False), "mamba_rms_norm": boolean(False),
+    "mamba_norm_before_gate": boolean(True),
+    **{name: MULTIPLIER for name in ("embedding_multiplier", "lm_head_multiplier", "attention_in_multiplier",
+                                     "attention_out_multiplier", "key_multiplier", "ssm_in_multiplier",
+                                     "ssm_out_multiplier")},
+    "ssm_multipliers": list_of(MULTIPLIER, default=[1.0] * 5, min_items=5, max_items=5),
+    "mlp_multipliers": list_of(MULTIPLIER, default=[1.0, 1.0], min_items=2, max_items=2),
+}
+MODEL_TYPES = {"granitemoehybrid": GRANITE_SCHEMA, "bamba": BAMBA_SCHEMA, "nemotron_h": NEMOTRON_SCHEMA,
+               "jamba": JAMBA_SCHEMA, "falcon_h1": FALCON_H1_SCHEMA}
+# Jamba's Mamba-1 names -> ours (runtime.mixer.MambaMixer)
+JAMBA_MAMBA = {"in_proj": "in_proj", "out_proj": "out_proj", "conv1d": "ssm.conv1d", "x_proj": "ssm.x_proj",
+               "dt_proj": "ssm.dt_proj", "A_log": "ssm.A_log", "D": "ssm.D", "dt_layernorm": "ssm.inner_norms.dt",
+               "b_layernorm": "ssm.inner_norms.B", "c_layernorm": "ssm.inner_norms.C"}
 
 
 def is_hybrid_config(config: dict) -> bool:
@@ -87,8 +121,8 @@ def config_from_hf(values: dict, where: str) -> HybridLMConfig:
     model_type = values.get("model_type")
     c = validate(values, MODEL_TYPES[model_type], where)
     c["model_type"] = model_type
-    return {"granitemoehybrid": granite_config, "bamba": bamba_config, "nemotron_h": nemotron_config}[model_type](
-        c, where)
+    return {"granitemoehybrid": granite_config, "bamba": bamba_config, "nemotron_h": nemotron_config,
+            "jamba": jamba_config, "falcon_h1": falcon_h1_config}[model_type](c, where)
 
 
 def rope_theta(c: dict, where: str) -> tuple[float, float]:
@@ -107,11 +141,12 @@ def rope_theta(c: dict, where: str) -> tuple[float, float]:
 
 
 def mamba2_config(c: dict, heads: int, head_dim: int, groups: int, state: int, conv: int, conv_bias: bool,
-                  bias: bool, eps: float, where: str) -> Mamba2Config:
+                  bias: bool, eps: float, where: str, gated_norm: str = "after_gate") -> Mamba2Config:
     low, high = dt_limits(c["time_step_limit"], where, "time_step_limit")
     return Mamba2Config.from_dict(dict(d_model=c["hidden_size"], d_state=state, expand=1, inner_size=heads * head_dim,
                                        head_dim=head_dim, n_groups=groups, d_conv=conv, conv_bias=conv_bias,
-                                       bias=bias, norm_eps=eps, dt_limit_min=low, dt_limit_max=high),
+                                       bias=bias, norm_eps=eps, dt_limit_min=low, dt_limit_max=high,
+                                       gated_norm=gated_norm),
                                   where=f"{where} (its Mamba-2 layers)")
 
 
@@ -186,6 +221,84 @@ def nemotron_config(c: dict, where: str) -> HybridLMConfig:
                           norm_eps=c["layer_norm_epsilon"], tie_embeddings=False)
 
 
+def jamba_config(c: dict, where: str) -> HybridLMConfig:
+    """Attention where i % attn_layer_period == attn_layer_offset, Mamba-1 elsewhere; an MoE feed-forward where
+    i % expert_layer_period == expert_layer_offset (with more than one expert), an MLP elsewhere."""
+    d_model, layers = c["hidden_size"], range(c["num_hidden_layers"])
+    kinds = ["attention" if i % c["attn_layer_period"] == c["attn_layer_offset"] else "mamba1" for i in layers]
+    moe = c["num_experts"] > 1
+    ffns = ["moe" if moe and i % c["expert_layer_period"] == c["expert_layer_offset"] else "mlp" for i in layers]
+    dt_rank = math.ceil(d_model / 16) if c["mamba_dt_rank"] == "auto" else c["mamba_dt_rank"]
+    parts = {
+        "mamba1": lambda: MambaConfig.from_dict(dict(
+            d_model=d_model, d_state=c["mamba_d_state"], expand=c["mamba_expand"], d_conv=c["mamba_d_conv"],
+            dt_rank=dt_rank, conv_bias=c["mamba_conv_bias"], bias=c["mamba_proj_bias"], norm_eps=c["rms_norm_eps"],
+            mixer_rms_eps=c["rms_norm_eps"], mixer_norm_weights=True), where=f"{where} (its Mamba layers)"),
+        "attention": lambda: attention_config(c, where, rope=False, qkv_bias=False, o_bias=False),
+        "mlp": lambda: MLPConfig.from_dict(dict(d_model=d_model, d_ff=c["intermediate_size"]), where=where),
+        "moe": lambda: MoEConfig.from_dict(dict(d_model=d_model, d_ff=c["intermediate_size"],
+                                                n_experts=c["num_experts"], top_k=c["num_experts_per_tok"],
+                                                scoring="softmax", norm_topk_prob=False),
+                                           where=f"{where} (its experts)"),
+    }
+    blocks = [b for kind, ffn in zip(kinds, ffns) for b in (kind, ffn)]
+    return HybridLMConfig(vocab_size=c["vocab_size"], d_model=d_model, blocks=blocks,
+                          **{kind: parts[kind]() for kind in dict.fromkeys(blocks)}, norm_eps=c["rms_norm_eps"],
+                          tie_embeddings=c["tie_word_embeddings"])
+
+
+def falcon_h1_config(c: dict, where: str) -> HybridLMConfig:
+    """Every layer a Mamba-2 mixer beside attention, then an MLP. The multipliers around the two mixers are folded
+    into their weights on loading (`fold_falcon_h1`); the key, MLP, embedding and logits multipliers stay in the
+    runtime."""
+    if c["mamba_proj_bias"] != c["projectors_bias"]:
+        raise InputError(f"{where}: mamba_proj_bias {c['mamba_proj_bias']} and projectors_bias "
+                         f"{c['projectors_bias']}; expected both the same (the runtime has one bias switch for the "
+                         "Mamba projections)")
+    d_ssm = c["mamba_d_ssm"] or c["mamba_expand"] * c["hidden_size"]
+    if d_ssm != c["mamba_n_heads"] * c["mamba_d_head"]:
+        raise InputError(f"{where}: mamba_d_ssm {d_ssm} is not mamba_n_heads x mamba_d_head = "
+                         f"{c['mamba_n_heads']} x {c['mamba_d_head']}; expected them equal")
+    theta, _ = rope_theta(c, where)
+    mamba2 = mamba2_config(c, c["mamba_n_heads"], c["mamba_d_head"], c["mamba_n_groups"], c["mamba_d_state"],
+                           c["mamba_d_conv"], c["mamba_conv_bias"], c["mamba_proj_bias"], c["rms_norm_eps"], where,
+                           gated_norm="none" if not c["mamba_rms_norm"] else
+                           "before_gate" if c["mamba_norm_before_gate"] else "after_gate")
+    attention = attention_config(c, where, rope=True, rope_theta=theta, head_dim=c["head_dim"] or 0,
+                                 key_multiplier=c["key_multiplier"])
+    gate, down = c["mlp_multipliers"]
+    mlp = MLPConfig.from_dict(dict(d_model=c["hidden_size"], d_ff=c["intermediate_size"], bias=c["mlp_bias"],
+                                   gate_multiplier=gate, down_multiplier=down), where=where)
+    return HybridLMConfig(vocab_size=c["vocab_size"], d_model=c["hidden_size"],
+                          blocks=["parallel", "mlp"] * c["num_hidden_layers"], mamba2=mamba2, attention=attention,
+                          mlp=mlp, norm_eps=c["rms_norm_eps"], tie_embeddings=c["tie_word_embeddings"],
+                          embedding_multiplier=c["embedding_multiplier"],
+                          logits_divisor=1.0 / c["lm_head_multiplier"])
+
+
+def fold_falcon_h1(c: dict, config: HybridLMConfig, weights: dict) -> dict:
+    """Falcon-H1's multipliers around its mixers, folded into the weights they scale (the same function):
+    ssm_in_multiplier scales in_proj's input and the mup vector (ssm_multipliers over in_proj's z, x, B, C and dt
+    rows) its output, ssm_out_multiplier out_proj's output, attention_in_multiplier the input of q, k and v (their
+    weights, not their biases), attention_out_multiplier o_proj's output."""
+    m = config.mamba2
+    sizes = [m.d_ssm, m.d_ssm, m.n_groups * m.d_state, m.n_groups * m.d_state, m.n_heads]
+    mup = torch.cat([torch.full((size,), float(scale)) for size, scale in zip(sizes, c["ssm_multipliers"])])
+    scales = {"mixer.mamba.in_proj.weight": lambda t: t * mup[:, None] * c["ssm_in_multiplier"],
+              "mixer.mamba.in_proj.bias": lambda t: t * mup,
+              "mixer.mamba.out_proj.weight": lambda t: t * c["ssm_out_multiplier"],
+              "mixer.mamba.out_proj.bias": lambda t: t * c["ssm_out_multiplier"],
+              **{f"mixer.attention.{part}_proj.weight": lambda t: t * c["attention_in_multiplier"] for part in "qkv"},
+              "mixer.attention.o_proj.weight": lambda t: t * c["attention_out_multiplier"],
+              "mixer.attention.o_proj.bias": lambda t: t * c["attention_out_multiplier"]}
+    folded = {}
+    for name, (original, tensor) in weights.items():
+        suffix = name.split(".", 2)[-1]  # past "layers.N."
+        scale = scales.get(suffix) if name.startswith("layers.") else None
+        folded[name] = (original, scale(tensor.float()) if scale is not None else tensor)
+    return folded
+
+
 def runtime_weights(model_type: str, config: HybridLMConfig, tensors: dict, source: str) -> dict:
     """{our name: (checkpoint name, tensor)} of a hybrid checkpoint's tensors (on disk or in transformers' memory
     names), every block's part found where its model keeps it."""
@@ -211,16 +324,24 @@ def runtime_weights(model_type: str, config: HybridLMConfig, tensors: dict, sour
             norm, mixer, shared = layer + "norm.weight", layer + "mixer.", None
         elif index % 2 == 0:
             norm = layer + "input_layernorm.weight"
-            mixer = layer + ("mamba." if kind == "mamba2" else "self_attn.")
+            mixer = layer + ("self_attn." if kind == "attention" else "" if kind == "parallel" else "mamba.")
         else:
             norm = layer + ("post_attention_layernorm.weight" if model_type == "granitemoehybrid" else
                             "pre_ff_layernorm.weight")
-            mixer = layer + {"granitemoehybrid": "block_sparse_moe." if kind == "moe" else "shared_mlp.",
-                             "bamba": "feed_forward."}[model_type]
+            granite = {"moe": "block_sparse_moe.", "mlp": "shared_mlp."}
+            mixer = layer + (granite[kind] if model_type == "granitemoehybrid" else "feed_forward.")
             shared = layer + "shared_mlp."
         weights[ours + "norm.weight"] = (norm, take(tensors, norm, source))
         if kind == "mamba2":
-            parts = {name[len(mixer):]: (name, tensor) for name, tensor in tensors.items() if name.startswith(mixer)}
+            parts = mamba2_weights(tensors, mixer)
+        elif kind == "parallel":
+            parts = {**{"mamba." + name: value for name, value in mamba2_weights(tensors, mixer + "mamba.").items()},
+                     **{"attention." + name: value
+                        for name, value in attention_weights(tensors, mixer + "self_attn.", source=source).items()}}
+        elif kind == "mamba1":
+            parts = {JAMBA_MAMBA[module] + dot + rest: (name, tensor) for name, tensor in tensors.items()
+                     if name.startswith(mixer) for module, dot, rest in [name[len(mixer):].partition(".")]
+                     if module in JAMBA_MAMBA}
         elif kind == "attention":
             parts = attention_weights(tensors, mixer, source=source)
         elif kind == "mlp":
@@ -231,15 +352,23 @@ def runtime_weights(model_type: str, config: HybridLMConfig, tensors: dict, sour
     return weights
 
 
+def mamba2_weights(tensors: dict, prefix: str) -> dict:
+    """A Mamba-2 mixer's tensors, named as ours (in_proj, conv1d, dt_bias, A_log, D, norm, out_proj)."""
+    return {name[len(prefix):]: (name, tensor) for name, tensor in tensors.items() if name.startswith(prefix)}
+
+
 def take(tensors: dict, name: str, source: str) -> torch.Tensor:
     if name not in tensors:
         raise InputError(f"{source}: missing weight {name}")
     return tensors[name]
 
 
-def build_loaded(config: HybridLMConfig, model_type: str, tensors: dict, source: str) -> MambaLM:
+def build_loaded(config: HybridLMConfig, values: dict, tensors: dict, source: str) -> MambaLM:
     used = {name for name in tensors if not name.startswith("mtp.")}  # Nemotron-H's multi-token prediction layers
+    model_type = values["model_type"]
     weights = runtime_weights(model_type, config, {name: tensors[name] for name in used}, source)
+    if model_type == "falcon_h1":
+        weights = fold_falcon_h1(validate(values, FALCON_H1_SCHEMA, source), config, weights)
     consumed = {original.split("[")[0] for original, _ in weights.values() if "*" not in original}
     unused = sorted(used - consumed - expert_names(weights, used))
     if unused:
@@ -261,7 +390,7 @@ def load_hybrid(values: dict, checkpoint: Checkpoint, source: str, where: str) -
     with on_meta_device():
         skeleton = MambaLM(config)
     check_memory(skeleton, checkpoint.nbytes, source)
-    return build_loaded(config, values["model_type"], checkpoint.read(), source)
+    return build_loaded(config, values, checkpoint.read(), source)
 
 
 def from_transformers(hf_model: nn.Module) -> MambaLM:
@@ -271,5 +400,4 @@ def from_transformers(hf_model: nn.Module) -> MambaLM:
     values = hf_model.config.to_dict()
     values["time_step_limit"] = [float(v) for v in values.get("time_step_limit", (0.0, math.inf))]
     config = config_from_hf(values, where)
-    return build_loaded(config, values["model_type"], {k: v.detach() for k, v in hf_model.state_dict().items()},
-                        where)
+    return build_loaded(config, values, {k: v.detach() for k, v in hf_model.state_dict().items()}, where)

@@ -14,8 +14,10 @@ POOLINGS = ("none", "cls", "mean", "max", "last")
 HEADS = ("linear", "mlp")
 ACTIVATIONS = ("gelu", "relu", "silu", "tanh")
 FINAL_NORMS = ("same", "rms", "none")
+GATED_NORMS = ("after_gate", "before_gate", "none")
 CHOICES = {"norm": NORMS, "conv": CONVS, "bidirectional": BIDIRECTIONAL, "stem": STEMS, "cls_token": CLS_TOKENS,
-           "pooling": POOLINGS, "head": HEADS, "head_act": ACTIVATIONS, "final_norm": FINAL_NORMS}
+           "pooling": POOLINGS, "head": HEADS, "head_act": ACTIVATIONS, "final_norm": FINAL_NORMS,
+           "gated_norm": GATED_NORMS}
 # field -> (lowest, highest) accepted by `from_dict`: sizes are bounded so that no config asks for an absurd
 # allocation or divides by zero (a larger model still has to fit the memory check before it is built)
 LIMITS = {
@@ -120,6 +122,14 @@ class MambaConfig(BlockConfig):
     divide_out: bool = True  # bidirectional only: average the two directions instead of adding them
     residual: bool = True  # block output = input + mixer(norm(input)); False: mixer(norm(input))
     mixer_rms_eps: float = 0.0  # > 0: weight-less RMS norms on dt_low, B and C after x_proj (FalconMamba)
+    mixer_norm_weights: bool = False  # those norms with a weight each (Jamba)
+
+    @classmethod
+    def check_consistency(cls, values: dict, where: str) -> None:
+        from ..errors import InputError
+
+        if values.get("mixer_norm_weights") and not values.get("mixer_rms_eps"):
+            raise InputError(f"{where}: mixer_norm_weights needs the inner norms' mixer_rms_eps > 0")
 
     def __post_init__(self):
         if self.dt_rank == 0:
@@ -139,6 +149,7 @@ class LMConfig(MambaConfig):
 
     @classmethod
     def check_consistency(cls, values: dict, where: str) -> None:
+        super().check_consistency(values, where)
         if values["norm"] == "none" or not values["residual"]:
             from ..errors import InputError
 
@@ -208,6 +219,7 @@ class ModelConfig(MambaConfig):
     def check_consistency(cls, values: dict, where: str) -> None:
         from ..errors import InputError
 
+        super().check_consistency(values, where)
         problem = model_config_problem(values)
         if problem:
             raise InputError(f"{where}: {problem}")
@@ -272,6 +284,8 @@ class Mamba2Config(BlockConfig):
     dt_limit_min: float = 0.0  # dt = clamp(softplus(dt + dt_bias), dt_limit_min, dt_limit_max)
     dt_limit_max: float = 0.0  # 0 means no upper limit
     inner_size: int = 0  # d_inner where it is not expand x d_model (Nemotron-H: heads x head_dim); 0: expand x d_model
+    # norm(y * SiLU(z)) (Mamba-2), norm(y) * SiLU(z) or y * SiLU(z) without a norm (Falcon-H1's two variants)
+    gated_norm: str = "after_gate"
 
     norm = "rms"  # not fields: Mamba-2 blocks are always RMSNorm residual blocks
     residual = True
@@ -337,3 +351,12 @@ class Mamba2LMConfig(Mamba2Config):
 
     vocab_size: int = 50280
     tie_embeddings: bool = True
+
+    @classmethod
+    def check_consistency(cls, values: dict, where: str) -> None:
+        super().check_consistency(values, where)
+        if values["gated_norm"] != "after_gate":
+            from ..errors import InputError
+
+            raise InputError(f"{where}: gated_norm {values['gated_norm']!r}; a Mamba-2 language model keeps "
+                             "norm(y * SiLU(z)) ('after_gate'); the other forms are Falcon-H1's, a hybrid")

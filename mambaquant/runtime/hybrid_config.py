@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..errors import InputError
 from ..schema import boolean, integer, number, string, validate
-from .config import BlockConfig, Mamba2Config
+from .config import BlockConfig, Mamba2Config, MambaConfig
 
 SIZE = 65536
 ACTIVATIONS = ("silu", "gelu", "relu2")
@@ -195,16 +195,18 @@ class MoEConfig(LayerConfig):
                              f"the topk_group {values['topk_group']} groups chosen; expected at most that")
 
 
-BLOCK_KINDS = ("mamba2", "attention", "mlp", "moe")
-LAYER_CONFIGS = {"mamba2": Mamba2Config, "attention": AttentionConfig, "mlp": MLPConfig, "moe": MoEConfig}
+BLOCK_KINDS = ("mamba1", "mamba2", "attention", "parallel", "mlp", "moe")
+PARTS = {"parallel": ("mamba2", "attention")}  # a kind built of others: Falcon-H1's Mamba-2 beside attention
+LAYER_CONFIGS = {"mamba1": MambaConfig, "mamba2": Mamba2Config, "attention": AttentionConfig, "mlp": MLPConfig,
+                 "moe": MoEConfig}
 LM_LIMITS = {"vocab_size": (1, 2**24), "d_model": (1, SIZE), "norm_eps": (0.0, 1.0), "embedding_multiplier": (0.0, 1e6),
              "residual_multiplier": (0.0, 1e6), "logits_divisor": (0.0, 1e6)}
 
 
 @dataclass
 class HybridLMConfig:
-    """A causal language model whose blocks follow a pattern: `blocks` names each block's kind in order (a Mamba-2
-    mixer, attention, an MLP or a mixture of experts), every block a pre-norm residual block with an RMSNorm. A
+    """A causal language model whose blocks follow a pattern: `blocks` names each block's kind in order (a Mamba-1
+    or Mamba-2 mixer, attention, both side by side ("parallel", Falcon-H1), an MLP or a mixture of experts), every block a pre-norm residual block with an RMSNorm. A
     model whose layers have two sublayers (Granite-4.0-H, Bamba: a mixer, then a feed-forward layer) lists both.
     Each kind present takes its config; their d_model is the model's. Granite's multipliers: the embedding output
     times `embedding_multiplier`, each block's output times `residual_multiplier` before it joins the residual
@@ -213,6 +215,7 @@ class HybridLMConfig:
     vocab_size: int
     d_model: int
     blocks: list
+    mamba1: MambaConfig | None = None
     mamba2: Mamba2Config | None = None
     attention: AttentionConfig | None = None
     mlp: MLPConfig | None = None
@@ -230,7 +233,7 @@ class HybridLMConfig:
         for i, kind in enumerate(self.blocks):
             if kind not in BLOCK_KINDS:
                 raise InputError(f"{where}: blocks[{i}] is {kind!r}; expected one of {', '.join(BLOCK_KINDS)}")
-        for kind in dict.fromkeys(self.blocks):
+        for kind in dict.fromkeys(part for block in self.blocks for part in PARTS.get(block, (block,))):
             config = getattr(self, kind)
             if not isinstance(config, LAYER_CONFIGS[kind]):
                 raise InputError(f"{where}: blocks has {kind} blocks and {kind} is {type(config).__name__}; expected "

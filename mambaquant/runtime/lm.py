@@ -11,9 +11,11 @@ from .block import Block, MambaBlock, make_norm
 from .config import LMConfig, Mamba2LMConfig
 from .conv import SSMState
 from .hybrid_config import HybridLMConfig
+from .mixer import MambaMixer
 from .mixer2 import Mamba2Mixer
 from .mlp import MLP
 from .moe import MoE
+from .parallel import ParallelMixer
 from .sites import make_sites, name_sites
 
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
@@ -23,7 +25,8 @@ def make_blocks(config: LMConfig | Mamba2LMConfig | HybridLMConfig) -> list[Bloc
     """A pure model's n_layer Mamba blocks, or a hybrid's blocks as its pattern lists them."""
     if not isinstance(config, HybridLMConfig):
         return [MambaBlock(config) for _ in range(config.n_layer)]
-    mixers = {"mamba2": lambda: Mamba2Mixer(config.mamba2), "attention": lambda: Attention(config.attention),
+    mixers = {"mamba1": lambda: MambaMixer(config.mamba1), "mamba2": lambda: Mamba2Mixer(config.mamba2), "attention": lambda: Attention(config.attention),
+              "parallel": lambda: ParallelMixer(Mamba2Mixer(config.mamba2), Attention(config.attention)),
               "mlp": lambda: MLP(config.mlp), "moe": lambda: MoE(config.moe)}
     return [Block(make_norm(config), mixers[kind](), multiplier=config.residual_multiplier) for kind in config.blocks]
 

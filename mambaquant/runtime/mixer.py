@@ -14,7 +14,8 @@ class SelectiveSSM(nn.Module):
     """conv1d + SiLU -> x_proj (dt, B, C) -> dt_proj + softplus -> selective scan -> + D skip.
     With `both_ways` the same inputs are also scanned backwards in time and the two results added. Without
     `with_conv` the branch has no conv of its own: it scans another branch's conv output (`selective`). With
-    `mixer_rms_eps` (FalconMamba) dt_low, B and C each pass a weight-less RMS norm right after x_proj."""
+    `mixer_rms_eps` dt_low, B and C each pass an RMS norm right after x_proj: weight-less (FalconMamba), or with a
+    weight each with `mixer_norm_weights` (Jamba)."""
 
     def __init__(self, config: MambaConfig, both_ways: bool = False, with_conv: bool = True):
         super().__init__()
@@ -23,6 +24,8 @@ class SelectiveSSM(nn.Module):
         self.causal = config.conv == "causal"
         self.dt_offset = config.dt_offset
         self.inner_norm_eps = config.mixer_rms_eps  # 0: no norms
+        self.inner_norms = nn.ModuleDict({part: InnerRMSNorm(size, config.mixer_rms_eps) for part, size in
+                                          (("dt", R), ("B", N), ("C", N))}) if config.mixer_norm_weights else None
         self.both_ways = both_ways
         self.conv1d = nn.Conv1d(E, E, config.d_conv, groups=E, bias=config.conv_bias) if with_conv else None
         self.x_proj = nn.Linear(E, R + 2 * N, bias=config.x_proj_bias)
@@ -55,7 +58,9 @@ class SelectiveSSM(nn.Module):
         sites = self.sites
         u = sites.conv(u)
         dt_low, B, C = self.x_proj(sites.x_proj_in(u)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        if self.inner_norm_eps:
+        if self.inner_norms is not None:
+            dt_low, B, C = self.inner_norms.dt(dt_low), self.inner_norms.B(B), self.inner_norms.C(C)
+        elif self.inner_norm_eps:
             dt_low, B, C = (weightless_rms_norm(t, self.inner_norm_eps) for t in (dt_low, B, C))
         dt_low, B, C = sites.dt_low(dt_low), sites.B(B), sites.C(C)
         dt = sites.dt(F.softplus(self.dt_proj(dt_low)) + self.dt_offset)
@@ -72,6 +77,18 @@ def weightless_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) over the last dim, computed in float32."""
     x32 = x.float()
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class InnerRMSNorm(nn.Module):
+    """Jamba's RMS norm, with a weight, on dt_low, B or C right after x_proj."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * weightless_rms_norm(x, self.eps)
 
 
 class MambaMixer(nn.Module):

@@ -1,5 +1,6 @@
 """The Mamba-2 mixer: in_proj -> [z | x B C | dt]; conv1d + SiLU over x B C; the SSD scan per head; the gated
-RMSNorm norm(y * SiLU(z)) per group; out_proj. Every quantizable tensor passes a site."""
+RMSNorm norm(y * SiLU(z)) per group (or Falcon-H1's norm(y) * SiLU(z), or no norm); out_proj. Every quantizable
+tensor passes a site."""
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,7 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(torch.zeros(c.n_heads))
         self.A_log = nn.Parameter(torch.zeros(c.n_heads))
         self.D = nn.Parameter(torch.ones(c.n_heads))
-        self.norm = GroupRMSNorm(c.d_ssm, c.d_ssm // c.n_groups, c.norm_eps)
+        self.norm = GroupRMSNorm(c.d_ssm, c.d_ssm // c.n_groups, c.norm_eps) if c.gated_norm != "none" else None
         self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias)
         self.sites = make_sites("z", "xBC", "x", "B", "C", "dt", "h", "y", "gate", "out_proj_in", table="mamba2")
         self.reference_scan = False
@@ -61,7 +62,13 @@ class Mamba2Mixer(nn.Module):
         hC = self.scan(heads, dt, A, B.view(batch, length, c.n_groups, c.d_state),
                        C.view(batch, length, c.n_groups, c.d_state), state)
         y = sites.y((hC + heads * self.D[:, None]).flatten(2))
-        out = self.norm(y * sites.gate(F.silu(z)))
+        gate = sites.gate(F.silu(z))
+        if c.gated_norm == "after_gate":
+            out = self.norm(y * gate)
+        elif c.gated_norm == "before_gate":
+            out = self.norm(y) * gate
+        else:
+            out = y * gate
         if c.d_mlp:
             out = torch.cat([F.silu(mlp_gate) * mlp_in, out], dim=-1)
         return self.out_proj(sites.out_proj_in(out))
