@@ -1,4 +1,4 @@
-"""Hybrid language models (Granite-4.0-H, Bamba, Nemotron-H, Jamba, Falcon-H1) in our runtime, equal to transformers' CPU path: random
+"""Hybrid language models (Granite-4.0-H, Bamba, Nemotron-H, Jamba, Falcon-H1, Zamba2) in our runtime, equal to transformers' CPU path: random
 models of the published configurations' shapes at reduced depth and width (initializer_range 0.02), in memory and
 from save_pretrained directories in float32 and bfloat16, prefill and cached decode; bad configs and checkpoints in
 one line."""
@@ -62,6 +62,18 @@ ARCHITECTURES = {
         ssm_in_multiplier=1.3, ssm_out_multiplier=0.6, ssm_multipliers=[0.8, 1.2, 0.5, 1.7, 0.9],
         mlp_multipliers=[0.6, 1.4]))
        for norm in ("norm before gate", "norm after gate", "no norm")},
+    # Zamba2-1.2B / 2.7B / 7B: hybrid layers taking turns among num_mem_blocks shared attention + MLP blocks that
+    # read [hidden state, embedding output], per-layer adapters, dt clamped below at time_step_min; one block without
+    # attention adapters or RoPE, or two with both and biases (transformers' k and v adapters are 2 x hidden_size
+    # wide: they need as many key/value heads as query heads)
+    "zamba2 one block": ("Zamba2", dict(
+        COMMON, num_hidden_layers=4, layers_block_type=["hybrid", "mamba", "hybrid", "mamba"], n_mamba_heads=8,
+        mamba_d_state=16, mamba_ngroups=1, intermediate_size=96, num_mem_blocks=1, adapter_rank=8)),
+    "zamba2 two blocks": ("Zamba2", dict(
+        COMMON, num_key_value_heads=4, num_hidden_layers=5,
+        layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "hybrid"],
+        n_mamba_heads=4, mamba_d_state=16, mamba_ngroups=2, intermediate_size=80, num_mem_blocks=2,
+        use_shared_attention_adapter=True, adapter_rank=8, use_mem_rope=True, add_bias_linear=True)),
 }
 
 
@@ -104,7 +116,8 @@ def test_equal_to_transformers_in_memory_prefill_and_decode(name):
         assert rel_err(decoded(ours, ids, 13), expected) < 1e-5
 
 
-@pytest.mark.parametrize("name", ["granite-4.0-h moe", "nemotron-h moe", "jamba", "falcon-h1 norm before gate"])
+@pytest.mark.parametrize("name", ["granite-4.0-h moe", "nemotron-h moe", "jamba", "falcon-h1 norm before gate",
+                                  "zamba2 one block", "zamba2 two blocks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_equal_to_transformers_from_a_saved_directory(name, dtype, tmp_path):
     reference(name).to(dtype).save_pretrained(tmp_path)
@@ -146,12 +159,24 @@ def saved_config(tmp_path, name: str, **changes) -> None:
     ("bamba", {"attn_layer_indices": [5]}, "attn_layer_indices names layer 5"),
     ("granite-4.0-h moe", {"mamba_d_head": 12}, "weight model.layers.0.mamba."),
     ("nemotron-h dense", {"layers_block_type": ["mamba", "mlp"]}, "unexpected weight(s)"),
+    ("zamba2 one block", {"n_mamba_heads": 5}, "does not split into n_mamba_heads 5 heads"),
+    ("zamba2 one block", {"layers_block_type": ["hybrid", "mamba", "attention", "mamba"]},
+     "layers_block_type[2] must be one of"),
 ])
 def test_bad_configs_and_checkpoints_are_one_line(name, changes, words, tmp_path, cli):
     from .cli_cases import assert_refused
 
     saved_config(tmp_path, name, **changes)
     assert_refused(cli.run("eval", tmp_path, "--eval-samples", "1"), words)
+
+
+def test_zamba2_blocks_that_transformers_left_untied_are_refused():
+    """transformers ties Zamba2's shared blocks only with tie_word_embeddings; untied copies that differ are
+    refused (our hybrid layers share one set of weights)."""
+    fields = ARCHITECTURES["zamba2 two blocks"][1]
+    hf = transformers.Zamba2ForCausalLM(transformers.Zamba2Config(**fields, tie_word_embeddings=False))
+    with pytest.raises(InputError, match="model.layers.4.shared_transformer.* differs from model.layers.1"):
+        mambaquant.load(hf)
 
 
 def test_a_missing_tensor_is_named(tmp_path):

@@ -19,6 +19,7 @@ from ..runtime import MambaLM, MambaTagger, VisionMamba
 from ..runtime.attention import KVCache
 from ..runtime.conv import SSMState
 from ..runtime.parallel import ParallelState
+from ..runtime.zamba import ZambaState
 from ..runtime.lm import sample
 from .local_tasks import LM_EVAL_VERSION, PAPER_TASKS, LMEvalConfig, load_tasks, quiet
 from .result import Result
@@ -187,7 +188,7 @@ class MambaQuantLM(LM):
     def generate(self, contexts: list[str], stops: list[list[str]], max_tokens: int, temperature: float) -> list[str]:
         """Continuations of `contexts` decoded together. Attention's KV caches of prompts of different lengths do
         not stack (no padding masks): a model with attention decodes such prompts one at a time."""
-        attention = any(isinstance(state, (KVCache, ParallelState)) for state in self.model.new_cache(1))
+        attention = any(isinstance(state, (KVCache, ParallelState, ZambaState)) for state in self.model.new_cache(1))
         if attention and len(contexts) > 1:
             return [self.generate([context], [stop], max_tokens, temperature)[0]
                     for context, stop in zip(contexts, stops)]
@@ -258,8 +259,8 @@ def stack_states(caches: list[list]) -> list:
 
 
 def stack_state(states: list):
-    if isinstance(states[0], ParallelState):
-        return ParallelState(ssm=stack_state([s.ssm for s in states]), kv=stack_state([s.kv for s in states]))
+    if isinstance(states[0], (ParallelState, ZambaState)):
+        return type(states[0])(ssm=stack_state([s.ssm for s in states]), kv=stack_state([s.kv for s in states]))
     if isinstance(states[0], KVCache):
         return KVCache(k=torch.cat([s.k for s in states]), v=torch.cat([s.v for s in states]))
     return SSMState(conv=torch.cat([s.conv for s in states]), h=torch.cat([s.h for s in states]))

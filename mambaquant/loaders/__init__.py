@@ -22,12 +22,12 @@ from .weights import find_weight_file, load_checked, open_checkpoint
 from .weights import read_tensors  # noqa: F401 (mambaquant.loaders.read_tensors)
 
 HYBRID_CLASSES = ("GraniteMoeHybridForCausalLM", "BambaForCausalLM", "NemotronHForCausalLM", "JambaForCausalLM",
-                  "FalconH1ForCausalLM")
+                  "FalconH1ForCausalLM", "Zamba2ForCausalLM")
 SUPPORTED = (
     "Mamba-1 and Mamba-2 language models (Hugging Face MambaForCausalLM / FalconMambaForCausalLM / "
     "Mamba2ForCausalLM or the original "
     "state-spaces layout, alxndrTL mamba.py, johnma2006 mamba-minimal), "
-    "hybrid language models (Hugging Face GraniteMoeHybrid (Granite-4.0-H), Bamba, NemotronH, Jamba, FalconH1), "
+    "hybrid language models (Hugging Face GraniteMoeHybrid (Granite-4.0-H), Bamba, NemotronH, Jamba, FalconH1, Zamba2), "
     "Vision Mamba (hustvl/Vim state dicts), typeseg's Mamba tagger (mamba_al.npz) and models composed from "
     "ModelConfig (saved by mambaquant)"
 )

@@ -1,6 +1,6 @@
 """Hybrid language models as transformers saves them -> our runtime: Granite-4.0-H (`granitemoehybrid`), Bamba
-(`bamba`), Nemotron-H (`nemotron_h`), Jamba (`jamba`) and Falcon-H1 (`falcon_h1`), each a `MambaLM` whose blocks follow the model's pattern
-(`HybridLMConfig`). docs/hybrids.md says what each computes; the tests hold our logits to transformers'."""
+(`bamba`), Nemotron-H (`nemotron_h`), Jamba (`jamba`), Falcon-H1 (`falcon_h1`) and Zamba2 (`zamba2`), each a
+`MambaLM` whose blocks follow the model's pattern (`HybridLMConfig`). docs/hybrids.md says what each computes; the tests hold our logits to transformers'."""
 
 import math
 
@@ -104,8 +104,23 @@ FALCON_H1_SCHEMA = {
     "ssm_multipliers": list_of(MULTIPLIER, default=[1.0] * 5, min_items=5, max_items=5),
     "mlp_multipliers": list_of(MULTIPLIER, default=[1.0, 1.0], min_items=2, max_items=2),
 }
+ZAMBA2_SCHEMA = {
+    **COMMON_SCHEMA,
+    "tie_word_embeddings": boolean(True),
+    "intermediate_size": integer(1, 16 * SIZE, default=None, nullable=True),
+    "layers_block_type": list_of(string(*MAMBA_TYPES, "hybrid"), min_items=1, max_items=1024),
+    "num_mem_blocks": integer(1, 1024, default=1),
+    "use_shared_attention_adapter": boolean(False), "adapter_rank": integer(1, SIZE, default=128),
+    "use_mem_rope": boolean(False),
+    "rms_norm_eps": number(0, 1, default=1e-5, above=True),
+    "hidden_act": string("gelu", default="gelu"),
+    "add_bias_linear": boolean(False),
+    "n_mamba_heads": integer(1, SIZE, default=8), "mamba_expand": integer(1, 16, default=2),
+    "mamba_ngroups": integer(1, SIZE, default=1), "mamba_d_state": integer(1, 1024, default=64),
+    "mamba_d_conv": integer(1, 64, default=4), "time_step_min": number(0, 1e6, default=0.001),
+}
 MODEL_TYPES = {"granitemoehybrid": GRANITE_SCHEMA, "bamba": BAMBA_SCHEMA, "nemotron_h": NEMOTRON_SCHEMA,
-               "jamba": JAMBA_SCHEMA, "falcon_h1": FALCON_H1_SCHEMA}
+               "jamba": JAMBA_SCHEMA, "falcon_h1": FALCON_H1_SCHEMA, "zamba2": ZAMBA2_SCHEMA}
 # Jamba's Mamba-1 names -> ours (runtime.mixer.MambaMixer)
 JAMBA_MAMBA = {"in_proj": "in_proj", "out_proj": "out_proj", "conv1d": "ssm.conv1d", "x_proj": "ssm.x_proj",
                "dt_proj": "ssm.dt_proj", "A_log": "ssm.A_log", "D": "ssm.D", "dt_layernorm": "ssm.inner_norms.dt",
@@ -122,7 +137,7 @@ def config_from_hf(values: dict, where: str) -> HybridLMConfig:
     c = validate(values, MODEL_TYPES[model_type], where)
     c["model_type"] = model_type
     return {"granitemoehybrid": granite_config, "bamba": bamba_config, "nemotron_h": nemotron_config,
-            "jamba": jamba_config, "falcon_h1": falcon_h1_config}[model_type](c, where)
+            "jamba": jamba_config, "falcon_h1": falcon_h1_config, "zamba2": zamba2_config}[model_type](c, where)
 
 
 def rope_theta(c: dict, where: str) -> tuple[float, float]:
@@ -276,6 +291,38 @@ def falcon_h1_config(c: dict, where: str) -> HybridLMConfig:
                           logits_divisor=1.0 / c["lm_head_multiplier"])
 
 
+def zamba2_config(c: dict, where: str) -> HybridLMConfig:
+    """Mamba-2 layers and hybrid layers (a shared attention and MLP block feeding the Mamba-2 mixer's input), the
+    hybrid layers taking turns among num_mem_blocks shared blocks. The attention reads 2 x hidden_size channels,
+    heads of 2 x hidden_size / num_attention_heads, scaled by (head_dim / 2)^-0.5; dt is clamped below at
+    time_step_min; the gated norm's eps is 1e-5 whatever rms_norm_eps says."""
+    d_model, heads = c["hidden_size"], c["n_mamba_heads"]
+    d_ssm = c["mamba_expand"] * d_model
+    if d_ssm % heads:
+        raise InputError(f"{where}: mamba_expand x hidden_size = {d_ssm} does not split into n_mamba_heads {heads} "
+                         "heads; expected n_mamba_heads to divide it")
+    if 2 * d_model % c["num_attention_heads"]:
+        raise InputError(f"{where}: the attention input, 2 x hidden_size = {2 * d_model}, does not split into "
+                         f"num_attention_heads {c['num_attention_heads']} heads; expected a divisor of it")
+    kinds = ["zamba_hybrid" if kind == "hybrid" else "mamba2" for kind in c["layers_block_type"]]
+    hybrid = "zamba_hybrid" in kinds
+    theta, fraction = rope_theta(c, where)
+    head_dim = 2 * d_model // c["num_attention_heads"]
+    mamba2 = mamba2_config({**c, "time_step_limit": [c["time_step_min"], math.inf]}, heads, d_ssm // heads,
+                           c["mamba_ngroups"], c["mamba_d_state"], c["mamba_d_conv"], True, c["add_bias_linear"],
+                           1e-5, where)
+    attention = attention_config(c, where, input_size=2 * d_model, head_dim=head_dim, scale=(head_dim / 2) ** -0.5,
+                                 rope=c["use_mem_rope"], rope_theta=theta, rotary_fraction=fraction, qkv_bias=False,
+                                 o_bias=False, adapter_rank=c["adapter_rank"] if c["use_shared_attention_adapter"]
+                                 else 0)
+    mlp = MLPConfig.from_dict(dict(d_model=d_model, d_ff=c["intermediate_size"] or 4 * d_model, activation="gelu",
+                                   bias=c["add_bias_linear"], adapter_rank=c["adapter_rank"]), where=where)
+    return HybridLMConfig(vocab_size=c["vocab_size"], d_model=d_model, blocks=kinds, mamba2=mamba2,
+                          attention=attention if hybrid else None, mlp=mlp if hybrid else None,
+                          norm_eps=c["rms_norm_eps"], tie_embeddings=c["tie_word_embeddings"],
+                          shared_blocks=c["num_mem_blocks"])
+
+
 def fold_falcon_h1(c: dict, config: HybridLMConfig, weights: dict) -> dict:
     """Falcon-H1's multipliers around its mixers, folded into the weights they scale (the same function):
     ssm_in_multiplier scales in_proj's input and the mup vector (ssm_multipliers over in_proj's z, x, B, C and dt
@@ -316,12 +363,15 @@ def runtime_weights(model_type: str, config: HybridLMConfig, tensors: dict, sour
             raise InputError(f"{source}: lm_head.weight differs from {embedding}, and the config ties them "
                              "(tie_word_embeddings); expected equal tensors or tie_word_embeddings false")
         weights["lm_head.weight"] = ("lm_head.weight", tensors["lm_head.weight"])
-    sublayers = 1 if model_type == "nemotron_h" else 2
+    sublayers = 1 if model_type in ("nemotron_h", "zamba2") else 2
     for index, kind in enumerate(config.blocks):
         layer = f"{backbone}layers.{index // sublayers}."
         ours = f"layers.{index}."
         if model_type == "nemotron_h":
             norm, mixer, shared = layer + "norm.weight", layer + "mixer.", None
+        elif model_type == "zamba2":
+            decoder = layer + ("mamba_decoder." if kind == "zamba_hybrid" else "")
+            norm, mixer = decoder + "input_layernorm.weight", decoder + "mamba."
         elif index % 2 == 0:
             norm = layer + "input_layernorm.weight"
             mixer = layer + ("self_attn." if kind == "attention" else "" if kind == "parallel" else "mamba.")
@@ -332,7 +382,7 @@ def runtime_weights(model_type: str, config: HybridLMConfig, tensors: dict, sour
             mixer = layer + (granite[kind] if model_type == "granitemoehybrid" else "feed_forward.")
             shared = layer + "shared_mlp."
         weights[ours + "norm.weight"] = (norm, take(tensors, norm, source))
-        if kind == "mamba2":
+        if kind in ("mamba2", "zamba_hybrid"):
             parts = mamba2_weights(tensors, mixer)
         elif kind == "parallel":
             parts = {**{"mamba." + name: value for name, value in mamba2_weights(tensors, mixer + "mamba.").items()},
@@ -349,7 +399,43 @@ def runtime_weights(model_type: str, config: HybridLMConfig, tensors: dict, sour
         else:
             parts = moe_weights(tensors, mixer, shared, source=source)
         weights |= {ours + "mixer." + name: value for name, value in parts.items()}
+    for slot, (index, owner) in enumerate(config.shared_owners()):
+        weights |= zamba_shared_weights(config, tensors, slot, index, owner, source)
     return weights
+
+
+def zamba_shared_weights(config: HybridLMConfig, tensors: dict, slot: int, index: int, owner: int,
+                         source: str) -> dict:
+    """Zamba2's layer `index`, hybrid layer number `slot`: its `linear`, and its shared block as the block's first
+    layer `owner` holds it, with the adapters of `slot`."""
+    block = f"model.layers.{owner}.shared_transformer."
+    attention = attention_weights(tensors, block + "self_attn.", adapter=slot if config.attention.adapter_rank
+                                  else None, source=source)
+    mlp = mlp_weights(tensors, block + "feed_forward.", adapter=slot, source=source)
+    parts = {"norm.weight": block + "input_layernorm.weight", "ff_norm.weight": block + "pre_ff_layernorm.weight"}
+    return {f"layers.{index}.linear.weight": (f"model.layers.{index}.linear.weight",
+                                              take(tensors, f"model.layers.{index}.linear.weight", source)),
+            **{f"layers.{index}.shared.{ours}": (name, take(tensors, name, source)) for ours, name in parts.items()},
+            **{f"layers.{index}.shared.attention.{name}": value for name, value in attention.items()},
+            **{f"layers.{index}.shared.mlp.{name}": value for name, value in mlp.items()}}
+
+
+def without_tied_copies(config: HybridLMConfig, tensors: dict, source: str) -> dict:
+    """Zamba2's tensors less the copies that transformers' state dict holds of a shared block under every hybrid
+    layer using it (save_pretrained writes each block once, under its first layer). A copy that differs from the
+    block is refused: our layers share one set of weights."""
+    copies = {f"model.layers.{index}.shared_transformer.": f"model.layers.{owner}.shared_transformer."
+              for index, owner in config.shared_owners() if index != owner}
+    kept = {}
+    for name, tensor in tensors.items():
+        prefix = next((prefix for prefix in copies if name.startswith(prefix)), None)
+        original = None if prefix is None else copies[prefix] + name[len(prefix):]
+        if original not in tensors:
+            kept[name] = tensor
+        elif not torch.equal(tensor, tensors[original]):
+            raise InputError(f"{source}: {name} differs from {original}, and Zamba2's layers share that block "
+                             "(num_mem_blocks); expected equal tensors")
+    return kept
 
 
 def mamba2_weights(tensors: dict, prefix: str) -> dict:
@@ -364,8 +450,10 @@ def take(tensors: dict, name: str, source: str) -> torch.Tensor:
 
 
 def build_loaded(config: HybridLMConfig, values: dict, tensors: dict, source: str) -> MambaLM:
-    used = {name for name in tensors if not name.startswith("mtp.")}  # Nemotron-H's multi-token prediction layers
     model_type = values["model_type"]
+    if model_type == "zamba2":
+        tensors = without_tied_copies(config, tensors, source)
+    used = {name for name in tensors if not name.startswith("mtp.")}  # Nemotron-H's multi-token prediction layers
     weights = runtime_weights(model_type, config, {name: tensors[name] for name in used}, source)
     if model_type == "falcon_h1":
         weights = fold_falcon_h1(validate(values, FALCON_H1_SCHEMA, source), config, weights)
@@ -394,8 +482,8 @@ def load_hybrid(values: dict, checkpoint: Checkpoint, source: str, where: str) -
 
 
 def from_transformers(hf_model: nn.Module) -> MambaLM:
-    """An in-memory transformers hybrid (GraniteMoeHybridForCausalLM, BambaForCausalLM, NemotronHForCausalLM) ->
-    our runtime, same weights."""
+    """An in-memory transformers hybrid (GraniteMoeHybridForCausalLM, BambaForCausalLM, NemotronHForCausalLM,
+    JambaForCausalLM, FalconH1ForCausalLM, Zamba2ForCausalLM) -> our runtime, same weights."""
     where = type(hf_model).__name__
     values = hf_model.config.to_dict()
     values["time_step_limit"] = [float(v) for v in values.get("time_step_limit", (0.0, math.inf))]

@@ -38,6 +38,8 @@ class Block(nn.Module):
     residual + multiplier * mixer(norm(residual)), or the mixer's output alone without the residual connection.
     A mixer that keeps no state between calls (an MLP) is called without one."""
 
+    reads_embedding = False  # only the hidden state (MambaLM: see ZambaHybridBlock)
+
     def __init__(self, norm: nn.Module, mixer: nn.Module, residual: bool = True, multiplier: float = 1.0):
         super().__init__()
         self.sites = make_sites("residual", "norm", "out")

@@ -195,22 +195,26 @@ class MoEConfig(LayerConfig):
                              f"the topk_group {values['topk_group']} groups chosen; expected at most that")
 
 
-BLOCK_KINDS = ("mamba1", "mamba2", "attention", "parallel", "mlp", "moe")
-PARTS = {"parallel": ("mamba2", "attention")}  # a kind built of others: Falcon-H1's Mamba-2 beside attention
+BLOCK_KINDS = ("mamba1", "mamba2", "attention", "parallel", "zamba_hybrid", "mlp", "moe")
+# kinds built of others: Falcon-H1's Mamba-2 beside attention; Zamba2's hybrid layer, a shared attention and MLP
+# block feeding a Mamba-2 mixer
+PARTS = {"parallel": ("mamba2", "attention"), "zamba_hybrid": ("mamba2", "attention", "mlp")}
 LAYER_CONFIGS = {"mamba1": MambaConfig, "mamba2": Mamba2Config, "attention": AttentionConfig, "mlp": MLPConfig,
                  "moe": MoEConfig}
 LM_LIMITS = {"vocab_size": (1, 2**24), "d_model": (1, SIZE), "norm_eps": (0.0, 1.0), "embedding_multiplier": (0.0, 1e6),
-             "residual_multiplier": (0.0, 1e6), "logits_divisor": (0.0, 1e6)}
+             "residual_multiplier": (0.0, 1e6), "logits_divisor": (0.0, 1e6), "shared_blocks": (1, 1024)}
 
 
 @dataclass
 class HybridLMConfig:
     """A causal language model whose blocks follow a pattern: `blocks` names each block's kind in order (a Mamba-1
-    or Mamba-2 mixer, attention, both side by side ("parallel", Falcon-H1), an MLP or a mixture of experts), every block a pre-norm residual block with an RMSNorm. A
+    or Mamba-2 mixer, attention, both side by side ("parallel", Falcon-H1), Zamba2's hybrid layer ("zamba_hybrid",
+    runtime.zamba), an MLP or a mixture of experts), every block a pre-norm residual block with an RMSNorm. A
     model whose layers have two sublayers (Granite-4.0-H, Bamba: a mixer, then a feed-forward layer) lists both.
     Each kind present takes its config; their d_model is the model's. Granite's multipliers: the embedding output
     times `embedding_multiplier`, each block's output times `residual_multiplier` before it joins the residual
-    stream, the logits divided by `logits_divisor`."""
+    stream, the logits divided by `logits_divisor`. Zamba2's hybrid blocks share `shared_blocks` sets of attention
+    and MLP weights in turn (`shared_owners`)."""
 
     vocab_size: int
     d_model: int
@@ -225,6 +229,7 @@ class HybridLMConfig:
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logits_divisor: float = 1.0
+    shared_blocks: int = 1  # Zamba2's num_mem_blocks
 
     norm = "rms"  # not fields: every block norm and the final norm are RMSNorms
 
@@ -243,10 +248,19 @@ class HybridLMConfig:
                                  "expected the same width")
         if not self.blocks:
             raise InputError(f"{where}: blocks is empty; expected at least one block kind")
+        if isinstance(self.shared_blocks, bool) or not isinstance(self.shared_blocks, int) or self.shared_blocks < 1:
+            raise InputError(f"{where}: shared_blocks is {self.shared_blocks!r}; expected a positive integer")
 
     @property
     def n_layer(self) -> int:
         return len(self.blocks)
+
+    def shared_owners(self) -> list[tuple[int, int]]:
+        """Zamba2's hybrid blocks in order, each as (its index in `blocks`, the index of the block holding the
+        weights it shares): hybrid block number i uses shared weights i % shared_blocks, held by the first hybrid
+        block to use them."""
+        hybrid = [i for i, kind in enumerate(self.blocks) if kind == "zamba_hybrid"]
+        return [(index, hybrid[number % self.shared_blocks]) for number, index in enumerate(hybrid)]
 
     def to_dict(self) -> dict:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -264,6 +278,7 @@ class HybridLMConfig:
             "blocks": list_of(string(*BLOCK_KINDS), min_items=1),
             "norm_eps": number(*LM_LIMITS["norm_eps"], default=1e-5, above=True),
             "tie_embeddings": boolean(False),
+            "shared_blocks": integer(*LM_LIMITS["shared_blocks"], default=1),
             **{name: number(*LM_LIMITS[name], default=1.0, above=True)
                for name in ("embedding_multiplier", "residual_multiplier", "logits_divisor")},
             **{kind: obj(default=None) for kind in LAYER_CONFIGS},

@@ -17,23 +17,32 @@ from .mlp import MLP
 from .moe import MoE
 from .parallel import ParallelMixer
 from .sites import make_sites, name_sites
+from .zamba import ZambaHybridBlock
 
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
-def make_blocks(config: LMConfig | Mamba2LMConfig | HybridLMConfig) -> list[Block]:
-    """A pure model's n_layer Mamba blocks, or a hybrid's blocks as its pattern lists them."""
+def make_blocks(config: LMConfig | Mamba2LMConfig | HybridLMConfig) -> list[nn.Module]:
+    """A pure model's n_layer Mamba blocks, or a hybrid's blocks as its pattern lists them (Zamba2's hybrid blocks
+    given the shared weights of the block they take their turn with)."""
     if not isinstance(config, HybridLMConfig):
         return [MambaBlock(config) for _ in range(config.n_layer)]
-    mixers = {"mamba1": lambda: MambaMixer(config.mamba1), "mamba2": lambda: Mamba2Mixer(config.mamba2), "attention": lambda: Attention(config.attention),
+    mixers = {"mamba1": lambda: MambaMixer(config.mamba1), "mamba2": lambda: Mamba2Mixer(config.mamba2),
+              "attention": lambda: Attention(config.attention),
               "parallel": lambda: ParallelMixer(Mamba2Mixer(config.mamba2), Attention(config.attention)),
               "mlp": lambda: MLP(config.mlp), "moe": lambda: MoE(config.moe)}
-    return [Block(make_norm(config), mixers[kind](), multiplier=config.residual_multiplier) for kind in config.blocks]
+    blocks = [ZambaHybridBlock(config) if kind == "zamba_hybrid" else
+              Block(make_norm(config), mixers[kind](), multiplier=config.residual_multiplier) for kind in config.blocks]
+    for index, owner in config.shared_owners():
+        if index != owner:
+            blocks[index].shared.share_weights_of(blocks[owner].shared)
+    return blocks
 
 
 class MambaLM(nn.Module):
     """embedding -> blocks -> final norm -> head; the blocks Mamba-1, Mamba-2 or a hybrid's pattern of Mamba-2,
-    attention, MLP and mixture-of-experts blocks."""
+    attention, MLP and mixture-of-experts blocks. A block that `reads_embedding` (Zamba2's hybrid layer) is given the
+    embedding output beside the hidden state."""
 
     def __init__(self, config: LMConfig | Mamba2LMConfig | HybridLMConfig):
         super().__init__()
@@ -61,9 +70,10 @@ class MambaLM(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, cache: list[SSMState] | None = None) -> torch.Tensor:
         """The last block's output (B, L, d_model), before norm_f and the head: `output` of a selection of its
         positions gives their logits alone (each position's output depends on that position only)."""
-        hidden = self.embed(input_ids)
+        hidden = embedded = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
-            hidden = layer(hidden, cache[i] if cache is not None else None)
+            state = cache[i] if cache is not None else None
+            hidden = layer(hidden, embedded, state) if layer.reads_embedding else layer(hidden, state)
         return hidden
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -80,8 +80,15 @@ MOE_SITES = {
                       "experts, called once per expert that received tokens, in expert order",
     "fc2_latent_in": "latent MoE: the experts' weighted sum = fc2_latent_proj input (B, L, R)",
 }
+# Zamba2's hybrid layer (mambaquant.runtime.zamba), beside its block sites (`residual`, `norm` the Mamba-2 input,
+# `out`) and those of its attention and MLP.
+ZAMBA_SITES = {
+    "joined": "the shared block's input cat([hidden state, embedding output]) (B, L, 2D)",
+    "attention_in": "the shared block's norm of it = q, k, v input (B, L, 2D)",
+    "linear_in": "the shared block's output = the layer's `linear` input (B, L, D)",
+}
 TABLES = {"mamba1": SITES, "mamba2": MAMBA2_SITES, "attention": ATTENTION_SITES, "mlp": MLP_SITES,
-          "moe": MOE_SITES}
+          "moe": MOE_SITES, "zamba": ZAMBA_SITES}
 
 Observer = Callable[["Site", torch.Tensor], None]
 
