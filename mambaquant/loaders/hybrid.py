@@ -306,13 +306,13 @@ def zamba2_config(c: dict, where: str) -> HybridLMConfig:
                          f"num_attention_heads {c['num_attention_heads']} heads; expected a divisor of it")
     kinds = ["zamba_hybrid" if kind == "hybrid" else "mamba2" for kind in c["layers_block_type"]]
     hybrid = "zamba_hybrid" in kinds
-    theta, fraction = rope_theta(c, where)
+    theta, _ = rope_theta(c, where)  # Zamba2's RoPE turns every channel of a head, whatever partial_rotary_factor says
     head_dim = 2 * d_model // c["num_attention_heads"]
     mamba2 = mamba2_config({**c, "time_step_limit": [c["time_step_min"], math.inf]}, heads, d_ssm // heads,
                            c["mamba_ngroups"], c["mamba_d_state"], c["mamba_d_conv"], True, c["add_bias_linear"],
                            1e-5, where)
     attention = attention_config(c, where, input_size=2 * d_model, head_dim=head_dim, scale=(head_dim / 2) ** -0.5,
-                                 rope=c["use_mem_rope"], rope_theta=theta, rotary_fraction=fraction, qkv_bias=False,
+                                 rope=c["use_mem_rope"], rope_theta=theta, qkv_bias=False,
                                  o_bias=False, adapter_rank=c["adapter_rank"] if c["use_shared_attention_adapter"]
                                  else 0)
     mlp = MLPConfig.from_dict(dict(d_model=d_model, d_ff=c["intermediate_size"] or 4 * d_model, activation="gelu",
