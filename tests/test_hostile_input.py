@@ -225,7 +225,7 @@ def api_cases(model, tmp_path):
         "build: seed of the wrong type": (lambda: mambaquant.build(LMConfig(d_model=32, n_layer=1), seed="1"),
                                           "the seed must be an integer"),
         "build: a bool seed": (lambda: mambaquant.build(LMConfig(d_model=32, n_layer=1), seed=True), "seed"),
-        "load: an unknown option": (lambda: mambaquant.load("mamba-shakespeare", heads=2), "unknown load option"),
+        "load: an unknown option": (lambda: mambaquant.load("mamba-shakespeare", heads=2), "unknown option heads to load"),
         "load: n_groups for a model with its config": (lambda: mambaquant.load("mamba-shakespeare", n_groups=2),
                                                        "n_groups: options complete a bare checkpoint file"),
         "load_state_dict: a meta tensor": (lambda: mambaquant.load_state_dict(

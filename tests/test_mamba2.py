@@ -362,7 +362,7 @@ def test_bare_file_whose_shapes_do_not_fit_together(cli, tiny_directory, tmp_pat
 def test_embedded_mamba2_reproduces_its_card_through_the_cli(cli):
     from mambaquant.zoo import card
 
-    result = cli.run("eval", "mamba2-shakespeare", "--json")
+    result = cli.run("eval", "mamba2-shakespeare", "--json", timeout=600)  # the whole validation split
     assert result.code == 0, result.stderr
     measured = json.loads(result.stdout)
     final = card("mamba2-shakespeare")["final"]

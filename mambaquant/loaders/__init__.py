@@ -47,7 +47,7 @@ def load(source, revision: str | None = None, **options) -> nn.Module:
     checkpoint where its state dict does not record something: img_size and stride for Vim, n_groups for Mamba-2."""
     unknown = sorted(set(options) - set(LOAD_OPTIONS))
     if unknown:
-        raise InputError(f"unknown load option {', '.join(unknown)}; expected "
+        raise InputError(f"unknown option {', '.join(unknown)} to load; expected "
                          f"{', '.join(f'{name} ({kind})' for name, kind in LOAD_OPTIONS.items())}")
     if revision is not None:
         source = source_at_revision(source, revision)
