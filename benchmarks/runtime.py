@@ -1,12 +1,15 @@
-"""Prefill latency, peak memory and decoding speed: our runtime against transformers' MambaForCausalLM and
-Mamba2ForCausalLM (their CPU paths), both fp32, batch 1, all logits returned, on random-initialised models of the
-mamba-130m and mamba2-130m configurations.
+"""Prefill latency, peak memory and decoding speed: our runtime against transformers (its CPU paths), both fp32,
+batch 1, all logits returned, on random-initialised models of the mamba-130m and mamba2-130m configurations and
+of two hybrids: a granite-4.0-h-350m-like configuration (Mamba-2 layers with a few attention layers, dense MLPs,
+muP multipliers) and a Nemotron-H-like one at the same scale (single-sublayer Mamba-2, attention and squared-ReLU
+MLP blocks, n_groups 8).
 
 Every measurement runs in a fresh worker process, so peak memory (RSS above the loaded model) is its own;
 the ours/transformers pairs alternate within one run, so their ratio is measured under the same conditions.
 Decoding: greedy `generate` of --decode-tokens tokens after a 16-token prompt, tokens per second.
 
-    python benchmarks/runtime.py [--archs mamba1 mamba2] [--lengths 128 512 1024] [--repeats 3] [--markdown FILE]
+    python benchmarks/runtime.py [--archs mamba1 mamba2 granite nemotron] [--lengths 128 512 1024] [--repeats 3]
+                                 [--markdown FILE]
 """
 
 import argparse
@@ -21,10 +24,30 @@ import time
 import torch
 
 IMPLEMENTATIONS = ("mambaquant", "transformers")
-CONFIGS = {  # the 130m configurations of state-spaces/mamba-130m-hf and state-spaces/mamba2-130m
-    "mamba1": ("mamba-130m", dict(hidden_size=768, num_hidden_layers=24, vocab_size=50280)),
-    "mamba2": ("mamba2-130m", dict(hidden_size=768, num_hidden_layers=24, vocab_size=50288, state_size=128,
-                                   head_dim=64, num_heads=24, n_groups=1, tie_word_embeddings=True)),
+GRANITE_LAYERS = ["mamba"] * 28
+for index in (5, 15, 25):
+    GRANITE_LAYERS[index] = "attention"
+NEMOTRON_PATTERN = list("M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-")  # Nemotron-H's order of Mamba-2, MLP, attention
+CONFIGS = {  # name -> (label, transformers class prefix, config fields)
+    # state-spaces/mamba-130m-hf and state-spaces/mamba2-130m
+    "mamba1": ("mamba-130m", "Mamba", dict(hidden_size=768, num_hidden_layers=24, vocab_size=50280)),
+    "mamba2": ("mamba2-130m", "Mamba2", dict(hidden_size=768, num_hidden_layers=24, vocab_size=50288,
+                                              state_size=128, head_dim=64, num_heads=24, n_groups=1,
+                                              tie_word_embeddings=True)),
+    # granite-4.0-h-350m's shapes: 768 wide, 28 layers of which 3 attention (12 heads, 4 KV heads, no RoPE), Mamba-2
+    # of 48 heads x 32, d_state 128, shared MLP 2048 wide, its multipliers, 100,352 tokens, tied
+    "granite": ("granite-4.0-h-350m-like", "GraniteMoeHybrid", dict(
+        hidden_size=768, num_hidden_layers=28, layer_types=GRANITE_LAYERS, num_attention_heads=12,
+        num_key_value_heads=4, mamba_n_heads=48, mamba_d_head=32, mamba_d_state=128, mamba_n_groups=1,
+        num_local_experts=0, shared_intermediate_size=2048, vocab_size=100352, embedding_multiplier=12.0,
+        residual_multiplier=0.246, attention_multiplier=0.0078125, logits_scaling=3.0,
+        position_embedding_type="nope", tie_word_embeddings=True)),
+    # Nemotron-H's block pattern and kinds at the same scale: 34 single-sublayer blocks, Mamba-2 of 24 heads x 64 in
+    # 8 groups, d_state 128, attention (12 heads, 4 KV heads, no RoPE), squared-ReLU MLPs 3072 wide
+    "nemotron": ("nemotron-h-like", "NemotronH", dict(
+        hidden_size=768, layers_block_type=[{"M": "mamba", "-": "mlp", "*": "attention"}[k] for k in NEMOTRON_PATTERN],
+        num_attention_heads=12, num_key_value_heads=4, head_dim=64, mamba_num_heads=24, mamba_head_dim=64,
+        n_groups=8, ssm_state_size=128, intermediate_size=3072, vocab_size=131072)),
 }
 
 
@@ -42,12 +65,12 @@ def reset_peak_memory() -> None:
 
 
 def reference_model(arch: str):
-    from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
+    import transformers
 
-    config_class, model_class = (MambaConfig, MambaForCausalLM) if arch == "mamba1" else (Mamba2Config,
-                                                                                          Mamba2ForCausalLM)
+    _, prefix, fields = CONFIGS[arch]
+    config = getattr(transformers, f"{prefix}Config")(initializer_range=0.02, **fields)
     torch.manual_seed(0)
-    return model_class(config_class(initializer_range=0.02, **CONFIGS[arch][1])).eval()
+    return getattr(transformers, f"{prefix}ForCausalLM")(config).eval()
 
 
 def worker(implementation: str, arch: str, length: int, repeats: int) -> dict:
@@ -91,7 +114,7 @@ def measure(implementation: str, arch: str, length: int, repeats: int) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--archs", nargs="+", choices=sorted(CONFIGS), default=sorted(CONFIGS))
+    parser.add_argument("--archs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024])
     parser.add_argument("--decode-tokens", type=int, default=32, help="0: no decoding row")
     parser.add_argument("--repeats", type=int, default=3)

@@ -302,7 +302,8 @@ BAD_FILES = {
     "too large": (b'{"model_type": "mamba", "pad": "' + b" " * (17 * 1024**2) + b'"}', "too large"),
     "architectures an int": (b'{"architectures": 5}', "unsupported architecture unknown"),
     "no architecture": (b'{"hello": "world"}', "unsupported architecture unknown"),
-    "jamba": (b'{"model_type": "jamba"}', "unsupported architecture jamba"),
+    "rwkv": (b'{"model_type": "rwkv"}', "unsupported architecture rwkv"),
+    "hybrid without its fields": (b'{"model_type": "jamba"}', "missing required field vocab_size"),
     # a Mamba-2 config of some TB over a tiny Mamba-1 checkpoint: the memory is checked before anything is read
     "mamba2 too large": (b'{"model_type": "mamba2", "hidden_size": 16384, "num_hidden_layers": 1024, '
                          b'"num_heads": 512}', "GiB of memory, and"),
