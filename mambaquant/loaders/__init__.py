@@ -10,15 +10,14 @@ from torch import nn
 
 from ..errors import InputError
 from ..outputs import write_atomic_dir
-from ..runtime import (Mamba2LMConfig, MambaLM, MambaModel, MambaTagger, ModelConfig, TaggerConfig, VisionConfig,
-                      VisionMamba)
+from ..runtime import (HybridLMConfig, Mamba2LMConfig, MambaLM, MambaModel, MambaTagger, ModelConfig, TaggerConfig,
+                      VisionConfig, VisionMamba)
 from . import hf, hub, hybrid, layouts, mamba2, quantized, typeseg, vim
-from ..runtime.lm import refuse_hybrid
 from .shards import DEFAULT_SHARD_BYTES, ShardWriter
 from .layouts import load_state_dict  # noqa: F401 (mambaquant.load_state_dict)
 from ..schema import describe, display, read_json
 from ..zoo import MODELS_DIR, ZOO, ZOO_PREFIX, embedded_name
-from .weights import find_weight_file, load_checked, open_checkpoint
+from .weights import find_weight_file, load_checked, open_checkpoint, tied_names
 from .weights import read_tensors  # noqa: F401 (mambaquant.loaders.read_tensors)
 
 HYBRID_CLASSES = ("GraniteMoeHybridForCausalLM", "BambaForCausalLM", "NemotronHForCausalLM", "JambaForCausalLM",
@@ -34,6 +33,7 @@ SUPPORTED = (
 VISION_ARCHITECTURE = "vision-mamba"
 TAGGER_ARCHITECTURE = "mamba-tagger"
 MODEL_ARCHITECTURE = "mamba-model"
+HYBRID_ARCHITECTURE = "hybrid-lm"
 OUR_MODELS = (MambaLM, MambaModel, VisionMamba, MambaTagger)
 # what `load` may be told about a bare checkpoint file whose state dict does not record it -> the files it applies to
 LOAD_OPTIONS = {"img_size": "a Vision Mamba checkpoint file", "stride": "a Vision Mamba checkpoint file",
@@ -178,6 +178,9 @@ def load_directory(directory: Path) -> nn.Module:
         model_config = config_class.from_dict(config, where=where)
         return load_checked(lambda: model_class(model_config), open_checkpoint(find_weight_file(directory)), [],
                             source)
+    if architecture == HYBRID_ARCHITECTURE:
+        hybrid_config = HybridLMConfig.from_dict(config, where=where)
+        return load_checked(lambda: MambaLM(hybrid_config), open_checkpoint(find_weight_file(directory)), [], source)
     if quantized.is_quantized_config(config):
         return quantized.build_quantized(config, open_checkpoint(find_weight_file(directory)), source)
     if architecture is None and hybrid.is_hybrid_config(config):
@@ -232,7 +235,6 @@ def check_saveable(model: nn.Module) -> None:
     """Refuse, with one line, a model that `load` could not rebuild from its config: another class than ours, or
     modules changed after it was built (a user subclass or a replaced part: compose it from ModelConfig fields
     instead, see docs/own-models.md)."""
-    refuse_hybrid(model, "save")
     if type(model) not in OUR_MODELS:
         raise InputError(f"cannot save a {type(model).__name__}: mambaquant rebuilds a saved model from its config, "
                          f"so it saves {', '.join(c.__name__ for c in OUR_MODELS)} (not subclasses); compose a variant "
@@ -260,7 +262,8 @@ def save(model: nn.Module, directory: str | Path, overwrite: bool = False, notes
     """Write a model as config.json + model.safetensors (+ MODEL_CARD.md with `notes` for a quantized model); a
     model above `shard_size` bytes as Hugging Face shards (model-0000k-of-0000n.safetensors + an index).
     Full precision: the Hugging Face Mamba layout for language models (transformers can read it), the official
-    Vim names for vision models, our own names and the composition's config for a `MambaModel`. Quantized
+    Vim names for vision models, our own names and the config for a `MambaModel` or a hybrid language model (its
+    weights shared across depths stored once). Quantized
     (`mambaquant.quantize`'s output): integer codes and everything
     that rebuilds the quantized model (see `loaders.quantized`). Atomic: written to a temporary directory that is
     renamed into place at the end, so an interrupted save leaves nothing that looks complete. `extra` writes more
@@ -276,6 +279,10 @@ def save(model: nn.Module, directory: str | Path, overwrite: bool = False, notes
             parts.add(model)
             config = quantized.quantized_config(model, parts.layout())
             card = quantized.model_card(config, notes)
+        elif isinstance(model, MambaLM) and isinstance(model.config, HybridLMConfig):
+            config = {"architecture": HYBRID_ARCHITECTURE, **model.config.to_dict()}
+            shared = tied_names(model)  # tied heads, and Zamba2's weights shared across depths: stored once
+            shards.add({name: tensor for name, tensor in model.state_dict().items() if name not in shared})
         elif isinstance(model, MambaLM) and isinstance(model.config, Mamba2LMConfig):
             config = mamba2.saved_config(model.config)
             shards.add(mamba2.saved_state_dict(model))
