@@ -13,6 +13,7 @@ MODELS_DIR = Path(__file__).parent / "models"
 class ZooEntry:
     description: str
     task: str  # the evaluation protocol: "bytes", "cifar10" or "typeseg"
+    quantizable: bool = True  # what `quantize` takes today (hybrids: not yet), so `compare`'s default set
 
 
 ZOO: dict[str, ZooEntry] = {

@@ -2,6 +2,7 @@
 
 mamba-shakespeare: byte-level Mamba LM (Hugging Face Mamba-1 architecture) on the first 90 % of Tiny Shakespeare.
 mamba2-shakespeare: the same with Mamba-2 (SSD) blocks (Hugging Face Mamba2ForCausalLM layout).
+hybrid-shakespeare: the same with a hybrid's blocks (Mamba-2, attention, MLP; our hybrid-lm layout).
 vim-cifar10: Vision Mamba on the CIFAR-10 train split, light augmentation (random crop with 4-pixel padding, flip).
 Writes DIR (config.json + model.safetensors), DIR/training.json (recipe, command, learning curve, wall time,
 final metric) and DIR/MODEL_CARD.md.
@@ -24,7 +25,8 @@ from ..data import PACKAGE_DATA, cifar10, normalise_images, read_cifar10_tar, sh
 from ..errors import InputError
 from ..evaluation.text import bits_per_byte
 from ..loaders import save
-from ..runtime import LMConfig, Mamba2LMConfig, MambaLM, MambaTagger, VisionConfig, VisionMamba, init_weights
+from ..runtime import (AttentionConfig, HybridLMConfig, LMConfig, Mamba2Config, Mamba2LMConfig, MambaLM, MambaTagger,
+                       MLPConfig, VisionConfig, VisionMamba, init_weights)
 
 
 @dataclass
@@ -57,6 +59,31 @@ class Mamba2ShakespeareRecipe(ShakespeareRecipe):
     def model(self) -> MambaLM:
         config = Mamba2LMConfig(d_model=self.d_model, n_layer=self.n_layer, d_state=self.d_state,
                                 head_dim=self.head_dim, n_groups=self.n_groups, vocab_size=256)
+        return init_weights(MambaLM(config), seed=self.seed)
+
+
+@dataclass
+class HybridShakespeareRecipe(ShakespeareRecipe):
+    """A Nemotron-H / Granite-4.0-H-style hybrid: mostly Mamba-2 blocks, one attention block (grouped-query, no
+    positional encoding: the Mamba blocks carry position) and squared-ReLU MLP blocks, about mamba2-shakespeare's
+    size."""
+
+    blocks: str = "mamba2,mlp,mamba2,attention,mlp,mamba2"
+    d_state: int = 64
+    head_dim: int = 32
+    n_heads: int = 6
+    n_kv_heads: int = 2
+    d_ff: int = 384
+    steps: int = 1500
+    eval_every: int = 250
+
+    def model(self) -> MambaLM:
+        d = self.d_model
+        config = HybridLMConfig(
+            vocab_size=256, d_model=d, blocks=self.blocks.split(","),
+            mamba2=Mamba2Config(d_model=d, d_state=self.d_state, head_dim=self.head_dim),
+            attention=AttentionConfig(d_model=d, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, rope=False),
+            mlp=MLPConfig(d_model=d, d_ff=self.d_ff, gated=False, activation="relu2"), tie_embeddings=True)
         return init_weights(MambaLM(config), seed=self.seed)
 
 
@@ -238,6 +265,7 @@ def convert_typeseg(recipe: TypesegRecipe, log) -> tuple[MambaTagger, dict]:
 RECIPES = {
     "mamba-shakespeare": (ShakespeareRecipe, train_shakespeare),
     "mamba2-shakespeare": (Mamba2ShakespeareRecipe, train_shakespeare),
+    "hybrid-shakespeare": (HybridShakespeareRecipe, train_shakespeare),
     "vim-cifar10": (VimCifarRecipe, train_vim_cifar),
     "typeseg": (TypesegRecipe, convert_typeseg),
 }
@@ -264,6 +292,11 @@ def describe(model: torch.nn.Module) -> str:
     c = model.config
     kind = {"MambaLM": "causal LM", "VisionMamba": "Vision Mamba classifier", "MambaTagger": "per-token tagger"}
     extra = f", patch {c.patch_size}, {c.img_size}x{c.img_size} images" if isinstance(model, VisionMamba) else ""
+    if isinstance(c, HybridLMConfig):
+        m, a = c.mamba2, c.attention
+        return (f"causal LM: {c.n_layer} blocks ({', '.join(c.blocks)}), d_model {c.d_model}; Mamba-2 {m.n_heads} "
+                f"heads of {m.head_dim}, d_state {m.d_state}; attention {a.n_heads} heads, {a.n_kv_heads} KV heads, "
+                f"no RoPE; MLP {c.mlp.d_ff} wide, {c.mlp.activation}")
     if isinstance(c, Mamba2LMConfig):
         return (f"{kind[type(model).__name__]}: {c.n_layer} Mamba-2 blocks, d_model {c.d_model}, d_inner {c.d_inner}, "
                 f"{c.n_heads} heads of {c.head_dim}, d_state {c.d_state}, n_groups {c.n_groups}, conv {c.d_conv}")
