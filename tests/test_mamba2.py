@@ -374,12 +374,13 @@ def test_embedded_mamba2_reproduces_its_card_through_the_cli(cli):
     assert generated.code == 0 and generated.stdout.startswith("ROMEO:") and len(generated.stdout) > 40
 
 
-def test_the_training_command_without_options_is_the_cards_recipe():
-    """`python -m mambaquant.zoo.train mamba2-shakespeare --out DIR` re-creates the shipped model's recipe."""
+@pytest.mark.parametrize("name", ["mamba2-shakespeare", "hybrid-shakespeare"])
+def test_the_training_command_without_options_is_the_cards_recipe(name):
+    """`python -m mambaquant.zoo.train NAME --out DIR` re-creates the shipped model's recipe."""
     import dataclasses
 
     from mambaquant.zoo import card
     from mambaquant.zoo.train import RECIPES
 
-    recipe_class, _ = RECIPES["mamba2-shakespeare"]
-    assert dataclasses.asdict(recipe_class()) == card("mamba2-shakespeare")["recipe"]
+    recipe_class, _ = RECIPES[name]
+    assert dataclasses.asdict(recipe_class()) == card(name)["recipe"]

@@ -1,4 +1,4 @@
-"""Our own Mamba-1 and Mamba-2 runtime: explicit modules, every quantizable tensor at a named site."""
+"""Our own Mamba-1, Mamba-2 and hybrid runtime: explicit modules, every quantizable tensor at a named site."""
 
 from .build import build
 from .block import MambaBlock, NoNorm, RMSNorm

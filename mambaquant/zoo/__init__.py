@@ -23,6 +23,10 @@ ZOO: dict[str, ZooEntry] = {
     "mamba2-shakespeare": ZooEntry(
         "byte-level Mamba-2 LM (Hugging Face Mamba2 architecture), trained here on Tiny Shakespeare", "bytes"
     ),
+    "hybrid-shakespeare": ZooEntry(
+        "byte-level hybrid LM (Nemotron-H-style Mamba-2, attention and MLP blocks), trained here on Tiny Shakespeare",
+        "bytes", quantizable=False
+    ),
     "vim-cifar10": ZooEntry(
         "Vision Mamba (bidirectional blocks, middle class token), trained here on CIFAR-10", "cifar10"
     ),
