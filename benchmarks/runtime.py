@@ -4,7 +4,8 @@ of two hybrids: a granite-4.0-h-350m-like configuration (Mamba-2 layers with a f
 muP multipliers) and a Nemotron-H-like one at the same scale (single-sublayer Mamba-2, attention and squared-ReLU
 MLP blocks, n_groups 8).
 
-Every measurement runs in a fresh worker process, so peak memory (RSS above the loaded model) is its own;
+Every measurement runs in a fresh worker process, so peak memory (RSS above the loaded model, the warm-up run
+included) is its own;
 the ours/transformers pairs alternate within one run, so their ratio is measured under the same conditions.
 Decoding: greedy `generate` of --decode-tokens tokens after a 16-token prompt, tokens per second.
 
@@ -92,9 +93,11 @@ def worker(implementation: str, arch: str, length: int, repeats: int) -> dict:
         def run():
             return model.generate(ids, max_new_tokens=-length, min_new_tokens=-length, do_sample=False)
     with torch.no_grad():
-        run()  # warm-up
+        # the peak is taken over the loaded model from before the warm-up: freed memory that the tuned allocator
+        # keeps resident (mambaquant/allocator.py) would otherwise count as part of the model
         reset_peak_memory()
         baseline = memory_mib("VmRSS")
+        run()  # warm-up
         times = []
         for _ in range(repeats):
             start = time.perf_counter()

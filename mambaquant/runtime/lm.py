@@ -119,7 +119,7 @@ def refuse_hybrid(model: nn.Module, what: str) -> None:
     if isinstance(model, MambaLM) and isinstance(model.config, HybridLMConfig):
         kinds = ", ".join(dict.fromkeys(model.config.blocks))
         raise InputError(f"{what} does not take hybrid language models yet (this one has {kinds} blocks); they "
-                         "load, run, generate and evaluate in full precision")
+                         "load, run, generate, evaluate and save in full precision")
 
 
 def check_generation(input_ids, max_new_tokens, temperature, top_k, vocab_size: int) -> None:
