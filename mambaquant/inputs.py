@@ -20,16 +20,21 @@ def kind_of(mode: int) -> str:
     return KINDS.get(stat.S_IFMT(mode), "not a regular file")
 
 
+def status(path: Path, kind: str, what: str) -> os.stat_result:
+    """`path`'s metadata (symbolic links followed), or one line: missing or unreadable, and `what` was expected."""
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        raise InputError(f"{display(path)}: no such {kind}; expected {what}") from None
+    except OSError as e:
+        raise InputError(f"{display(path)}: cannot be read ({e.strerror}); expected {what}") from None
+
+
 def regular_file(path, what: str, max_bytes: int | None = None) -> Path:
     """`path` if it is a regular file (symbolic links followed) of at most `max_bytes`; one line naming `what` it
     should be otherwise. Only the file's metadata is read: a FIFO is never opened."""
     path = Path(path)
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        raise InputError(f"{display(path)}: no such file; expected {what}") from None
-    except OSError as e:
-        raise InputError(f"{display(path)}: cannot be read ({e.strerror}); expected {what}") from None
+    info = status(path, "file", what)
     if not stat.S_ISREG(info.st_mode):
         raise InputError(f"{display(path)}: is {kind_of(info.st_mode)}; expected {what} (a regular file)")
     if max_bytes is not None and info.st_size > max_bytes:
@@ -39,12 +44,7 @@ def regular_file(path, what: str, max_bytes: int | None = None) -> Path:
 
 def directory(path, what: str) -> Path:
     path = Path(path)
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        raise InputError(f"{display(path)}: no such directory; expected {what}") from None
-    except OSError as e:
-        raise InputError(f"{display(path)}: cannot be read ({e.strerror}); expected {what}") from None
+    info = status(path, "directory", what)
     if not stat.S_ISDIR(info.st_mode):
         raise InputError(f"{display(path)}: is {kind_of(info.st_mode)}; expected {what} (a directory)")
     return path

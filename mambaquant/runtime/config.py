@@ -51,7 +51,10 @@ POSITIVE = {"norm_eps"}  # the lower bound itself is excluded
 
 
 class BlockConfig:
-    """What every block config shares: JSON round trip with every field checked."""
+    """What every block config shares: JSON round trip with every field checked, against the class's `LIMITS`,
+    `POSITIVE` and `CHOICES` (module-level ones by default)."""
+
+    LIMITS, POSITIVE, CHOICES = LIMITS, POSITIVE, CHOICES
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -67,22 +70,23 @@ class BlockConfig:
         return cls(**checked)
 
     @classmethod
-    def schema(cls, limits: dict = LIMITS) -> dict:
+    def schema(cls, limits: dict | None = None) -> dict:
         """The `mambaquant.schema` schema of this dataclass: one field per dataclass field, from its type, `limits`
-        (as `LIMITS`; None: no bound) and `CHOICES`."""
+        (default: the class's `LIMITS`; a bound of None: no bound), `POSITIVE` and `CHOICES`."""
         from ..schema import boolean, integer, number, string
 
+        limits = cls.LIMITS if limits is None else limits
         schema = {}
         for f in dataclasses.fields(cls):
             kind = f.type if isinstance(f.type, str) else f.type.__name__
-            if f.name in CHOICES:
-                schema[f.name] = string(*CHOICES[f.name], default=f.default)
+            if f.name in cls.CHOICES:
+                schema[f.name] = string(*cls.CHOICES[f.name], default=f.default)
             elif kind == "bool":
                 schema[f.name] = boolean(f.default)
             elif kind == "int":
                 schema[f.name] = integer(*limits[f.name], default=f.default)
             elif kind == "float":
-                schema[f.name] = number(*limits[f.name], default=f.default, above=f.name in POSITIVE)
+                schema[f.name] = number(*limits[f.name], default=f.default, above=f.name in cls.POSITIVE)
             else:
                 raise TypeError(f"{cls.__name__}.{f.name}: no schema for type {kind}")
         return schema

@@ -43,26 +43,11 @@ class LayerConfig(BlockConfig):
     """A hybrid layer's config: every field checked on construction (InputError naming the field), as `from_dict`
     checks a JSON dict."""
 
+    LIMITS, POSITIVE, CHOICES = LIMITS, POSITIVE, CHOICES
+
     def __post_init__(self):
         where = type(self).__name__
         self.check_consistency(validate(self.to_dict(), self.schema(), where), where)
-
-    @classmethod
-    def schema(cls, limits: dict = LIMITS) -> dict:
-        schema = {}
-        for f in dataclasses.fields(cls):
-            kind = f.type if isinstance(f.type, str) else f.type.__name__
-            if f.name in CHOICES:
-                schema[f.name] = string(*CHOICES[f.name], default=f.default)
-            elif kind == "bool":
-                schema[f.name] = boolean(f.default)
-            elif kind == "int":
-                schema[f.name] = integer(*limits[f.name], default=f.default)
-            elif kind == "float":
-                schema[f.name] = number(*limits[f.name], default=f.default, above=f.name in POSITIVE)
-            else:
-                raise TypeError(f"{cls.__name__}.{f.name}: no schema for type {kind}")
-        return schema
 
 
 @dataclass
