@@ -157,7 +157,8 @@ def method_options(args) -> dict:
     """The `QuantConfig` options of `quantize` beyond method, bits and granularity."""
     return {"head_clusters": args.head_clusters, "channel_clusters": args.channel_clusters,
             "calib_dtype": args.calib_dtype, "clip_search": args.clip_search, "act_order": args.act_order,
-            "site_bits": args.site_bits, "target": args.target, "weight_group_size": args.weight_group_size}
+            "site_bits": args.site_bits, "target": args.target, "weight_group_size": args.weight_group_size,
+            "scope": args.scope}
 
 
 def export_tokenizer(model, args):
@@ -270,11 +271,13 @@ def comma_list(text: str) -> list[str]:
 def cmd_compare(args) -> None:
     from .compare import compare, format_table, plan, to_markdown, write_json
     from .methods import METHODS
+    from .methods.config import SCOPES
     from .loaders import check_source
     from .outputs import check_output_file, write_atomic
     from .zoo import ZOO, ZOO_PREFIX
 
-    runs = plan(args.methods or METHODS, args.bits, args.granularity, args.target)  # bad options fail before loading
+    runs = plan(args.methods or METHODS, args.bits, args.granularity, args.target,
+                args.scope or SCOPES)  # bad options fail before loading
     lm_eval = lm_eval_config(args)
     for path in (args.json, args.markdown):
         if path is not None:
@@ -294,7 +297,8 @@ def cmd_compare(args) -> None:
         try:
             rows += compare(source, args.methods, args.bits, args.granularity, args.tasks, args.eval_samples,
                             args.calib, args.calib_samples, args.calib_len, args.seed, data, args.tokenizer,
-                            progress=True, lm_eval=lm_eval, eval_data=eval_data, target=args.target)
+                            progress=True, lm_eval=lm_eval, eval_data=eval_data, target=args.target,
+                            scopes=args.scope)
         except InputError as e:
             failure = e
             break
@@ -433,7 +437,7 @@ def build_parser() -> Parser:
 
     from .calibration import CALIBRATION_SETS
     from .methods import GRANULARITIES, METHODS
-    from .methods.config import CALIB_DTYPES, TARGETS
+    from .methods.config import CALIB_DTYPES, SCOPES, TARGETS
 
     quantize = commands.add_parser("quantize", help="quantize a model with a method, print what was done, evaluate")
     quantize.add_argument("source", help=SOURCE_HELP)
@@ -484,6 +488,10 @@ def build_parser() -> Parser:
                           help="where the model will run: our runtime (every transform and site), or llama.cpp (only "
                                "what it executes: transforms fused into the weights, Q8_0 / Q4_0 weights, its own "
                                "int8 inputs per 32 values, simulated exactly)")
+    quantize.add_argument("--scope", choices=SCOPES, default="all",
+                          help="which activations to quantize: all (every site the method quantizes: the linear "
+                               "layers' inputs and the conv, scan and state of the Mamba layers) or linear (the linear "
+                               "layers' inputs only, the rest in float, as other tools do)")
     quantize.add_argument("--export", choices=("gguf",),
                           help="also write the model for its engine into --out: model.gguf for --target llama.cpp")
     quantize.add_argument("--stream", action="store_true",
@@ -524,6 +532,8 @@ def build_parser() -> Parser:
     compare.add_argument("--target", choices=TARGETS, default="runtime",
                          help="llama.cpp: every run restricted to what llama.cpp executes and simulated exactly "
                               "(presets w8a8 -> Q8_0, w4a8 -> Q4_0; --granularity does not apply)")
+    compare.add_argument("--scope", type=comma_list, default=None, metavar="SCOPES",
+                         help="all and/or linear (see quantize --scope; default: all, and for a hybrid both)")
     add_lm_eval_options(compare)
     compare.set_defaults(run=cmd_compare)
 

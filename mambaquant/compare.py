@@ -11,12 +11,16 @@ from torch import nn
 
 from .errors import InputError
 from .methods import FULL_PRECISION, GRANULARITIES, METHODS, PRESETS, QuantConfig, methods_for, run_recipe
-from .methods.config import AUTO_METHODS, ENGINE_GRANULARITY
+from .methods.config import AUTO_METHODS, ENGINE_GRANULARITY, SCOPES
+from .runtime import HybridLMConfig
 from .outputs import write_atomic
 from .schema import display
 from .progress import progress as progress_of
 
 DEFAULT_BITS = ("w8a8", "w4a8", "w4a16")
+SCOPE_NOTE = ("Scope all: every activation the method quantizes (the linear layers' inputs, and in the Mamba layers "
+              "the conv1d input, the scan's operands and the state) at the activation bits; scope linear: the linear "
+              "layers' inputs only, the conv, the scan and its state in float32, as the other tools do.")
 USER_TASK = "user-data"  # the rows of the user's own labelled set (`eval_data`)
 
 
@@ -36,6 +40,7 @@ class Row:
     quantize_seconds: float
     agreement: float | None = None
     extra: dict | None = None
+    scope: str = "all"  # which activations were quantized (QuantConfig.scope)
 
     @property
     def change(self) -> float:
@@ -52,13 +57,18 @@ class Row:
         return {**row, "change": self.change, "relative_change_percent": self.relative_change}
 
 
-def plan(methods, bits, granularities, target: str = "runtime") -> list[tuple[str, str, str]]:
-    """(method, bits, granularity) runs: FP once; weight-only bit widths once per method; otherwise every
-    granularity asked for, "auto" only for the methods whose recipe has it. For an engine `target` one run per
-    method and bit width, with the engine's own activation quantization. Each of methods, bits and granularities
-    is a list of names or one comma-separated string."""
-    methods, bits, granularities = (names_of(value, what) for value, what in
-                                    ((methods, "methods"), (bits, "bits"), (granularities, "granularities")))
+def plan(methods, bits, granularities, target: str = "runtime",
+         scopes=("all",)) -> list[tuple[str, str, str, str]]:
+    """(method, bits, granularity, scope) runs: FP once; weight-only bit widths once per method; otherwise every
+    granularity and scope asked for, "auto" only for the methods whose recipe has it. For an engine `target` one
+    run per method and bit width, with the engine's own activation quantization. Each of methods, bits,
+    granularities and scopes is a list of names or one comma-separated string."""
+    methods, bits, granularities, scopes = (
+        names_of(value, what) for value, what in
+        ((methods, "methods"), (bits, "bits"), (granularities, "granularities"), (scopes, "scopes")))
+    for scope in scopes:
+        if scope not in SCOPES:
+            raise InputError(f"unknown scope {scope!r}; expected some of {', '.join(SCOPES)}")
     for method in methods:
         if method not in METHODS:
             raise InputError(f"unknown method {method!r}; expected some of {', '.join(METHODS)}")
@@ -68,17 +78,18 @@ def plan(methods, bits, granularities, target: str = "runtime") -> list[tuple[st
     for granularity in granularities:
         if granularity not in GRANULARITIES:
             raise InputError(f"unknown granularity {granularity!r}; expected some of {', '.join(GRANULARITIES)}")
-    runs = [("fp", "fp32", "none")] if "fp" in methods else []
+    runs = [("fp", "fp32", "none", "all")] if "fp" in methods else []
     if target != "runtime":
         for preset in (b.lower() for b in bits):
             QuantConfig(method="rtn", w_bits=PRESETS[preset][0], a_bits=PRESETS[preset][1], target=target)
-        return runs + [(m, b.lower(), ENGINE_GRANULARITY) for b in bits for m in methods if m != "fp"]
+        return runs + [(m, b.lower(), ENGINE_GRANULARITY, "all") for b in bits for m in methods if m != "fp"]
     for preset in (b.lower() for b in bits):
         for method in (m for m in methods if m != "fp"):
             if PRESETS[preset][1] == FULL_PRECISION:
-                runs.append((method, preset, "none"))
+                runs.append((method, preset, "none", "all"))
                 continue
-            runs += [(method, preset, g) for g in granularities if g != "auto" or method in AUTO_METHODS]
+            runs += [(method, preset, g, scope) for scope in scopes for g in granularities
+                     if g != "auto" or method in AUTO_METHODS]
     if not runs:
         raise InputError("nothing to compare: no method and bit width selected")
     return runs
@@ -110,7 +121,7 @@ class Memo(nn.Module):
 def compare(source, methods=None, bits=DEFAULT_BITS, granularities=GRANULARITIES, tasks=None,
             eval_samples: int | None = None, calib=None, calib_samples: int = 32, calib_len: int | None = None,
             seed: int = 0, data: dict | None = None, tokenizer: str | None = None, progress: bool = False,
-            on_row=None, lm_eval=None, eval_data=None, target: str = "runtime") -> list[Row]:
+            on_row=None, lm_eval=None, eval_data=None, target: str = "runtime", scopes=None) -> list[Row]:
     """Quantize `source` (an embedded model name, a directory or a model object) with every planned run and
     evaluate each against the full-precision model on `tasks` (default: every protocol that applies, or none
     when `lm_eval` is given). `methods`: None for every method that applies to the model's block kind (Quamba2
@@ -118,7 +129,9 @@ def compare(source, methods=None, bits=DEFAULT_BITS, granularities=GRANULARITIES
     lm-evaluation-harness tasks and their mean; `eval_data` (the user's own labelled set, see `evaluate`) adds its
     top-1 as task "user-data" (and, as `lm_eval`, no built-in task by default); `on_row` is called with each row as
     it is done. Calibration never takes `eval_data`: it is `calib`, or the model's default training set. `target`
-    "llama.cpp" restricts every run to what llama.cpp executes, and simulates it (`QuantConfig.target`)."""
+    "llama.cpp" restricts every run to what llama.cpp executes, and simulates it (`QuantConfig.target`). `scopes`:
+    which activations each run quantizes (`QuantConfig.scope`); None: "all", and for a hybrid also "linear" (the
+    other tools' choice: the linear layers' inputs only)."""
     from .calibration import resolve_calibration
     from .evaluation import evaluate
     from .loaders import load
@@ -127,7 +140,7 @@ def compare(source, methods=None, bits=DEFAULT_BITS, granularities=GRANULARITIES
 
     name = (embedded_name(source) or source) if isinstance(source, str) else type(source).__name__
     methods = None if methods is None else names_of(methods, "methods")
-    plan(methods or METHODS, bits, granularities, target)  # bad options fail before the model is loaded
+    plan(methods or METHODS, bits, granularities, target, scopes or SCOPES)  # bad options fail before loading
     if lm_eval is not None:
         from .evaluation.local_tasks import load_tasks
 
@@ -138,7 +151,9 @@ def compare(source, methods=None, bits=DEFAULT_BITS, granularities=GRANULARITIES
 
         eval_data = user_data(eval_data, eval_samples, "eval_data")  # read once, and a bad file fails here
     model = load(source).eval()
-    runs = plan(methods_for(model, methods), bits, granularities, target)
+    if scopes is None:
+        scopes = SCOPES if isinstance(getattr(model, "config", None), HybridLMConfig) else ("all",)
+    runs = plan(methods_for(model, methods), bits, granularities, target, scopes)
     tasks = list(tasks or ([] if lm_eval is not None or eval_data is not None else tasks_for(model, name)))
     data = data or {}
     batches = resolve_calibration(model, name, calib, calib_samples, calib_len, seed, tokenizer=tokenizer)
@@ -155,13 +170,13 @@ def compare(source, methods=None, bits=DEFAULT_BITS, granularities=GRANULARITIES
         reference.update(lm_eval_rows(model, name, lm_eval, tokenizer))
     memo = Memo(model)
     rows = []
-    for method, preset, granularity in progress_of(runs, name, "run", progress, label=" ".join):
+    for method, preset, granularity, scope in progress_of(runs, name, "run", progress, label=" ".join):
         started = time.perf_counter()
         if method == "fp":
             quantized = model
         else:
             w_bits, a_bits = PRESETS[preset]
-            config = QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, seed=seed, target=target,
+            config = QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, seed=seed, target=target, scope=scope,
                                  act_granularity=None if granularity in ("none", ENGINE_GRANULARITY) else granularity)
             quantized, _ = run_recipe(model, config, batches)
         seconds = time.perf_counter() - started
@@ -171,7 +186,7 @@ def compare(source, methods=None, bits=DEFAULT_BITS, granularities=GRANULARITIES
         for task, result in results.items():
             row = Row(name, method, preset, granularity, task, result.metric, result.value, reference[task].value,
                       result.higher_is_better, result.protocol, result.samples, round(seconds, 2), result.agreement,
-                      result.extra)
+                      result.extra, scope)
             rows.append(row)
             if on_row:
                 on_row(row)
@@ -190,13 +205,15 @@ def format_table(rows: list[Row]) -> str:
     for key in dict.fromkeys((row.model, row.task) for row in rows):
         block = [row for row in rows if (row.model, row.task) == key]
         first = block[0]
+        scoped = any(row.scope != "all" for row in block)
         lines += ["", f"{first.model}: {first.metric} ({'higher' if first.higher_is_better else 'lower'} is better)",
-                  f"  protocol: {first.protocol}; {first.samples} samples",
-                  f"  {'method':12s} {'bits':6s} {'granularity':12s} {'value':>10s} {'change':>9s} {'relative':>9s} "
-                  f"{'agreement':>9s} {'quant s':>8s}"]
+                  f"  protocol: {first.protocol}; {first.samples} samples"] + ([f"  {SCOPE_NOTE}"] if scoped else []) + \
+            [f"  {'method':12s} {'bits':6s} {'granularity':12s} " + (f"{'scope':7s} " if scoped else "") +
+             f"{'value':>10s} {'change':>9s} {'relative':>9s} {'agreement':>9s} {'quant s':>8s}"]
         for row in block:
             agreement = f"{row.agreement:8.2f}%" if row.agreement is not None else f"{'-':>9s}"
-            lines.append(f"  {row.method:12s} {row.bits:6s} {row.granularity:12s} {row.value:10.4f} "
+            lines.append(f"  {row.method:12s} {row.bits:6s} {row.granularity:12s} " +
+                         (f"{row.scope:7s} " if scoped else "") + f"{row.value:10.4f} "
                          f"{row.change:+9.4f} {row.relative_change:+8.2f}% {agreement} {row.quantize_seconds:8.1f}")
     return "\n".join(lines[1:])
 
@@ -206,16 +223,19 @@ def to_markdown(rows: list[Row], command: str | None = None) -> str:
     for key in dict.fromkeys((row.model, row.task) for row in rows):
         block = [row for row in rows if (row.model, row.task) == key]
         first = block[0]
+        scoped = any(row.scope != "all" for row in block)
         lines += [f"### {first.model}: {first.metric}", "",
                   f"Protocol: {first.protocol}; {first.samples} samples. "
                   f"{'Higher' if first.higher_is_better else 'Lower'} is better; relative change signed so that "
-                  "negative is worse.", "",
-                  "| method | bits | granularity | value | change | relative | agreement | quantize s |",
-                  "|---|---|---|---:|---:|---:|---:|---:|"]
+                  "negative is worse." + (f" {SCOPE_NOTE}" if scoped else ""), "",
+                  "| method | bits | granularity | " + ("scope | " if scoped else "") +
+                  "value | change | relative | agreement | quantize s |",
+                  "|---|---|---|" + ("---|" if scoped else "") + "---:|---:|---:|---:|---:|"]
         for row in block:
             agreement = f"{row.agreement:.2f} %" if row.agreement is not None else "-"
-            lines.append(f"| {row.method} | {row.bits} | {row.granularity} | {row.value:.4f} | {row.change:+.4f} | "
-                         f"{row.relative_change:+.2f} % | {agreement} | {row.quantize_seconds:.1f} |")
+            lines.append(f"| {row.method} | {row.bits} | {row.granularity} | " + (f"{row.scope} | " if scoped else "")
+                         + f"{row.value:.4f} | {row.change:+.4f} | {row.relative_change:+.2f} % | {agreement} | "
+                         f"{row.quantize_seconds:.1f} |")
         lines.append("")
     if command:
         lines.append(f"Command: `{command}`")

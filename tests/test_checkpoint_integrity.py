@@ -551,7 +551,7 @@ CASES = {
     "model_config missing field": ("w8", edit_config(set_field(("model_config", "d_state"), DELETE)),
                                    ["model_config: missing field 'd_state'"]),
     "model_class unknown": ("w8", edit_config(set_field(("model_class",), "Transformer")),
-                            ["model_class: expected one of 'MambaLM', 'Mamba2LM', 'VisionMamba', 'MambaTagger'"]),
+                            ["model_class: expected one of 'MambaLM', 'Mamba2LM', 'HybridLM', 'VisionMamba'"]),
     "model_class swapped": ("w8", edit_config(set_field(("model_class",), "MambaTagger")),
                             ["model_config: missing field 'num_classes'"]),
 }

@@ -11,7 +11,7 @@ from mambaquant.methods.config import AUTO_METHODS
 
 
 def test_plan_holds_every_method_with_static_and_dynamic_scales_and_mambaquant_auto():
-    runs = plan(METHODS, ("w8a8", "w4a8", "w4a4", "w4a16"), ("tensor", "token", "auto"))
+    runs = [run[:3] for run in plan(METHODS, ("w8a8", "w4a8", "w4a4", "w4a16"), ("tensor", "token", "auto"))]
     quantizing = len(METHODS) - 1
     assert runs[0] == ("fp", "fp32", "none")
     assert len(runs) == len(set(runs)) == 1 + 3 * (2 * quantizing + len(AUTO_METHODS)) + quantizing
@@ -22,9 +22,17 @@ def test_plan_holds_every_method_with_static_and_dynamic_scales_and_mambaquant_a
                                                                           ("mambaquant+", bits, "auto")]
     assert {r[2] for r in runs if r[1] == "w4a16"} == {"none"}
     for bad in [(("nope",), ("w8a8",), ("tensor",)), (("rtn",), ("w3a3",), ("tensor",)),
-                (("rtn",), ("w8a8",), ("channel",))]:
+                (("rtn",), ("w8a8",), ("channel",)), (("rtn",), ("w8a8",), ("tensor",), "runtime", ("ssm",))]:
         with pytest.raises(InputError):
             plan(*bad)
+
+
+def test_plan_runs_each_scope_for_quantized_activations_only():
+    runs = plan(("fp", "rtn", "mambaquant"), ("w8a8", "w4a16"), ("tensor", "auto"), scopes="all,linear")
+    assert runs == [("fp", "fp32", "none", "all"), ("rtn", "w8a8", "tensor", "all"), ("rtn", "w8a8", "tensor", "linear"),
+                    ("mambaquant", "w8a8", "tensor", "all"), ("mambaquant", "w8a8", "auto", "all"),
+                    ("mambaquant", "w8a8", "tensor", "linear"), ("mambaquant", "w8a8", "auto", "linear"),
+                    ("rtn", "w4a16", "none", "all"), ("mambaquant", "w4a16", "none", "all")]
 
 
 def test_compare_rows_share_calibration_and_evaluation(small_lm, tmp_path):

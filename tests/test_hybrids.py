@@ -240,7 +240,8 @@ def test_what_does_not_take_hybrids_yet_refuses_in_one_line(byte_hybrid, tmp_pat
     from mambaquant.exporters.gguf import export_gguf
 
     calib = torch.randint(0, 256, (2, 16))
-    for call, words in [(lambda: mambaquant.quantize(byte_hybrid, method="rtn", calib=calib), "quantization does not"),
+    zamba = mambaquant.load(reference("zamba2 one block"))
+    for call, words in [(lambda: mambaquant.quantize(zamba, method="rtn", calib=calib), "Zamba2's shared attention"),
                         (lambda: export_gguf(byte_hybrid, tmp_path / "m.gguf"), "a hybrid of mamba2, attention"),
                         (lambda: analyze(byte_hybrid, tmp_path / "analysis", calib=calib), "analyze does not")]:
         with pytest.raises(InputError, match=words):

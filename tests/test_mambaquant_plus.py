@@ -232,7 +232,7 @@ def test_bad_options_are_refused(options, words):
 def test_cli_refuses_bad_site_bits(cli):
     assert_refused(cli.run("quantize", "mamba-shakespeare", "--site-bits", "h8", "--no-eval"), "--site-bits",
                    "SITE=BITS")
-    assert_refused(cli.run("quantize", "mamba-shakespeare", "--site-bits", "q=8", "--no-eval"), "unknown site kind")
+    assert_refused(cli.run("quantize", "mamba-shakespeare", "--site-bits", "qq=8", "--no-eval"), "unknown site kind")
 
 
 def test_the_per_site_report_is_saved_and_printed(cli, tmp_path):

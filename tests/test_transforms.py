@@ -127,7 +127,7 @@ def test_smoothing_everywhere_including_smooth_fused_rotation(model):
     collect(smoothed, 1, *absmax.items())
     for layer in smoothed.layers:
         mixer, ssms = layer.mixer, branches(layer.mixer)
-        smooth_norm_output(layer.norm, mixer.in_proj,
+        smooth_norm_output(layer.norm, [mixer.in_proj],
                            smoothing_scales(absmax[layer.sites["norm"].name].absmax, mixer.in_proj.weight),
                            layer.sites["norm"])
         smooth_conv_input(mixer, ssms, smoothing_scales(absmax[mixer.sites["x"].name].absmax, None))

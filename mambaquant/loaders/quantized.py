@@ -31,13 +31,14 @@ from torch import nn
 
 from ..errors import InputError
 from ..methods.config import (CALIB_DTYPES, CLUSTER_DEFAULTS, ENGINE_GRANULARITY, FULL_PRECISION, GRANULARITIES,
-                              METHODS, TARGETS, QuantReport)
+                              METHODS, SCOPES, TARGETS, QuantReport)
 from ..methods.stages import linear_slots
 from ..quant.linear import QuantizedEmbedding, QuantizedLinear
 from ..quant.quantizer import ACTIVATION_GRANULARITIES, OBSERVERS, ActivationQuantizer, QuantSpec
-from ..runtime import (LMConfig, Mamba2LMConfig, MambaLM, MambaMixer, MambaModel, MambaTagger, ModelConfig, Site,
-                       TaggerConfig, VisionConfig, VisionMamba)
+from ..runtime import (HybridLMConfig, LMConfig, Mamba2LMConfig, MambaLM, MambaMixer, MambaModel, MambaTagger,
+                       ModelConfig, Site, TaggerConfig, VisionConfig, VisionMamba)
 from ..runtime.config import LIMITS
+from ..runtime.moe import experts_as_lists
 from ..transforms.rotation import Rotate, append_op
 from ..transforms.smoothing import Scale
 from ..schema import (EXACT, Field, boolean, constant, display, integer, item, json_text, list_of, map_of, number, obj,
@@ -46,14 +47,14 @@ from .weights import Checkpoint, check_memory, dtype_name, on_meta_device
 
 ARCHITECTURE = "mambaquant-quantized"
 FORMAT_VERSION = 2
-MODELS = {"MambaLM": (MambaLM, LMConfig), "Mamba2LM": (MambaLM, Mamba2LMConfig),
+MODELS = {"MambaLM": (MambaLM, LMConfig), "Mamba2LM": (MambaLM, Mamba2LMConfig), "HybridLM": (MambaLM, HybridLMConfig),
           "VisionMamba": (VisionMamba, VisionConfig), "MambaTagger": (MambaTagger, TaggerConfig),
           "MambaModel": (MambaModel, ModelConfig)}
 WEIGHT_ROUNDINGS = ("rtn", "gptq")
 # quantization_config fields added within version 2
 ADDED_FIELDS = {**{name: None for name in CLUSTER_DEFAULTS}, "calib_dtype": "float32", "clip_search": False,
                 "act_order": False, "site_bits": {}, "granularity_reasons": {}, "clipping": {}, "weights": [],
-                "target": "runtime"}
+                "target": "runtime", "scope": "all"}
 REPORT_FIELDS = ("transforms", "activation_sites", "granularity_reasons", "clipping", "weights")  # QuantReport's
 ADDED_SPEC_FIELDS = {"clip": 1.0, "half_scales": False}  # activation quantizer spec fields added within version 2
 # a quantized linear's own weight group size (0: per output channel), recorded within version 2: before it, every
@@ -75,6 +76,15 @@ SITE_WIDTHS = {"embed": "D", "norm_f": "D", "hidden": "M", "residual": "D", "nor
 # Mamba-2 mixer sites: S d_ssm, K the conv channels, G*N the B/C groups, H heads
 MAMBA2_SITE_WIDTHS = {"z": "S", "xBC": "K", "x": "S", "B": "GN", "C": "GN", "dt": "H", "h": "N", "y": "S",
                       "gate": "S", "out_proj_in": "E"}
+# The hybrids' layers: each site's width from its layer's config
+LAYER_SITE_WIDTHS = {
+    "attention": {"q": lambda a: a.n_heads * a.head_dim, "o_proj_in": lambda a: a.n_heads * a.head_dim,
+                  "k": lambda a: a.n_kv_heads * a.head_dim, "v": lambda a: a.n_kv_heads * a.head_dim},
+    "mlp": {"mlp_in": lambda m: m.d_model, "down_in": lambda m: m.d_ff},
+    "moe": {"router_in": lambda m: m.d_model, "fc1_latent_in": lambda m: m.d_model,
+            "expert_in": lambda m: m.expert_width, "fc2_latent_in": lambda m: m.latent_size,
+            "expert_down_in": lambda m: m.d_ff},
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -191,8 +201,8 @@ def quantized_config(model: nn.Module, layout: dict) -> dict:
     if type(model) not in {model_class for model_class, _ in MODELS.values()}:
         raise InputError(f"cannot save a {type(model).__name__}; expected one of "
                          f"{', '.join(sorted({m.__name__ for m, _ in MODELS.values()}))}")
-    mamba2 = isinstance(model.config, Mamba2LMConfig)
-    return {"architecture": ARCHITECTURE, "model_class": "Mamba2LM" if mamba2 else type(model).__name__,
+    model_class = {Mamba2LMConfig: "Mamba2LM", HybridLMConfig: "HybridLM"}.get(type(model.config), type(model).__name__)
+    return {"architecture": ARCHITECTURE, "model_class": model_class,
             "model_config": model.config.to_dict(),
             "quantization_config": {"format_version": FORMAT_VERSION, **report.config,
                                     **{name: getattr(report, name) for name in REPORT_FIELDS}, "layout": layout}}
@@ -270,7 +280,7 @@ QUANT_CONFIG = {"format_version": constant(FORMAT_VERSION), "method": string(*ME
                 "activation_sites": map_of(string(), text="an object of strings"), "transforms": list_of(string()),
                 "granularity_reasons": map_of(string(), text="an object of strings"),
                 "clipping": map_of(string(), text="an object of strings"), "weights": list_of(string()),
-                "target": string(*TARGETS), "layout": obj(LAYOUT)}
+                "target": string(*TARGETS), "scope": string(*SCOPES), "layout": obj(LAYOUT)}
 CHECKPOINT = {"architecture": constant(ARCHITECTURE), "model_class": string(*MODELS), "model_config": obj(),
               "quantization_config": obj(QUANT_CONFIG)}
 # model_config: the config dataclass's schema, bounded below only (the tensors bound the sizes; a model built in code
@@ -317,8 +327,11 @@ class Verifier:
         defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
         for name in ADDED_MODEL_FIELDS.get(config["model_class"], ()):
             config["model_config"].setdefault(name, defaults[name])
-        config["model_config"] = validate(config["model_config"], config_class.schema(MODEL_LIMITS), where,
-                                          "model_config.", EXACT)
+        if config_class is HybridLMConfig:  # checked as a hybrid-lm config.json is, each layer's config by its own
+            HybridLMConfig.from_dict(config["model_config"], where=f"{where} model_config")
+        else:
+            config["model_config"] = validate(config["model_config"], config_class.schema(MODEL_LIMITS), where,
+                                              "model_config.", EXACT)
         self.check_layout(config["quantization_config"])
         return config
 
@@ -497,11 +510,24 @@ def layout_specs(layout) -> list[dict]:
     return [spec for spec in specs if isinstance(spec, dict)]
 
 
-def site_width(site: Site, c) -> int | None:
-    if site.table == "mamba2":
-        widths = {"S": c.d_ssm, "K": c.conv_dim, "GN": c.n_groups * c.d_state, "H": c.n_heads, "N": c.d_state,
-                  "E": c.d_inner}
+def site_width(site: Site, owner: nn.Module, c) -> int | None:
+    """The channels of the tensor at `site` (held by `owner`, in a model of config `c`); None where it varies."""
+    table = site.table
+    if table == "mamba2":
+        m = owner.config
+        widths = {"S": m.d_ssm, "K": m.conv_dim, "GN": m.n_groups * m.d_state, "H": m.n_heads, "N": m.d_state,
+                  "E": m.d_inner}
         return widths[MAMBA2_SITE_WIDTHS[site.kind]]
+    if table in LAYER_SITE_WIDTHS:
+        return LAYER_SITE_WIDTHS[table][site.kind](owner.config)
+    if table != "mamba1":  # Zamba2's
+        return None
+    if isinstance(c, HybridLMConfig):  # a Mamba-1 layer's sites take its config, the block's and model's d_model
+        c = c if site.kind in ("embed", "norm_f", "logits", "residual", "norm", "out") else c.mamba1
+        widths = {"D": c.d_model, "K": getattr(c, "vocab_size", None)}
+        if c is not None and hasattr(c, "d_inner"):
+            widths.update({"E": c.d_inner, "N": c.d_state, "R": c.dt_rank})
+        return widths.get(SITE_WIDTHS.get(site.kind))
     widths = {"D": c.d_model, "E": c.d_inner, "N": c.d_state, "R": getattr(c, "dt_rank", None),
               "M": getattr(c, "head_hidden", None),
               "K": c.num_classes if hasattr(c, "num_classes") else getattr(c, "vocab_size", None)}
@@ -514,8 +540,10 @@ def build_skeleton(config: dict, q: dict, verifier: Verifier) -> tuple[nn.Module
     model_class, config_class = MODELS[config["model_class"]]
     layout = q["layout"]
     try:
-        model_config = config_class(**config["model_config"])
+        model_config = HybridLMConfig.from_dict(config["model_config"]) if config_class is HybridLMConfig else \
+            config_class(**config["model_config"])
         model = model_class(model_config)
+        experts_as_lists(model)
     except InputError:
         raise
     except (ValueError, RuntimeError, TypeError) as e:
@@ -577,12 +605,14 @@ def build_skeleton(config: dict, q: dict, verifier: Verifier) -> tuple[nn.Module
         codes = f"{name}.codes_int4" if entry["bits"] <= 4 else f"{name}.codes"
         checks += [("codes", codes, entry["bits"], (out_features, in_features)), ("scale", f"{name}.scale")]
     sites = {module.name: module for module in model.modules() if isinstance(module, Site)}
+    owners = {site: module for module in model.modules() if isinstance(getattr(module, "sites", None), nn.ModuleDict)
+              for site in module.sites.values()}
     for site_name, ops in layout["sites"].items():
         at = item("quantization_config.layout.sites", site_name)
         site = sites.get(site_name)
         if site is None:
             verifier.config_error(at, f"this {model_class.__name__} has no site {display(site_name)}")
-        width = site_width(site, model_config)
+        width = site_width(site, owners[site], model_config)
         for index, op in enumerate(ops):
             if op["op"] == "rotate":  # a rotation in blocks (Mamba-2's groups) divides the width
                 if width is not None and (width % op["size"] or op["size"] != width and site.table != "mamba2"):
@@ -601,7 +631,7 @@ def build_skeleton(config: dict, q: dict, verifier: Verifier) -> tuple[nn.Module
         if not isinstance(mixer, MambaMixer):
             verifier.config_error(item("quantization_config.layout.gate_scales", name),
                                   f"this {model_class.__name__} has no mixer {display(name)}")
-        mixer.gate_scale = torch.zeros(model_config.d_inner)
+        mixer.gate_scale = torch.zeros(mixer.d_inner)
         checks.append(("gate_scale", f"{name}.gate_scale"))
     head_scale = site_ops(model.sites["norm_f"])[:1] if tied else []  # a tied head's input scale (fuse_norms)
     for name, module in model.named_modules():
@@ -640,7 +670,9 @@ def build_quantized(config: dict, checkpoint: Checkpoint, source: str) -> nn.Mod
     q = config["quantization_config"]
     layout = q["layout"]
     verifier.check_recorded(checkpoint.infos, layout["sha256"])
-    verifier.check_layer_count(config["model_config"]["n_layer"], checkpoint.infos)
+    model_config = config["model_config"]
+    verifier.check_layer_count(len(model_config["blocks"]) if "blocks" in model_config else model_config["n_layer"],
+                               checkpoint.infos)
     with on_meta_device():
         skeleton, checks = build_skeleton(config, q, verifier)
     verifier.check_tensors(expected_tensors(skeleton, layout), checkpoint.infos)

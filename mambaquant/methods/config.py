@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, replace
 from ..errors import InputError
 from ..schema import check_seed
 from ..quant.quantizer import QuantSpec
-from ..runtime.sites import MAMBA2_SITES, SITES
+from ..runtime.sites import TABLES
 
 METHODS = ("fp", "rtn", "smoothquant", "quarot", "gptq", "quamba", "quamba2", "mambaquant", "mambaquant+")
 GRANULARITIES = ("tensor", "token", "auto")
@@ -32,6 +32,11 @@ CLUSTER_DEFAULTS = {"head_clusters": 4, "channel_clusters": 4}  # Quamba2's, for
 # int8 quantization of each linear's input per 32 values, no online transform)
 TARGETS = ("runtime", "llama.cpp")
 ENGINE_GRANULARITY = "block"  # the act_granularity of an engine target: the engine's own dynamic blocks
+# Which activations a run quantizes: every site the method's recipe quantizes ("all": the linears' inputs and the
+# SSM's other products' operands: the conv input, the scan's inputs, C and the state), or the linears' inputs only
+# ("linear"), as llm-compressor, GPTQModel, ModelOpt and llama.cpp do, keeping the conv, the scan and the state in float
+SCOPES = ("all", "linear")
+SITE_KINDS = sorted({kind for table in TABLES.values() for kind in table})
 
 
 @dataclass
@@ -55,6 +60,7 @@ class QuantConfig:
     act_order: bool = False  # GPTQ's columns by decreasing input energy (measured, not kept: docs/methods.md)
     site_bits: dict | None = None  # activation bits by site kind ({"h": 8}) over a_bits; None: the method's
     target: str = "runtime"  # TARGETS
+    scope: str = "all"  # SCOPES
 
     def __post_init__(self):
         if self.calib_dtype not in CALIB_DTYPES:
@@ -66,6 +72,9 @@ class QuantConfig:
             self.weight_rounding = WEIGHT_ROUNDING.get(self.method, "rtn")
         if self.weight_rounding not in ("rtn", "gptq"):
             raise InputError(f"unknown weight rounding {self.weight_rounding!r}; expected rtn or gptq")
+        if self.scope not in SCOPES:
+            raise InputError(f"unknown scope {self.scope!r}; expected one of {', '.join(SCOPES)} (every site the "
+                             "method quantizes, or the linear layers' inputs only)")
         if self.target not in TARGETS:
             raise InputError(f"unknown target {self.target!r}; expected one of {', '.join(TARGETS)}")
         if self.target != "runtime":
@@ -134,9 +143,8 @@ class QuantConfig:
         if not isinstance(self.site_bits, dict):
             raise InputError(f"site_bits maps site kinds to activation bits, e.g. {{\"h\": 8}}; got {self.site_bits!r}")
         for kind, bits in self.site_bits.items():
-            if kind not in SITES and kind not in MAMBA2_SITES:
-                raise InputError(f"site_bits: unknown site kind {kind!r}; expected one of "
-                                 f"{', '.join(sorted(set(SITES) | set(MAMBA2_SITES)))}")
+            if kind not in SITE_KINDS:
+                raise InputError(f"site_bits: unknown site kind {kind!r}; expected one of {', '.join(SITE_KINDS)}")
             if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
                 raise InputError(f"site_bits[{kind!r}] must be an integer from 2 to 8, got {bits!r}")
         if self.site_bits and self.a_bits == FULL_PRECISION:

@@ -11,14 +11,16 @@ them). Mamba-2 has no dt_proj or x_proj, so the dt-path rotation and the x_proj 
 import torch
 
 from ..transforms.klt import AbsMaxObserver, CovarianceObserver, klt_hadamard
-from ..transforms.rotation import (Rotate, branches, fuse_norms, random_hadamard, rotate_dt_path, rotate_linear_input,
-                                   rotate_out_proj_input, rotate_residual, rotate_state, rotate_state_mamba2)
+from ..transforms.rotation import (Rotate, branches, fuse_norms, random_hadamard, rotate_dt_path, rotate_heads,
+                                   rotate_linear_input, rotate_out_proj_input, rotate_residual, rotate_state,
+                                   rotate_state_mamba2)
 from ..transforms.smoothing import (smooth_conv_input, smooth_conv_input_mamba2, smooth_dt_input, smooth_gate,
                                     smooth_gated_norm, smooth_state, smooth_state_mamba2, smoothing_scales,
                                     state_smoothing_scales)
 from .config import QuantConfig, QuantReport
-from .smoothquant import conv_weight_columns
-from .stages import Runner, by_block_kind, fused_offline, held, has_mamba2_blocks, no_op
+from .quarot import per_layer_lines, quarot_mlp, quarot_moe
+from .smoothquant import conv_weight_columns, smooth_mlps, smoothquant_attention
+from .stages import Runner, by_layer_kind, fused_offline, held, no_op
 
 
 def mambaquant_model(model, blocks, batches, config: QuantConfig, report: QuantReport) -> None:
@@ -26,7 +28,7 @@ def mambaquant_model(model, blocks, batches, config: QuantConfig, report: QuantR
     covariance of all in_proj inputs pooled, gathered in one full-precision pass over the blocks (block by block,
     never the head: for an LM its output is the largest tensor of the forward)."""
     fuse_norms(model, blocks.edit, untie=not config.online_transforms)
-    residual = CovarianceObserver()
+    residual = CovarianceObserver()  # every block's input: whatever reads the stream reads it there
     with torch.no_grad():
         hidden = held([model.embed(batch) for batch in batches], config.calib_dtype)
     for index in range(len(blocks)):
@@ -34,19 +36,27 @@ def mambaquant_model(model, blocks, batches, config: QuantConfig, report: QuantR
         hidden = held(Runner(layer, hidden).outputs({layer.sites["norm"]: residual}), config.calib_dtype)
         blocks.release(index)
     rotate_residual(model, klt_hadamard(residual.covariance()), blocks.edit)
-    if not config.online_transforms:
-        per_block = ("gated-norm smoothing at out_proj input, conv1d input smoothing" if has_mamba2_blocks(model) else
-                     "conv1d and dt_proj input smoothing, KLT-enhanced rotation of the dt path (its own covariance), "
-                     "h*C smoothing per state channel (in x_proj's B and C rows)")
-    else:
-        per_block = ("smooth-fused rotation at out_proj (gated-norm smoothing + online Hadamard), conv1d input "
-                     "smoothing, C.h smoothing per group and state channel and Hadamard on the state dimension "
-                     "(online at B, C and h)" if has_mamba2_blocks(model) else
-                     "smooth-fused rotation at out_proj (S-SiLU smoothing + online Hadamard), online Hadamard at "
-                     "x_proj input, conv1d and dt_proj input smoothing, KLT-enhanced rotation of the dt path (its own "
-                     "covariance), h*C smoothing per state channel and Hadamard on the state dimension")
-    report.transforms.append("norm fusion; KLT-enhanced rotation of the residual stream (pooled covariance of the "
-                             f"in_proj inputs); per block: {per_block}")
+    report.transforms.append("norm fusion; KLT-enhanced rotation of the residual stream (pooled covariance of every "
+                             "block's input); per layer: " + per_layer_lines(PER_LAYER, model,
+                                                                              config.online_transforms))
+
+
+PER_LAYER = {  # what mambaquant does in each kind of layer: (with online transforms, without)
+    "mamba1": ("smooth-fused rotation at out_proj (S-SiLU smoothing + online Hadamard), online Hadamard at x_proj "
+               "input, conv1d and dt_proj input smoothing, KLT-enhanced rotation of the dt path (its own covariance), "
+               "h*C smoothing per state channel and Hadamard on the state dimension",
+               "conv1d and dt_proj input smoothing, KLT-enhanced rotation of the dt path (its own covariance), h*C "
+               "smoothing per state channel (in x_proj's B and C rows)"),
+    "mamba2": ("smooth-fused rotation at out_proj (gated-norm smoothing + online Hadamard), conv1d input smoothing, "
+               "C.h smoothing per group and state channel and Hadamard on the state dimension (online at B, C and h)",
+               "gated-norm smoothing at out_proj input, conv1d input smoothing"),
+    "attention": ("smooth-fused rotation at o_proj (smoothing in v_proj's rows per key/value head, then a randomised "
+                  "Hadamard per value head, offline in v_proj and o_proj)",) * 2,
+    "mlp": ("smooth-fused rotation at down_proj (smoothing in up_proj's rows + online Hadamard)",
+            "smoothing at down_proj input (in up_proj's rows)"),
+    "moe": ("smooth-fused rotation at each expert's down_proj (smoothing in up_proj's rows + online Hadamard), online "
+            "Hadamard at the latent fc2's input", "smoothing at each expert's down_proj input (in up_proj's rows)"),
+}
 
 
 class GroupStateAbsMax:
@@ -63,8 +73,8 @@ class GroupStateAbsMax:
         self.absmax = value if self.absmax is None else torch.maximum(self.absmax, value)
 
 
-def mambaquant_block_mamba2(layer, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
-    mixer, sites = layer.mixer, layer.mixer.sites
+def mambaquant_mamba2(layer, mixer, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
+    sites = mixer.sites
     absmax = {sites[kind]: AbsMaxObserver() for kind in ("out_proj_in", "xBC", "C")}
     absmax[sites["h"]] = GroupStateAbsMax(mixer.config.n_groups)
     runner.observe(absmax)
@@ -80,8 +90,8 @@ def mambaquant_block_mamba2(layer, runner: Runner, config: QuantConfig, report: 
     rotate_state_mamba2(mixer, random_hadamard(mixer.config.d_state, config.seed + 2))
 
 
-def mambaquant_block_mamba1(layer, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
-    mixer, ssms = layer.mixer, branches(layer.mixer)
+def mambaquant_mamba1(layer, mixer, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
+    ssms = branches(mixer)
     absmax = {mixer.sites["out_proj_in"]: AbsMaxObserver(), mixer.sites["x"]: AbsMaxObserver()}
     for ssm in ssms:
         absmax.update({ssm.sites[kind]: AbsMaxObserver() for kind in ("dt_low", "C", "h")})
@@ -111,4 +121,21 @@ def mambaquant_block_mamba1(layer, runner: Runner, config: QuantConfig, report: 
             rotate_state(ssm, random_hadamard(ssm.d_state, config.seed + 2))
 
 
-RECIPE = (mambaquant_model, by_block_kind(mambaquant_block_mamba1, mambaquant_block_mamba2), no_op)
+def mambaquant_attention(layer, attention, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
+    smoothquant_attention(layer, attention, runner, config, report)
+    rotate_heads(attention, random_hadamard(attention.config.head_dim, config.seed + 3))
+
+
+def mambaquant_mlp(layer, mlp, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
+    smooth_mlps([mlp], runner, config.alpha)
+    quarot_mlp(layer, mlp, runner, config, report)
+
+
+def mambaquant_moe(layer, moe, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
+    smooth_mlps(moe.mlps(), runner, config.alpha)
+    quarot_moe(layer, moe, runner, config, report)
+
+
+RECIPE = (mambaquant_model, by_layer_kind(mamba1=mambaquant_mamba1, mamba2=mambaquant_mamba2,
+                                          attention=mambaquant_attention, mlp=mambaquant_mlp, moe=mambaquant_moe),
+          no_op)

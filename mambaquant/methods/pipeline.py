@@ -4,7 +4,6 @@ the calibration set resolved, the method's recipe walked in memory (`walk`) or b
 
 from ..calibration import resolve_calibration
 from ..errors import InputError
-from ..runtime.lm import refuse_hybrid
 from ..schema import check_options
 from .config import FULL_PRECISION, QuantConfig
 from .walk import check_backend, check_blocks_for, run_recipe, set_backend
@@ -53,7 +52,6 @@ def quantize(model, method: str = "mambaquant", w_bits: int = 8, a_bits: int = 8
     if stream:
         raise InputError("stream=True needs out: the directory the streamed quantization writes")
     loaded = load(model)
-    refuse_hybrid(loaded, "quantization")
     check_blocks_for(config.method, loaded)
     batches = resolve_calibration(loaded, source, calib, calib_samples, calib_len, seed, tokenizer=tokenizer)
     # a model this call loaded is its own: transformed in place, no copy

@@ -1,9 +1,11 @@
-"""Quamba-style: per block an online Hadamard at the out_proj input. Its percentile ranges at the SSM input and
-state are chosen in walk.py (`PERCENTILE_SITES`). The same recipe serves both block kinds."""
+"""Quamba-style: per Mamba layer an online Hadamard at the out_proj input. Its percentile ranges at the SSM input and
+state are chosen in walk.py (`PERCENTILE_SITES`). The same recipe serves both Mamba kinds; a hybrid's attention, MLP
+and expert layers get Quamba's static per-tensor int8 at their linears' inputs and nothing else (its paper
+quantizes no other layer kind: docs/methods.md)."""
 
 from ..transforms.rotation import rotate_out_proj_input
 from .config import QuantConfig, QuantReport
-from .stages import Runner, has_mamba2_blocks, no_op
+from .stages import Runner, by_layer_kind, has_mamba2_blocks, no_op
 
 
 def quamba_model(model, blocks, batches, config: QuantConfig, report: QuantReport) -> None:
@@ -13,9 +15,9 @@ def quamba_model(model, blocks, batches, config: QuantConfig, report: QuantRepor
                                  f"({scan_input}) and state (h)")
 
 
-def quamba_block(layer, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
+def quamba_mamba(layer, mixer, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
     if config.online_transforms:
-        rotate_out_proj_input(layer.mixer)
+        rotate_out_proj_input(mixer)
 
 
-RECIPE = (quamba_model, quamba_block, no_op)
+RECIPE = (quamba_model, by_layer_kind(mamba1=quamba_mamba, mamba2=quamba_mamba), no_op)

@@ -11,7 +11,7 @@ from ..transforms.klt import AbsMaxObserver
 from ..transforms.reorder import reorder_heads_and_channels
 from ..transforms.rotation import rotate_out_proj_input
 from .config import QuantConfig, QuantReport
-from .stages import Runner, no_op
+from .stages import Runner, by_layer_kind, no_op
 
 
 def cluster_sorted(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -80,8 +80,7 @@ def quamba2_model(model, blocks, batches, config: QuantConfig, report: QuantRepo
         "one static scale per cluster), one static scale per group for B and C, online Hadamard at out_proj input")
 
 
-def quamba2_block(layer, runner: Runner, config: QuantConfig, report: QuantReport) -> dict:
-    mixer = layer.mixer
+def quamba2_mamba2(layer, mixer, runner: Runner, config: QuantConfig, report: QuantReport) -> dict:
     c = mixer.config
     if not config.online_transforms:
         return {}
@@ -95,4 +94,4 @@ def quamba2_block(layer, runner: Runner, config: QuantConfig, report: QuantRepor
     return {mixer.sites["x"]: x_clusters, mixer.sites["B"]: groups, mixer.sites["C"]: groups}
 
 
-RECIPE = (quamba2_model, quamba2_block, no_op)
+RECIPE = (quamba2_model, by_layer_kind(mamba2=quamba2_mamba2), no_op)

@@ -1,14 +1,20 @@
-"""SmoothQuant: smoothing scales, per block at the in_proj, conv1d and dt_proj inputs (Mamba-2: in_proj, conv1d
-and out_proj inputs, the last through the gated norm's weight), then at the head input."""
+"""SmoothQuant: smoothing scales at the input of every block (in the block norm, balanced against every layer that
+reads it), then per layer: Mamba-1 at the conv1d and dt_proj inputs; Mamba-2 at the conv1d and out_proj inputs,
+the last through the gated norm's weight; attention between v and o_proj (per key/value head); MLPs at the down_proj
+input (in up_proj's rows; each expert's too); then at the head input."""
 
 import torch
 
 from ..transforms.klt import AbsMaxObserver
 from ..transforms.rotation import branches, head_of, untie_head
-from ..transforms.smoothing import (smooth_conv_input, smooth_conv_input_mamba2, smooth_dt_input, smooth_gated_norm,
-                                    smooth_norm_output, smoothing_scales)
+from ..transforms.smoothing import (readers_weight, smooth_conv_input, smooth_conv_input_mamba2, smooth_down_input,
+                                    smooth_dt_input, smooth_gated_norm, smooth_norm_output, smooth_values,
+                                    smoothing_scales)
 from .config import QuantConfig, QuantReport
-from .stages import Runner, by_block_kind, fused_offline, has_mamba2_blocks, no_op
+from .stages import Runner, by_layer_kind, fused_offline, layer_kinds, no_op
+
+INPUTS = {"mamba1": "conv1d, dt_proj", "mamba2": "conv1d, out_proj", "attention": "o_proj (in v_proj)",
+          "mlp": "down_proj (in up_proj)", "moe": "each expert's down_proj (in up_proj)"}
 
 
 def conv_weight_columns(mixer) -> torch.Tensor:
@@ -19,27 +25,28 @@ def conv_weight_columns(mixer) -> torch.Tensor:
     return torch.cat([conv.weight[:, 0, :].T for conv in convs])
 
 
-def smoothquant_block_mamba2(layer, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
-    mixer = layer.mixer
-    absmax = {site: AbsMaxObserver() for site in (layer.sites["norm"], mixer.sites["xBC"], mixer.sites["out_proj_in"])}
-    runner.observe(absmax)
-    smooth_norm_output(layer.norm, mixer.in_proj,
-                       smoothing_scales(absmax[layer.sites["norm"]].absmax, mixer.in_proj.weight, config.alpha),
+def smoothquant_block(layer, runner: Runner, config: QuantConfig, report: QuantReport) -> dict:
+    absmax = AbsMaxObserver()
+    runner.observe({layer.sites["norm"]: absmax})
+    readers = layer.input_layers()
+    smooth_norm_output(layer.norm, readers, smoothing_scales(absmax.absmax, readers_weight(readers), config.alpha),
                        layer.sites["norm"])
+    return per_layer(layer, runner, config, report)
+
+
+def smoothquant_mamba2(layer, mixer, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
+    absmax = {site: AbsMaxObserver() for site in (mixer.sites["xBC"], mixer.sites["out_proj_in"])}
+    runner.observe(absmax)
     smooth_conv_input_mamba2(mixer, smoothing_scales(absmax[mixer.sites["xBC"]].absmax, conv_weight_columns(mixer),
                                                      config.alpha))
     smooth_gated_norm(mixer, smoothing_scales(absmax[mixer.sites["out_proj_in"]].absmax, mixer.out_proj.weight,
                                               config.alpha))
 
 
-def smoothquant_block_mamba1(layer, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
-    mixer = layer.mixer
-    absmax = {layer.sites["norm"]: AbsMaxObserver(), mixer.sites["x"]: AbsMaxObserver()}
+def smoothquant_mamba1(layer, mixer, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
+    absmax = {mixer.sites["x"]: AbsMaxObserver()}
     absmax.update({ssm.sites["dt_low"]: AbsMaxObserver() for ssm in branches(mixer)})
     runner.observe(absmax)
-    smooth_norm_output(layer.norm, mixer.in_proj,
-                       smoothing_scales(absmax[layer.sites["norm"]].absmax, mixer.in_proj.weight, config.alpha),
-                       layer.sites["norm"])
     smooth_conv_input(mixer, branches(mixer),
                       smoothing_scales(absmax[mixer.sites["x"]].absmax, conv_weight_columns(mixer), config.alpha))
     for ssm in branches(mixer):
@@ -48,15 +55,42 @@ def smoothquant_block_mamba1(layer, runner: Runner, config: QuantConfig, report:
                                                   config.alpha))
 
 
+def smoothquant_attention(layer, attention, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
+    absmax = AbsMaxObserver()
+    runner.observe({attention.sites["o_proj_in"]: absmax})
+    smooth_values(attention, absmax.absmax, config.alpha)
+
+
+def smooth_mlps(mlps: list, runner: Runner, alpha: float) -> None:
+    """Each MLP's down_proj input smoothed (`smooth_down_input`), from one pass for all."""
+    absmax = {mlp.sites["down_in"]: AbsMaxObserver() for mlp in mlps}
+    runner.observe(absmax)
+    for mlp in mlps:
+        smooth_down_input(mlp, absmax[mlp.sites["down_in"]].absmax, alpha)
+
+
+def smoothquant_mlp(layer, mlp, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
+    smooth_mlps([mlp], runner, config.alpha)
+
+
+def smoothquant_moe(layer, moe, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
+    smooth_mlps(moe.mlps(), runner, config.alpha)
+
+
+per_layer = by_layer_kind(mamba1=smoothquant_mamba1, mamba2=smoothquant_mamba2, attention=smoothquant_attention,
+                          mlp=smoothquant_mlp, moe=smoothquant_moe)
+
+
 def smoothquant_head(model, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
     absmax = AbsMaxObserver()
     runner.observe({model.sites["norm_f"]: absmax})
     untie_head(model)  # the head's columns are about to be scaled, the embedding's must not be
     head = head_of(model)
-    smooth_norm_output(model.norm_f, head, smoothing_scales(absmax.absmax, head.weight, config.alpha),
+    smooth_norm_output(model.norm_f, [head], smoothing_scales(absmax.absmax, head.weight, config.alpha),
                        model.sites["norm_f"])
-    inputs = "in_proj, conv1d, out_proj" if has_mamba2_blocks(model) else "in_proj, conv1d, dt_proj"
-    report.transforms.append(f"SmoothQuant (alpha {config.alpha}) at {inputs} and head inputs")
+    inputs = "; ".join(f"{kind}: {INPUTS[kind]}" for kind in layer_kinds(model))
+    report.transforms.append(f"SmoothQuant (alpha {config.alpha}) at every block input (the block norm) and the head "
+                             f"input; per layer at the inputs of {inputs}")
 
 
-RECIPE = (no_op, by_block_kind(smoothquant_block_mamba1, smoothquant_block_mamba2), smoothquant_head)
+RECIPE = (no_op, smoothquant_block, smoothquant_head)

@@ -8,8 +8,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..runtime import Mamba2Mixer, MambaLM, Site
+from ..runtime import Mamba2Mixer, MambaLM, MambaMixer, Site
+from ..runtime.attention import Attention
+from ..runtime.mlp import MLP
 from ..runtime.model import MLPHead
+from ..runtime.moe import MoE
+from ..runtime.parallel import ParallelMixer
 from ..transforms.rotation import branches, each_block
 
 
@@ -82,8 +86,36 @@ def no_op(*args) -> None:
     return None
 
 
-def is_mamba2(layer) -> bool:
-    return isinstance(layer.mixer, Mamba2Mixer)
+def parts(layer) -> list[nn.Module]:
+    """The layers a block's mixer is made of: the mixer itself, or Falcon-H1's Mamba-2 mixer and attention side by
+    side."""
+    mixer = layer.mixer
+    return [mixer.mamba, mixer.attention] if isinstance(mixer, ParallelMixer) else [mixer]
+
+
+LAYER_KINDS = {MambaMixer: "mamba1", Mamba2Mixer: "mamba2", Attention: "attention", MLP: "mlp", MoE: "moe"}
+
+
+def kind_of(part: nn.Module) -> str:
+    return LAYER_KINDS[type(part)]
+
+
+def layer_kinds(model) -> list[str]:
+    """The kinds of layer the model's blocks are made of, in order of first appearance."""
+    return list(dict.fromkeys(kind_of(part) for layer in model.layers for part in parts(layer)))
+
+
+def by_layer_kind(**transforms: Callable) -> Callable:
+    """A per-block transform that runs, on each part of the block (`parts`), the one written for its kind
+    (`LAYER_KINDS`; nothing for a kind not given), as transform(layer, part, runner, config, report); the clusters
+    of channels they return (Quamba2's) are merged."""
+    def transform(layer, runner, config, report) -> dict:
+        clusters = {}
+        for part in parts(layer):
+            if kind_of(part) in transforms:
+                clusters.update(transforms[kind_of(part)](layer, part, runner, config, report) or {})
+        return clusters
+    return transform
 
 
 def fixed_length(model) -> bool:
@@ -92,7 +124,7 @@ def fixed_length(model) -> bool:
 
 
 def has_mamba2_blocks(model) -> bool:
-    return any(is_mamba2(layer) for layer in model.layers)
+    return any(isinstance(module, Mamba2Mixer) for module in model.modules())
 
 
 def fused_offline(ssm, config) -> bool:
@@ -102,22 +134,35 @@ def fused_offline(ssm, config) -> bool:
     return config.online_transforms or not ssm.inner_norm_eps
 
 
-def by_block_kind(mamba1: Callable, mamba2: Callable) -> Callable:
-    """A per-block transform that runs the one written for the layer's block kind."""
-    def transform(layer, *args) -> None:
-        return (mamba2 if is_mamba2(layer) else mamba1)(layer, *args)
-    return transform
-
-
 def block_linears(layer) -> list[tuple[nn.Module, str, Site]]:
-    """The block's quantized linear layers as (owner, attribute, site carrying the input)."""
-    mixer = layer.mixer
-    slots = [(mixer, "in_proj", layer.sites["norm"])]
-    if is_mamba2(layer):
-        return slots + [(mixer, "out_proj", mixer.sites["out_proj_in"])]
-    for ssm in branches(mixer):
-        slots += [(ssm, "x_proj", ssm.sites["x_proj_in"]), (ssm, "dt_proj", ssm.sites["dt_low"])]
-    return slots + [(mixer, "out_proj", mixer.sites["out_proj_in"])]
+    """The block's quantized linear layers as (owner, attribute, site carrying the input); a MoE's router stays in
+    float (it picks the experts: a rounding there changes which weights a token sees)."""
+    return [slot for part in parts(layer) for slot in part_linears(part, layer.sites["norm"])]
+
+
+def part_linears(part: nn.Module, input_site: Site) -> list[tuple[nn.Module, str, Site]]:
+    """One layer's linears (`input_site` carries the block input to those that read it)."""
+    if isinstance(part, Mamba2Mixer):
+        return [(part, "in_proj", input_site), (part, "out_proj", part.sites["out_proj_in"])]
+    if isinstance(part, MambaMixer):
+        slots = [(part, "in_proj", input_site)]
+        for ssm in branches(part):
+            slots += [(ssm, "x_proj", ssm.sites["x_proj_in"]), (ssm, "dt_proj", ssm.sites["dt_low"])]
+        return slots + [(part, "out_proj", part.sites["out_proj_in"])]
+    if isinstance(part, Attention):
+        return [(part, name, input_site) for name in ("q_proj", "k_proj", "v_proj")] + \
+            [(part, "o_proj", part.sites["o_proj_in"])]
+    if isinstance(part, MLP):
+        inputs = [(part, name, part.sites["mlp_in"]) for name in ("gate_proj", "up_proj")
+                  if getattr(part, name) is not None]
+        return inputs + [(part, "down_proj", part.sites["down_in"])]
+    slots = []  # a mixture of experts, its experts as an ExpertList (`Experts.as_list`)
+    if part.fc1_latent_proj is not None:
+        slots.append((part, "fc1_latent_proj", part.sites["fc1_latent_in"]))
+    slots += [slot for expert in part.experts for slot in part_linears(expert, input_site)]
+    if part.fc2_latent_proj is not None:
+        slots.append((part, "fc2_latent_proj", part.sites["fc2_latent_in"]))
+    return slots + (part_linears(part.shared_expert, input_site) if part.shared_expert is not None else [])
 
 
 def head_slots(model) -> list[tuple[nn.Module, str, Site]]:
@@ -138,18 +183,24 @@ def linear_slots(model) -> list[tuple[nn.Module, str, Site]]:
     return [slot for layer in model.layers for slot in block_linears(layer)] + head_slots(model)
 
 
-def block_activation_sites(layer) -> list[Site]:
-    """Where a block's activations are quantized: every linear input, the conv1d input, both operands of h*C; in
-    a Mamba-2 block the conv1d input is x B C, and the scan's inputs x and B are quantized too (the SSD products
-    read them, Quamba2's kernels take them as int8)."""
-    sites = [site for _, _, site in block_linears(layer)]
-    if is_mamba2(layer):
-        return sites + [layer.mixer.sites[kind] for kind in ("xBC", "x", "B", "C", "h")]
-    sites.append(layer.mixer.sites["x"])
-    for ssm in branches(layer.mixer):
-        sites += [ssm.sites["h"], ssm.sites["C"]]
+def block_activation_sites(layer, scope: str = "all") -> list[Site]:
+    """Where a block's activations are quantized: the input of every quantized linear and, with `scope` "all", the
+    operands of the SSM's other products: in a Mamba-1 layer the conv1d input and both operands of h*C; in a
+    Mamba-2 layer the conv1d input x B C, the scan's inputs x and B (the SSD products read them, Quamba2's kernels
+    take them as int8), C and h. Scope "linear" is the other tools' choice: linear inputs only."""
+    sites = list(dict.fromkeys(site for _, _, site in block_linears(layer)))
+    if scope == "linear":
+        return sites
+    for part in parts(layer):
+        if isinstance(part, Mamba2Mixer):
+            sites += [part.sites[kind] for kind in ("xBC", "x", "B", "C", "h")]
+        elif isinstance(part, MambaMixer):
+            sites.append(part.sites["x"])
+            for ssm in branches(part):
+                sites += [ssm.sites["h"], ssm.sites["C"]]
     return sites
 
 
-def activation_sites(model: nn.Module) -> list[Site]:
-    return [site for layer in model.layers for site in block_activation_sites(layer)] + head_activation_sites(model)
+def activation_sites(model: nn.Module, scope: str = "all") -> list[Site]:
+    return [site for layer in model.layers for site in block_activation_sites(layer, scope)] + \
+        head_activation_sites(model)

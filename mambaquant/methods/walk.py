@@ -25,7 +25,8 @@ from ..quant.gptq import gptq_quantize
 from ..quant.linear import BACKENDS, QuantizedEmbedding, QuantizedLinear
 from ..quant.quantizer import ActivationQuantizer, quantize_weight
 from ..runtime import Mamba2Mixer, MambaLM, Site
-from ..runtime.lm import refuse_hybrid
+from ..runtime.moe import ExpertList, experts_as_lists
+from ..runtime.zamba import ZambaHybridBlock
 from ..transforms.klt import CovarianceObserver
 from ..transforms.rotation import append_op
 from .config import FULL_PRECISION, MAMBA2_ONLY_METHODS, METHODS, QuantConfig, QuantReport
@@ -165,20 +166,21 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
     """A quantized copy of `model` (the model itself, transformed in place, without `copy_model`) and the report of
     what was done where. `blocks` reaches the model's blocks (default `InMemoryBlocks`; a streamed walk passes
     blocks read from disk one at a time and written out as each is finished)."""
-    refuse_hybrid(model, "quantization")
+    refuse_shared_blocks(model)
     if not batches:
         raise InputError("the calibration set is empty; expected at least one batch of training data")
     torch.manual_seed(config.seed)
-    quantized_kinds = {site.kind for site in activation_sites(model)}
+    if copy_model:
+        model = copy.deepcopy(model)
+    model.eval()
+    experts_as_lists(model)
+    quantized_kinds = {site.kind for site in activation_sites(model, config.scope)}
     config = config.resolve_site_bits(quantized_kinds - {site.kind for _, _, site in linear_slots(model)})
     unknown = sorted(set(config.site_bits) - quantized_kinds)
     if unknown and config.a_bits != FULL_PRECISION:
         raise InputError(f"site_bits: this {type(model).__name__} quantizes no activation site of kind "
                          f"{', '.join(map(repr, unknown))}; its quantized sites are "
                          f"{', '.join(sorted(quantized_kinds))}")
-    if copy_model:
-        model = copy.deepcopy(model)
-    model.eval()
     blocks = blocks if blocks is not None else InMemoryBlocks(model)
     report = QuantReport(config=asdict(config))
     if config.method == "fp":
@@ -197,15 +199,17 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
     for index in bar:
         layer = blocks.load(index)
         runner = Runner(layer, hidden)
+        expert_lists = route_all_tokens(layer, runner)
         clusters = block_transform(layer, runner, config, report)
         slots = quantized_slots(block_linears(layer), config)
-        pending = activation_quantizers(block_activation_sites(layer), slots, runner, config, fixed, report,
-                                        clusters) if quantize_acts else []
+        pending = activation_quantizers(block_activation_sites(layer, config.scope), slots, runner, config, fixed,
+                                        report, clusters) if quantize_acts else []
         # the next block's inputs, from this block in full precision
         outputs = check_finite_activations(runner.outputs(), f"the output of block {index}")
         if quantize_weights:
             quantize_linears(slots, runner, config, clipped)
         switch_on(pending, slots, report)
+        report_routing(expert_lists, f"layers.{index}.", report)
         check_finite(layer, f"layers.{index}.")
         if not config.online_transforms:
             check_engine_runs(layer, config)
@@ -238,6 +242,40 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
         report.transforms.append(f"calibration activations held in {config.calib_dtype} between blocks (each block "
                                  "computed in float32)")
     return model, report
+
+
+def refuse_shared_blocks(model: nn.Module) -> None:
+    """Zamba2's shared attention + MLP blocks are one set of weights for several depths: a transform or a rounding
+    chosen from one depth's statistics would be wrong at the others (shared rotations are not built yet)."""
+    if any(isinstance(layer, ZambaHybridBlock) for layer in getattr(model, "layers", ())):
+        raise InputError("quantization does not take Zamba2's shared attention and MLP blocks yet (one set of weights "
+                         "used at several depths); it takes mamba1, mamba2, attention, parallel (Falcon-H1), mlp and "
+                         "moe blocks")
+
+
+def route_all_tokens(layer: nn.Module, runner: Runner) -> list[tuple[str, ExpertList]]:
+    """Every expert of the block sees every calibration token while the walk gathers its statistics (each token's
+    output still comes from its own experts): an expert few tokens reach still gets its Hessian and ranges from
+    many. Returns the block's experts by name, with the tokens routed to each counted first (one pass)."""
+    lists = [(name, module) for name, module in layer.named_modules() if isinstance(module, ExpertList)]
+    if lists:
+        for _, experts in lists:
+            experts.routed = torch.zeros(len(experts), dtype=torch.long)
+        runner.observe({})
+        for _, experts in lists:
+            experts.route_all = True
+    return lists
+
+
+def report_routing(lists: list[tuple[str, ExpertList]], prefix: str, report: QuantReport) -> None:
+    for name, experts in lists:
+        counts = experts.routed
+        experts.route_all = False
+        unreached = [str(i) for i in range(len(counts)) if counts[i] == 0]
+        report.weights.append(
+            f"{prefix}{name}: every expert calibrated on all {int(counts.sum()) // max(1, experts.top_k)} calibration "
+            f"tokens (routed to each in use: {int(counts.min())} to {int(counts.max())} tokens"
+            + (f"; no token reached expert {', '.join(unreached)}" if unreached else "") + ")")
 
 
 def quantized_slots(slots: list[tuple[nn.Module, str, Site]], config: QuantConfig) -> list:
@@ -294,10 +332,14 @@ def switch_on(pending: list[tuple[Site, ActivationQuantizer]], slots: list[tuple
               report: QuantReport) -> None:
     """Put the calibrated activation quantizers in place: an integer linear quantizes its own input, every other
     site gets its quantizer as its last op. Only once a stage's full-precision outputs are taken."""
-    consumers = {site: getattr(owner, name) for owner, name, site in slots}
+    consumers = {}
+    for owner, name, site in slots:
+        consumers.setdefault(site, []).append(getattr(owner, name))
     for site, quantizer in pending:
-        if isinstance(consumers.get(site), QuantizedLinear):
-            consumers[site].input_quantizer = quantizer
+        linears = consumers.get(site, [])
+        if linears and all(isinstance(linear, QuantizedLinear) for linear in linears):
+            for number, linear in enumerate(linears):  # each its own copy: the same ranges, saved with each linear
+                linear.input_quantizer = quantizer if number == 0 else copy.deepcopy(quantizer)
         else:
             append_op(site, quantizer)
         report.activation_sites[site.name] = quantizer.extra_repr()

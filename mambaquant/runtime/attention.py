@@ -92,6 +92,14 @@ class Attention(nn.Module):
             cache.v = v = torch.cat([cache.v, v], dim=1)
         return self.o_proj(sites.o_proj_in(self.attend(q, k, v, past)))
 
+    def input_layers(self) -> list[nn.Module]:
+        """The layers reading the attention's input (see `Block.input_layers`)."""
+        adapters = [a.down for a in (self.q_adapter, self.k_adapter, self.v_adapter) if a is not None]
+        return [self.q_proj, self.k_proj, self.v_proj] + adapters
+
+    def output_layers(self) -> list[nn.Linear]:
+        return [self.o_proj]
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
         """softmax(q k^T * scale + causal mask) v in float32, query head h reading key/value head h // (n_heads /
         n_kv_heads): q (B, L, H*P), k and v (B, past + L, G*P) -> (B, L, H*P)."""

@@ -56,6 +56,15 @@ class Block(nn.Module):
             out = out * self.multiplier
         return residual + out if self.residual else out
 
+    def input_layers(self) -> list[nn.Module]:
+        """The layers that read the block norm's output: each weight's columns (its last dimension) are the channels
+        of the residual stream, so a transform of the stream fuses into them (norm scales, smoothing, rotations)."""
+        return self.mixer.input_layers()
+
+    def output_layers(self) -> list[nn.Linear]:
+        """The linear layers whose outputs are the block's contribution to the residual stream (their rows)."""
+        return self.mixer.output_layers()
+
     def new_state(self, batch_size: int):
         """The mixer's state for decoding (a Mamba mixer's SSMState, attention's KVCache), None for a stateless one."""
         return self.mixer.new_state(batch_size) if hasattr(self.mixer, "new_state") else None

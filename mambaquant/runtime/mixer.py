@@ -114,6 +114,13 @@ class MambaMixer(nn.Module):
         return SSMState(conv=weight.new_zeros(batch_size, self.d_conv - 1, self.d_inner),
                         h=weight.new_zeros(batch_size, self.d_inner, self.d_state))
 
+    def input_layers(self) -> list[nn.Module]:
+        """The layers reading the mixer's input (see `Block.input_layers`)."""
+        return [self.in_proj]
+
+    def output_layers(self) -> list[nn.Linear]:
+        return [self.out_proj]
+
     forward_order = ("in_proj", "sites.x", "sites.z", "ssm", "ssm_b", "sites.gate", "sites.out_proj_in", "out_proj")
 
     def forward(self, hidden: torch.Tensor, state: SSMState | None = None) -> torch.Tensor:

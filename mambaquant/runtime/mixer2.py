@@ -47,6 +47,13 @@ class Mamba2Mixer(nn.Module):
         return SSMState(conv=weight.new_zeros(batch_size, c.d_conv - 1, c.conv_dim),
                         h=weight.new_zeros(batch_size, c.n_heads, c.head_dim, c.d_state))
 
+    def input_layers(self) -> list[nn.Module]:
+        """The layers reading the mixer's input (see `Block.input_layers`)."""
+        return [self.in_proj]
+
+    def output_layers(self) -> list[nn.Linear]:
+        return [self.out_proj]
+
     def forward(self, hidden: torch.Tensor, state: SSMState | None = None) -> torch.Tensor:
         c, sites = self.config, self.sites
         batch, length = hidden.shape[:2]

@@ -44,3 +44,11 @@ class MLP(nn.Module):
                 gate, up = gate + gate_change, up + up_change
             inner = self.act(gate * c.gate_multiplier) * up
         return self.down_proj(self.sites.down_in(inner)) * c.down_multiplier
+
+    def input_layers(self) -> list[nn.Module]:
+        """The layers reading the MLP's input (see `Block.input_layers`)."""
+        layers = [self.gate_proj, self.up_proj] + ([self.adapter.down] if self.adapter is not None else [])
+        return [layer for layer in layers if layer is not None]
+
+    def output_layers(self) -> list[nn.Linear]:
+        return [self.down_proj]

@@ -1,14 +1,17 @@
 """Top-k mixture of experts, the sparse feed-forward layer of GraniteMoeHybrid, Nemotron-H and Jamba: a float
 router, experts stored as stacked (n_experts, out, in) weights and run for the tokens routed to each, a shared
-expert, and Nemotron-H's latent projections. Every quantizable tensor passes a site."""
+expert, and Nemotron-H's latent projections. Every quantizable tensor passes a site.
+
+Quantization holds the experts as an `ExpertList` instead: one `MLP` per expert (the same function), so that each
+expert's linears are linears like any other, each with its own input sites and statistics."""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hybrid_config import MoEConfig
+from .hybrid_config import MLPConfig, MoEConfig
 from .mlp import ACTIVATIONS, MLP
-from .sites import make_sites
+from .sites import make_sites, name_sites
 
 
 class Router(nn.Module):
@@ -79,6 +82,50 @@ class Experts(nn.Module):
             out[token] += F.linear(inner, self.down_proj[expert]) * weights[token, slot, None]
         return out
 
+    def as_list(self, config: MoEConfig) -> "ExpertList":
+        """The same experts as one `MLP` each (their linears share this module's storage until changed)."""
+        experts = ExpertList(config)
+        with torch.no_grad():
+            for index, expert in enumerate(experts):
+                if self.gate_proj is not None:
+                    expert.gate_proj.weight = nn.Parameter(self.gate_proj[index].clone())
+                expert.up_proj.weight = nn.Parameter(self.up_proj[index].clone())
+                expert.down_proj.weight = nn.Parameter(self.down_proj[index].clone())
+        return experts
+
+
+class ExpertList(nn.ModuleList):
+    """The experts as one `MLP` each (`Experts.as_list`), called as `Experts` is. With `route_all` (set while a
+    quantization walk gathers statistics) every token passes through every expert, as GPTQModel calibrates, so no
+    expert is left without statistics; each token's output is still that of its own experts only."""
+
+    def __init__(self, config: MoEConfig):
+        expert = MLPConfig(d_model=config.expert_width, d_ff=config.d_ff, gated=config.gated,
+                           activation=config.activation)
+        super().__init__([MLP(expert) for _ in range(config.n_experts)])
+        self.top_k, self.route_all = config.top_k, False
+        self.routed = None  # a tensor to count the tokens routed to each expert in, while set
+
+    def forward(self, hidden: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        if self.routed is not None and not self.route_all:
+            self.routed += torch.bincount(experts.flatten(), minlength=len(self)).cpu()
+        out = torch.zeros_like(hidden)
+        chosen = range(len(self)) if self.route_all else experts.unique().tolist()
+        for expert in chosen:
+            token, slot = torch.where(experts == expert)
+            if self.route_all:
+                y = self[expert](hidden[None])[0][token]
+            else:
+                y = self[expert](hidden[token][None])[0]
+            out[token] += y * weights[token, slot, None]
+        return out
+
+    def input_layers(self) -> list[nn.Module]:
+        return [layer for expert in self for layer in expert.input_layers()]
+
+    def output_layers(self) -> list[nn.Linear]:
+        return [layer for expert in self for layer in expert.output_layers()]
+
 
 class MoE(nn.Module):
     def __init__(self, config: MoEConfig):
@@ -113,3 +160,26 @@ class MoE(nn.Module):
         if self.shared_expert is not None:
             out = out + self.shared_expert(hidden)
         return out
+
+    def mlps(self) -> list[MLP]:
+        """Every expert (as an `ExpertList`) and the shared expert."""
+        return list(self.experts) + ([self.shared_expert] if self.shared_expert is not None else [])
+
+    def input_layers(self) -> list[nn.Module]:
+        """The layers reading the MoE's input: the router, the latent projection or the experts, the shared expert
+        (see `Block.input_layers`; the experts as an `ExpertList`)."""
+        reading = [self.fc1_latent_proj] if self.fc1_latent_proj is not None else self.experts.input_layers()
+        return [self.router] + reading + (self.shared_expert.input_layers() if self.shared_expert else [])
+
+    def output_layers(self) -> list[nn.Linear]:
+        writing = [self.fc2_latent_proj] if self.fc2_latent_proj is not None else self.experts.output_layers()
+        return writing + (self.shared_expert.output_layers() if self.shared_expert else [])
+
+
+def experts_as_lists(model: nn.Module) -> None:
+    """Every mixture of experts' experts as one MLP each (`Experts.as_list`), their sites named: linears that
+    quantization handles like any other (a quantized hybrid holds its experts so)."""
+    for module in list(model.modules()):
+        if isinstance(module, MoE) and isinstance(module.experts, Experts):
+            module.experts = module.experts.as_list(module.config)
+    name_sites(model)

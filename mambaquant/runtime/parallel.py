@@ -34,3 +34,9 @@ class ParallelMixer(nn.Module):
         if state is None:
             return self.mamba(hidden) + self.attention(hidden)
         return self.mamba(hidden, state.ssm) + self.attention(hidden, state.kv)
+
+    def input_layers(self) -> list[nn.Module]:
+        return self.mamba.input_layers() + self.attention.input_layers()
+
+    def output_layers(self) -> list[nn.Linear]:
+        return self.mamba.output_layers() + self.attention.output_layers()

@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import InputError
 from ..runtime import MambaLM, NoNorm, RMSNorm, Site
 from ..runtime.model import MLPHead
-from .hadamard import fast_hadamard, hadamard, hadamard_or_orthogonal
+from .hadamard import factor, fast_hadamard, hadamard, hadamard_or_orthogonal
 
 
 class Rotate(nn.Module):
@@ -108,19 +108,25 @@ def untie_head(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def fuse_norm_into(norm: nn.Module, linear: nn.Linear, scale: bool = True) -> None:
-    """norm(x) = n(x) * g (+ b)  ->  the norm keeps n(x) only; the linear absorbs g (and b into its bias). With
-    `scale` False only b moves (the caller keeps g elsewhere)."""
-    weight = linear.weight.detach().clone()
-    if getattr(norm, "bias", None) is not None:
-        shift = weight @ norm.bias
-        if linear.bias is None:
-            linear.bias = nn.Parameter(shift)
-        else:
-            linear.bias += shift
-        norm.bias.zero_()
+def fuse_norm_into(norm: nn.Module, readers: list[nn.Module], scale: bool = True) -> None:
+    """norm(x) = n(x) * g (+ b)  ->  the norm keeps n(x) only; every layer reading it absorbs g in its weight's
+    columns (and b into its bias). With `scale` False only b moves (the caller keeps g elsewhere)."""
+    bias = getattr(norm, "bias", None)
+    for reader in readers:
+        weight = reader.weight.detach().clone()
+        if bias is not None:
+            if not hasattr(reader, "bias"):
+                raise InputError(f"cannot fold a norm's bias into a {type(reader).__name__}, which has none")
+            shift = weight @ bias
+            if reader.bias is None:
+                reader.bias = nn.Parameter(shift)
+            else:
+                reader.bias += shift
+        if scale:
+            reader.weight.copy_(weight * norm.weight)
+    if bias is not None:
+        bias.zero_()
     if scale:
-        linear.weight.copy_(weight * norm.weight)
         norm.weight.fill_(1.0)
 
 
@@ -135,10 +141,10 @@ def each_block(model: nn.Module) -> Callable[[Callable[[nn.Module], None]], None
 
 @torch.no_grad()
 def center_block_output(layer: nn.Module) -> None:
-    out_proj = layer.mixer.out_proj
-    out_proj.weight -= out_proj.weight.mean(0, keepdim=True)
-    if out_proj.bias is not None:
-        out_proj.bias -= out_proj.bias.mean()
+    for writer in layer.output_layers():
+        writer.weight -= writer.weight.mean(0, keepdim=True)
+        if writer.bias is not None:
+            writer.bias -= writer.bias.mean()
 
 
 @torch.no_grad()
@@ -156,10 +162,11 @@ def center_residual(model: nn.Module, edit_blocks=None) -> None:
 
 @torch.no_grad()
 def fuse_block_norm(layer: nn.Module) -> None:
-    """The block norm folded into in_proj; a LayerNorm (of a centred model) becomes a scale-free RMSNorm."""
+    """The block norm folded into the layers reading it; a LayerNorm (of a centred model) becomes a scale-free
+    RMSNorm."""
     if isinstance(layer.norm, NoNorm):
         return
-    fuse_norm_into(layer.norm, layer.mixer.in_proj)
+    fuse_norm_into(layer.norm, layer.input_layers())
     if isinstance(layer.norm, nn.LayerNorm):
         layer.norm = RMSNorm(layer.norm.normalized_shape[0], layer.norm.eps)
 
@@ -183,11 +190,11 @@ def fuse_norms(model: nn.Module, edit_blocks=None, untie: bool = False) -> nn.Mo
     if isinstance(model.norm_f, NoNorm):
         pass
     elif is_tied(model) or max_pooled(model):
-        fuse_norm_into(model.norm_f, head_of(model), scale=False)
+        fuse_norm_into(model.norm_f, [head_of(model)], scale=False)
         append_op(model.sites["norm_f"], Rotate(model.config.d_model, torch.diag(model.norm_f.weight.clone())))
         model.norm_f.weight.fill_(1.0)
     else:
-        fuse_norm_into(model.norm_f, head_of(model))
+        fuse_norm_into(model.norm_f, [head_of(model)])
     if layer_norm:
         model.norm_f = RMSNorm(model.norm_f.normalized_shape[0], model.norm_f.eps)
         model.config.norm = "rms"
@@ -202,11 +209,12 @@ def check_unit_norm(norm: nn.Module) -> None:
 @torch.no_grad()
 def rotate_block_residual(layer: nn.Module, M: torch.Tensor) -> None:
     check_unit_norm(layer.norm)
-    mixer = layer.mixer
-    mixer.in_proj.weight.copy_(mixer.in_proj.weight @ M)
-    mixer.out_proj.weight.copy_(M.T @ mixer.out_proj.weight)
-    if mixer.out_proj.bias is not None:
-        mixer.out_proj.bias.copy_(mixer.out_proj.bias @ M)
+    for reader in layer.input_layers():
+        reader.weight.copy_(reader.weight @ M)
+    for writer in layer.output_layers():
+        writer.weight.copy_(M.T @ writer.weight)
+        if writer.bias is not None:
+            writer.bias.copy_(writer.bias @ M)
 
 
 @torch.no_grad()
@@ -284,3 +292,32 @@ def rotate_linear_input(site: Site, linear: nn.Linear, rotate: Rotate) -> None:
 def rotate_out_proj_input(mixer: nn.Module) -> None:
     """The online Hadamard at out_proj's input (R2), absorbed by out_proj: the same in both block kinds."""
     rotate_linear_input(mixer.sites["out_proj_in"], mixer.out_proj, Rotate(mixer.out_proj.in_features))
+
+
+def online_hadamard(size: int, seed: int) -> Rotate:
+    """The fast Hadamard transform of `size`, or where no Hadamard of that order is built, a seeded orthogonal
+    matrix (a size x size product per token)."""
+    try:
+        factor(size)
+    except InputError:
+        return Rotate(size, hadamard_or_orthogonal(size, seed))
+    return Rotate(size)
+
+
+def rotate_down_input(mlp: nn.Module, seed: int) -> None:
+    """An online Hadamard at an MLP's down_proj input, absorbed by down_proj (QuaRot's R4)."""
+    rotate_linear_input(mlp.sites["down_in"], mlp.down_proj, online_hadamard(mlp.down_proj.in_features, seed))
+
+
+@torch.no_grad()
+def rotate_heads(attention: nn.Module, M: torch.Tensor) -> None:
+    """Each value head's channels turned by M (head_dim x head_dim), offline: v_proj's rows absorb M^T; the
+    attention mixes positions, not channels, so each query head's output turns by the same M, which o_proj's
+    columns absorb (QuaRot's per-head R2 at the o_proj input, without an online product)."""
+    c = attention.config
+    v_proj, o_proj = attention.v_proj, attention.o_proj
+    blocks = torch.block_diag(*[M] * c.n_kv_heads)
+    v_proj.weight.copy_(blocks.T @ v_proj.weight)
+    if v_proj.bias is not None:
+        v_proj.bias.copy_(v_proj.bias @ blocks)
+    o_proj.weight.copy_(o_proj.weight @ torch.block_diag(*[M] * c.n_heads))

@@ -62,16 +62,49 @@ def divide_rows(linear: nn.Linear, rows: slice, s: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def smooth_norm_output(norm: nn.Module, linear: nn.Linear, s: torch.Tensor, site) -> None:
-    """The norm's scale (and bias) divided by s; where there is no norm, an online division at its output `site`
-    (s > 0, so it passes a max pooling too)."""
+def smooth_norm_output(norm: nn.Module, readers: list[nn.Module], s: torch.Tensor, site) -> None:
+    """The norm's scale (and bias) divided by s, the columns of every layer reading it multiplied by s; where there
+    is no norm, an online division at its output `site` (s > 0, so it passes a max pooling too)."""
     if isinstance(norm, nn.Identity):
         append_op(site, Scale(1 / s))
     else:
         norm.weight.div_(s)
         if getattr(norm, "bias", None) is not None:
             norm.bias.div_(s)
-    linear.weight.mul_(s)
+    for reader in readers:
+        reader.weight.mul_(s)
+
+
+def readers_weight(readers: list[nn.Module]) -> torch.Tensor:
+    """The weights of the layers reading one activation, stacked by rows: the "weight" its smoothing balances."""
+    return torch.cat([reader.weight for reader in readers])
+
+
+@torch.no_grad()
+def smooth_values(attention: nn.Module, act_absmax: torch.Tensor, alpha: float) -> None:
+    """SmoothQuant between v and o_proj: each value channel (kv head, channel) divided by s in v_proj's rows, every
+    query head of its group reading it so scaled, o_proj's columns of those heads multiplied by s. s from the o_proj
+    input's range and o_proj's columns, both pooled over the query heads of each group."""
+    c = attention.config
+    per_group = c.n_heads // c.n_kv_heads
+    by_group = act_absmax.view(c.n_kv_heads, per_group, c.head_dim).amax(1).flatten()
+    columns = attention.o_proj.weight.view(-1, c.n_kv_heads, per_group, c.head_dim).transpose(1, 2)
+    s = smoothing_scales(by_group, columns.reshape(-1, c.n_kv_heads * c.head_dim), alpha)
+    divide_rows(attention.v_proj, slice(None), s)
+    attention.o_proj.weight.mul_(s.view(c.n_kv_heads, 1, c.head_dim).expand(-1, per_group, -1).flatten())
+
+
+@torch.no_grad()
+def smooth_down_input(mlp: nn.Module, act_absmax: torch.Tensor, alpha: float) -> bool:
+    """SmoothQuant at down_proj's input, fused into up_proj's rows: act(gate) * up / s in a gated MLP; in a
+    squared-ReLU one relu(up / sqrt(s))^2 = relu(up)^2 / s (a positive scale passes the ReLU). Any other ungated
+    activation passes no scale: False, nothing done."""
+    if mlp.gate_proj is None and mlp.config.activation != "relu2":
+        return False
+    s = smoothing_scales(act_absmax, mlp.down_proj.weight, alpha)
+    divide_rows(mlp.up_proj, slice(None), s if mlp.gate_proj is not None else s.sqrt())
+    mlp.down_proj.weight.mul_(s)
+    return True
 
 
 @torch.no_grad()
