@@ -49,6 +49,7 @@ def reorder_heads_and_channels(mixer: nn.Module, head_order: torch.Tensor, chann
             permute_rows(tensor, 0, order)
     for tensor in (mixer.dt_bias, mixer.A_log, mixer.D):
         permute_rows(tensor, 0, head_order)
-    permute_rows(mixer.norm.weight, 0, order)
+    if mixer.norm is not None:
+        permute_rows(mixer.norm.weight, 0, order)
     columns = mixer.out_proj.weight.T  # a view: out_proj's input columns as rows
     permute_rows(columns, c.d_mlp, order)

@@ -156,11 +156,15 @@ def smooth_conv_input_mamba2(mixer: nn.Module, s: torch.Tensor) -> None:
 @torch.no_grad()
 def smooth_gated_norm(mixer: nn.Module, s: torch.Tensor) -> None:
     """out_proj input [SiLU(z0) * x0 | norm(y * SiLU(z))] / s: the MLP part through in_proj's x0 rows, the rest
-    through the gated norm's weight; out_proj's columns multiplied by s."""
+    through the gated norm's weight; out_proj's columns multiplied by s. A mixer without the gated norm (Falcon-H1's
+    mamba_rms_norm false) has no weight there: the division is an online op at the out_proj input."""
+    mixer.out_proj.weight.mul_(s)
+    if mixer.norm is None:
+        append_op(mixer.sites["out_proj_in"], Scale(1 / s))
+        return
     d_mlp = mixer.config.d_mlp
     divide_rows(mixer.in_proj, mixer.config.in_proj_rows()["mlp_in"], s[:d_mlp])
     mixer.norm.weight.div_(s[d_mlp:])
-    mixer.out_proj.weight.mul_(s)
 
 
 @torch.no_grad()
