@@ -284,7 +284,7 @@ def cmd_compare(args) -> None:
             check_output_file(path)
     if args.json is not None and args.json == args.markdown:
         raise InputError(f"{args.json}: given for both --json and --markdown; expected two different files")
-    sources = args.sources or [f"{ZOO_PREFIX}{name}" for name, entry in ZOO.items() if entry.quantizable]
+    sources = args.sources or [f"{ZOO_PREFIX}{name}" for name in ZOO]
     for source in sources:
         check_source(source)
     data = {"wikitext2": args.wikitext, "lambada": args.lambada}

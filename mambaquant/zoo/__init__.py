@@ -13,7 +13,6 @@ MODELS_DIR = Path(__file__).parent / "models"
 class ZooEntry:
     description: str
     task: str  # the evaluation protocol: "bytes", "cifar10" or "typeseg"
-    quantizable: bool = True  # what `quantize` takes today (hybrids: not yet), so `compare`'s default set
 
 
 ZOO: dict[str, ZooEntry] = {
@@ -25,7 +24,7 @@ ZOO: dict[str, ZooEntry] = {
     ),
     "hybrid-shakespeare": ZooEntry(
         "byte-level hybrid LM (Nemotron-H-style Mamba-2, attention and MLP blocks), trained here on Tiny Shakespeare",
-        "bytes", quantizable=False
+        "bytes"
     ),
     "vim-cifar10": ZooEntry(
         "Vision Mamba (bidirectional blocks, middle class token), trained here on CIFAR-10", "cifar10"
