@@ -349,7 +349,19 @@ def fold_falcon_h1(c: dict, config: HybridLMConfig, weights: dict) -> dict:
 def runtime_weights(model_type: str, config: HybridLMConfig, tensors: dict, source: str) -> dict:
     """{our name: (checkpoint name, tensor)} of a hybrid checkpoint's tensors (on disk or in transformers' memory
     names), every block's part found where its model keeps it."""
-    backbone = "backbone." if any(name.startswith("backbone.") for name in tensors) else "model."
+    weights = end_weights(config, tensors, source)
+    for index in range(config.n_layer):
+        weights |= block_weights(model_type, config, tensors, index, source)
+    return weights
+
+
+def backbone_of(tensors) -> str:
+    return "backbone." if any(name.startswith("backbone.") for name in tensors) else "model."
+
+
+def end_weights(config: HybridLMConfig, tensors: dict, source: str) -> dict:
+    """The embedding, the final norm and an untied head."""
+    backbone = backbone_of(tensors)
     embedding = next((backbone + name for name in ("embed_tokens.weight", "embeddings.weight")
                       if backbone + name in tensors), backbone + "embed_tokens.weight")
     final = next((backbone + name for name in ("norm.weight", "final_layernorm.weight", "norm_f.weight")
@@ -359,48 +371,59 @@ def runtime_weights(model_type: str, config: HybridLMConfig, tensors: dict, sour
     if not config.tie_embeddings:
         weights["lm_head.weight"] = ("lm_head.weight", take(tensors, "lm_head.weight", source))
     elif "lm_head.weight" in tensors:  # transformers' state dict names the tied head too
-        if not torch.equal(tensors["lm_head.weight"], weights["embedding.weight"][1]):
+        if tensors["lm_head.weight"].device.type != "meta" and \
+                not torch.equal(tensors["lm_head.weight"], weights["embedding.weight"][1]):
             raise InputError(f"{source}: lm_head.weight differs from {embedding}, and the config ties them "
                              "(tie_word_embeddings); expected equal tensors or tie_word_embeddings false")
         weights["lm_head.weight"] = ("lm_head.weight", tensors["lm_head.weight"])
+    return weights
+
+
+def checkpoint_layer(model_type: str, tensors, index: int) -> str:
+    """The checkpoint's prefix of the layer holding block `index` (two of our blocks per layer in the models
+    whose layers have a mixer and a feed-forward sublayer)."""
     sublayers = 1 if model_type in ("nemotron_h", "zamba2") else 2
-    for index, kind in enumerate(config.blocks):
-        layer = f"{backbone}layers.{index // sublayers}."
-        ours = f"layers.{index}."
-        if model_type == "nemotron_h":
-            norm, mixer, shared = layer + "norm.weight", layer + "mixer.", None
-        elif model_type == "zamba2":
-            decoder = layer + ("mamba_decoder." if kind == "zamba_hybrid" else "")
-            norm, mixer = decoder + "input_layernorm.weight", decoder + "mamba."
-        elif index % 2 == 0:
-            norm = layer + "input_layernorm.weight"
-            mixer = layer + ("self_attn." if kind == "attention" else "" if kind == "parallel" else "mamba.")
-        else:
-            norm = layer + ("post_attention_layernorm.weight" if model_type == "granitemoehybrid" else
-                            "pre_ff_layernorm.weight")
-            granite = {"moe": "block_sparse_moe.", "mlp": "shared_mlp."}
-            mixer = layer + (granite[kind] if model_type == "granitemoehybrid" else "feed_forward.")
-            shared = layer + "shared_mlp."
-        weights[ours + "norm.weight"] = (norm, take(tensors, norm, source))
-        if kind in ("mamba2", "zamba_hybrid"):
-            parts = mamba2_weights(tensors, mixer)
-        elif kind == "parallel":
-            parts = {**{"mamba." + name: value for name, value in mamba2_weights(tensors, mixer + "mamba.").items()},
-                     **{"attention." + name: value
-                        for name, value in attention_weights(tensors, mixer + "self_attn.", source=source).items()}}
-        elif kind == "mamba1":
-            parts = {JAMBA_MAMBA[module] + dot + rest: (name, tensor) for name, tensor in tensors.items()
-                     if name.startswith(mixer) for module, dot, rest in [name[len(mixer):].partition(".")]
-                     if module in JAMBA_MAMBA}
-        elif kind == "attention":
-            parts = attention_weights(tensors, mixer, source=source)
-        elif kind == "mlp":
-            parts = mlp_weights(tensors, mixer, source=source)
-        else:
-            parts = moe_weights(tensors, mixer, shared, source=source)
-        weights |= {ours + "mixer." + name: value for name, value in parts.items()}
-    for slot, (index, owner) in enumerate(config.shared_owners()):
-        weights |= zamba_shared_weights(config, tensors, slot, index, owner, source)
+    return f"{backbone_of(tensors)}layers.{index // sublayers}."
+
+
+def block_weights(model_type: str, config: HybridLMConfig, tensors: dict, index: int, source: str) -> dict:
+    """Block `index`'s tensors (Zamba2's shared block and `linear` included)."""
+    kind, layer, ours = config.blocks[index], checkpoint_layer(model_type, tensors, index), f"layers.{index}."
+    if model_type == "nemotron_h":
+        norm, mixer, shared = layer + "norm.weight", layer + "mixer.", None
+    elif model_type == "zamba2":
+        decoder = layer + ("mamba_decoder." if kind == "zamba_hybrid" else "")
+        norm, mixer = decoder + "input_layernorm.weight", decoder + "mamba."
+    elif index % 2 == 0:
+        norm = layer + "input_layernorm.weight"
+        mixer = layer + ("self_attn." if kind == "attention" else "" if kind == "parallel" else "mamba.")
+    else:
+        norm = layer + ("post_attention_layernorm.weight" if model_type == "granitemoehybrid" else
+                        "pre_ff_layernorm.weight")
+        granite = {"moe": "block_sparse_moe.", "mlp": "shared_mlp."}
+        mixer = layer + (granite[kind] if model_type == "granitemoehybrid" else "feed_forward.")
+        shared = layer + "shared_mlp."
+    weights = {ours + "norm.weight": (norm, take(tensors, norm, source))}
+    if kind in ("mamba2", "zamba_hybrid"):
+        parts = mamba2_weights(tensors, mixer)
+    elif kind == "parallel":
+        parts = {**{"mamba." + name: value for name, value in mamba2_weights(tensors, mixer + "mamba.").items()},
+                 **{"attention." + name: value
+                    for name, value in attention_weights(tensors, mixer + "self_attn.", source=source).items()}}
+    elif kind == "mamba1":
+        parts = {JAMBA_MAMBA[module] + dot + rest: (name, tensor) for name, tensor in tensors.items()
+                 if name.startswith(mixer) for module, dot, rest in [name[len(mixer):].partition(".")]
+                 if module in JAMBA_MAMBA}
+    elif kind == "attention":
+        parts = attention_weights(tensors, mixer, source=source)
+    elif kind == "mlp":
+        parts = mlp_weights(tensors, mixer, source=source)
+    else:
+        parts = moe_weights(tensors, mixer, shared, source=source)
+    weights |= {ours + "mixer." + name: value for name, value in parts.items()}
+    for slot, (hybrid_index, owner) in enumerate(config.shared_owners()):
+        if hybrid_index == index:
+            weights |= zamba_shared_weights(config, tensors, slot, index, owner, source)
     return weights
 
 
@@ -449,14 +472,24 @@ def take(tensors: dict, name: str, source: str) -> torch.Tensor:
     return tensors[name]
 
 
+def used_names(tensors) -> set[str]:
+    return {name for name in tensors if not name.startswith("mtp.")}  # Nemotron-H's multi-token prediction layers
+
+
+def folded(values: dict, config: HybridLMConfig, weights: dict, source: str) -> dict:
+    """`weights` with Falcon-H1's multipliers folded in (`fold_falcon_h1`); any other model's as they are."""
+    if values["model_type"] != "falcon_h1":
+        return weights
+    return fold_falcon_h1(validate(values, FALCON_H1_SCHEMA, source), config, weights)
+
+
 def build_loaded(config: HybridLMConfig, values: dict, tensors: dict, source: str) -> MambaLM:
     model_type = values["model_type"]
     if model_type == "zamba2":
         tensors = without_tied_copies(config, tensors, source)
-    used = {name for name in tensors if not name.startswith("mtp.")}  # Nemotron-H's multi-token prediction layers
-    weights = runtime_weights(model_type, config, {name: tensors[name] for name in used}, source)
-    if model_type == "falcon_h1":
-        weights = fold_falcon_h1(validate(values, FALCON_H1_SCHEMA, source), config, weights)
+    used = used_names(tensors)
+    weights = folded(values, config, runtime_weights(model_type, config, {name: tensors[name] for name in used},
+                                                     source), source)
     consumed = {original.split("[")[0] for original, _ in weights.values() if "*" not in original}
     unused = sorted(used - consumed - expert_names(weights, used))
     if unused:
@@ -470,6 +503,37 @@ def expert_names(weights: dict, names: set[str]) -> set[str]:
     patterns = [original for original, _ in weights.values() if "*" in original]
     return {name for name in names for pattern in patterns
             if name.startswith(pattern.split("*")[0]) and name.endswith(pattern.split("*")[1])}
+
+
+class BlockReader:
+    """A hybrid checkpoint in its own model's layout, read one block at a time for a streamed walk: `weights` maps
+    every runtime name to (checkpoint name, a meta tensor of its shape) without reading anything; `block(index)`
+    reads the checkpoint layer holding that block and maps its tensors as loading does (split, stacked, folded)."""
+
+    def __init__(self, values: dict, config: HybridLMConfig, checkpoint: Checkpoint, source: str):
+        self.values, self.config, self.checkpoint, self.source = values, config, checkpoint, source
+        self.model_type = values["model_type"]
+        if self.model_type == "zamba2":
+            raise InputError(f"{source}: streamed quantization does not take Zamba2 (its shared blocks are not "
+                             "quantized yet); expected another architecture")
+        shapes = {name: torch.empty(info.shape, dtype=info.dtype, device="meta")
+                  for name, info in checkpoint.infos.items() if name in used_names(checkpoint.infos)}
+        self.weights = runtime_weights(self.model_type, config, shapes, source)  # (folding changes no shape)
+
+    def ends(self) -> dict:
+        """The embedding, the final norm and an untied head."""
+        layers = f"{backbone_of(self.checkpoint.infos)}layers."
+        names = [name for name in used_names(self.checkpoint.infos) if not name.startswith(layers)]
+        return end_weights(self.config, self.checkpoint.read_names(names), self.source)
+
+    def block(self, index: int) -> dict:
+        """{name within the block: (checkpoint name, tensor)}."""
+        prefix = checkpoint_layer(self.model_type, self.checkpoint.infos, index)
+        tensors = self.checkpoint.read_names([name for name in self.checkpoint.infos if name.startswith(prefix)])
+        weights = folded(self.values, self.config, block_weights(self.model_type, self.config, tensors, index,
+                                                                 self.source), self.source)
+        ours = f"layers.{index}."
+        return {name[len(ours):]: value for name, value in weights.items()}
 
 
 def load_hybrid(values: dict, checkpoint: Checkpoint, source: str, where: str) -> MambaLM:

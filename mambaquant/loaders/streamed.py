@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..runtime import Mamba2LMConfig, MambaLM
+from ..runtime import HybridLMConfig, Mamba2LMConfig, MambaLM
 from ..schema import display
-from . import hf, mamba2
+from . import hf, hybrid, mamba2
 from .hub import parse_hub_id, snapshot_directory
 from .weights import (BLOCK_PREFIX, Checkpoint, assign_weights, check_weights, find_weight_file, on_meta_device,
                       open_checkpoint, rename, tied_names)
@@ -24,15 +24,26 @@ class StreamedCheckpoint:
     """A language-model checkpoint opened for block-by-block reading: its config and tensor infos, checked against
     the model it builds before anything is read."""
 
-    config: object  # LMConfig or Mamba2LMConfig
+    config: object  # LMConfig, Mamba2LMConfig or HybridLMConfig
     checkpoint: Checkpoint
-    weights: dict  # runtime name -> (checkpoint name, TensorInfo)
+    weights: dict  # runtime name -> (checkpoint name, TensorInfo or a meta tensor: its shape)
     source: str  # for messages
     origin: Path  # the directory or file opened
+    reader: hybrid.BlockReader | None = None  # a hybrid in its model's layout: tensors split, stacked, folded
 
     def block_names(self, index: int) -> dict[str, tuple[str, object]]:
         prefix = f"layers.{index}."
         return {name[len(prefix):]: entry for name, entry in self.weights.items() if name.startswith(prefix)}
+
+    def read_block(self, index: int) -> dict[str, tuple[str, torch.Tensor]]:
+        """Block `index`'s tensors, named within the block."""
+        return self.reader.block(index) if self.reader else self.read(self.block_names(index))
+
+    def read_ends(self) -> dict[str, tuple[str, torch.Tensor]]:
+        """The embedding, the final norm and the head."""
+        if self.reader:
+            return self.reader.ends()
+        return self.read({name: entry for name, entry in self.weights.items() if not BLOCK_PREFIX.match(name)})
 
     def read(self, weights: dict[str, tuple[str, object]]) -> dict[str, tuple[str, torch.Tensor]]:
         data = self.checkpoint.read_names([original for original, _ in weights.values()])
@@ -43,20 +54,26 @@ class StreamedCheckpoint:
 
 
 def open_streamed(source) -> StreamedCheckpoint:
-    """A Mamba-1, FalconMamba or Mamba-2 language model directory (Hugging Face or state-spaces config.json) or a
-    bare safetensors file, opened for streaming; one line for anything else."""
+    """A Mamba-1, FalconMamba or Mamba-2 language model directory (Hugging Face or state-spaces config.json), a
+    hybrid's (its model's own layout, or ours), or a bare safetensors file, opened for streaming; one line for
+    anything else."""
     path = Path(source)
     where = display(path)
+    reader = None
     if path.is_dir():
-        from . import read_config
+        from . import HYBRID_ARCHITECTURE, read_config
 
         config_dict = read_config(path)
         config_where = display(path / "config.json")
-        if config_dict.get("architecture") is not None:
+        if config_dict.get("architecture") == HYBRID_ARCHITECTURE:
+            config = HybridLMConfig.from_dict(config_dict, where=config_where)
+        elif config_dict.get("architecture") is not None:
             raise InputError(f"{where}: streamed quantization reads full-precision language models (Hugging Face or "
                              f"state-spaces layout); this is a {display(config_dict['architecture'])} directory: "
                              "quantize it in memory (without --stream)")
-        if mamba2.is_hf_config(config_dict):
+        elif hybrid.is_hybrid_config(config_dict):
+            config = hybrid.config_from_hf(config_dict, config_where)
+        elif mamba2.is_hf_config(config_dict):
             config = mamba2.lm_config_from_hf(config_dict, config_where)
         elif mamba2.is_state_spaces_config(config_dict):
             config = mamba2.lm_config_from_state_spaces(config_dict, config_where)
@@ -86,13 +103,20 @@ def open_streamed(source) -> StreamedCheckpoint:
             if hf.is_lm_state_dict(checkpoint.infos) else None)
         if config is None:
             raise InputError(f"{where}: not a Mamba language model state dict (expected backbone.* tensors)")
-    rules, names = ((mamba2.TO_RUNTIME, mamba2.TO_HF) if isinstance(config, Mamba2LMConfig) else
-                    (hf.TO_RUNTIME, hf.TO_HF))
-    weights = rename(checkpoint.infos, rules)
+    if isinstance(config, HybridLMConfig) and any(kind == "zamba_hybrid" for kind in config.blocks):
+        raise InputError(f"{where}: streamed quantization does not take Zamba2 (its shared blocks are not quantized "
+                         "yet); expected another architecture")
+    if isinstance(config, HybridLMConfig) and config_dict.get("architecture") is None:
+        reader = hybrid.BlockReader(config_dict, config, checkpoint, where)
+        weights, names = reader.weights, None
+    else:
+        rules, names = ((mamba2.TO_RUNTIME, mamba2.TO_HF) if isinstance(config, Mamba2LMConfig) else
+                        (hf.TO_RUNTIME, hf.TO_HF) if not isinstance(config, HybridLMConfig) else ([], None))
+        weights = rename(checkpoint.infos, rules)
     with on_meta_device():
         model = MambaLM(config)
     check_weights(model.state_dict(), tied_names(model), weights, where, names)
-    return StreamedCheckpoint(config, checkpoint, weights, where, path)
+    return StreamedCheckpoint(config, checkpoint, weights, where, path, reader)
 
 
 def build_skeleton(streamed: StreamedCheckpoint) -> MambaLM:
@@ -103,8 +127,7 @@ def build_skeleton(streamed: StreamedCheckpoint) -> MambaLM:
     model.to_empty(device="cpu")
     if streamed.config.tie_embeddings:
         model.lm_head.weight = model.embedding.weight
-    ends = {name: entry for name, entry in streamed.weights.items() if not BLOCK_PREFIX.match(name)}
-    assign_weights(model, streamed.read(ends), streamed.source)
+    assign_weights(model, streamed.read_ends(), streamed.source)
     model.layers = layers
     return model.eval()
 

@@ -26,6 +26,7 @@ from ..loaders.weights import BLOCK_PREFIX, assign_weights
 from ..memory import check_allocation, describe
 from ..outputs import check_free_space, write_atomic_dir
 from ..runtime import MambaLM
+from ..runtime.moe import expert_list_weights
 from .walk import check_blocks_for, run_recipe
 
 QUANTIZED_WEIGHT = re.compile(r"(layers\.\d+\.mixer\.(ssm(_b)?\.)?(in_proj|x_proj|dt_proj|out_proj)|lm_head)\.weight")
@@ -50,7 +51,7 @@ class StreamedBlocks:
     def load(self, index: int) -> nn.Module:
         layer = self.model.layers[index]
         layer.to_empty(device="cpu")
-        assign_weights(layer, self.streamed.read(self.streamed.block_names(index)),
+        assign_weights(layer, expert_list_weights(layer, self.streamed.read_block(index)),
                        f"{self.streamed.source} (block {index})")
         for block_edit in self.edits:
             block_edit(layer)

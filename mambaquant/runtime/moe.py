@@ -183,3 +183,19 @@ def experts_as_lists(model: nn.Module) -> None:
         if isinstance(module, MoE) and isinstance(module.experts, Experts):
             module.experts = module.experts.as_list(module.config)
     name_sites(model)
+
+
+def expert_list_weights(module: nn.Module, weights: dict) -> dict:
+    """{name: (source, tensor)} for `module` as a state dict of the full-precision layout names it, with each
+    stacked expert tensor ("...experts.up_proj") given to the `ExpertList` that `module` holds in its place
+    ("...experts.E.up_proj.weight" for every expert E)."""
+    lists = {name for name, child in module.named_modules() if isinstance(child, ExpertList)}
+    mapped = {}
+    for name, (source, tensor) in weights.items():
+        owner, _, part = name.rpartition(".")
+        if owner not in lists:
+            mapped[name] = (source, tensor)
+            continue
+        for index in range(tensor.shape[0]):
+            mapped[f"{owner}.{index}.{part}.weight"] = (f"{source}[{index}]", tensor[index])
+    return mapped
