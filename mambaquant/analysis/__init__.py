@@ -14,14 +14,15 @@ import torch
 
 from ..calibration import resolve_calibration
 from ..errors import InputError
-from ..methods import METHODS, PRESETS, Runner, activation_sites, methods_for, quantize
+from ..methods import METHODS, PRESETS, Runner, methods_for, quantize
 from ..methods.granularity import CHUNKED_SITES
-from ..methods.stages import fixed_length
+from ..methods.stages import block_activation_sites, fixed_length, head_activation_sites, kind_of, part_linears, parts
+from ..methods.walk import refuse_shared_blocks
 from ..outputs import check_output_dir, write_atomic_dir
 from ..schema import check_options
 from ..progress import progress as progress_of
 from ..runtime import find_sites
-from ..runtime.lm import refuse_hybrid
+from ..runtime.moe import MoE
 from .error import SQNR, measure
 from .stats import (
     AUTO,
@@ -32,6 +33,7 @@ from .stats import (
     TOKEN,
     TOKEN_OUTLIER_RATIOS,
     TRANSFORM_NAMES,
+    TRANSFORMS_AT,
     SequenceClock,
     SiteStatistics,
     SketchConfig,
@@ -68,13 +70,35 @@ class AnalysisConfig:
 
 def capture(model, batches: list[torch.Tensor], sketch: SketchConfig, progress: bool) -> dict[str, SiteStatistics]:
     """Statistics at every site over the calibration inputs, in one full-precision pass."""
-    key, auto = set(key_site_names(model)), {site.name for site in activation_sites(model)}
+    key, auto = set(key_site_names(model)), quantized_site_names(model)
     sites, clock = find_sites(model), SequenceClock()
     statistics = {name: SiteStatistics(sketch, key=name in key, auto=name in auto, absolute=fixed_length(model),
                                        clock=clock) for name in sites}
     Runner(model, restarting(progress_of(batches, "statistics", "batch", progress), clock)).observe(
         {sites[name]: observer for name, observer in statistics.items()})
     return statistics
+
+
+def quantized_site_names(model) -> set[str]:
+    """The sites the methods quantize (`activation_sites`), as the full-precision model names them: a mixture of
+    experts holds its experts stacked there (`moe_activation_sites`)."""
+    sites = head_activation_sites(model)
+    for block in model.layers:
+        sites += moe_activation_sites(block.mixer) if isinstance(block.mixer, MoE) else block_activation_sites(block)
+    return {site.name for site in sites}
+
+
+def moe_activation_sites(moe) -> list:
+    """Quantization makes each expert an MLP with its own sites (`experts_as_lists`); in the full-precision model the
+    experts' inputs pass the MoE's expert_in site, their down_proj inputs its one expert_down_in site."""
+    latent = [moe.sites[kind] for kind in ("fc1_latent_in", "fc2_latent_in") if kind in moe.sites]
+    shared = [site for _, _, site in part_linears(moe.shared_expert, None)] if moe.shared_expert is not None else []
+    return latent + [moe.sites["expert_in"], moe.experts.sites["expert_down_in"]] + shared
+
+
+def layer_kind(block) -> str:
+    """The kinds of layer a block is made of (`LAYER_KINDS`): "mamba2 + attention" for Falcon-H1's parallel mixer."""
+    return " + ".join(kind_of(part) for part in parts(block))
 
 
 def restarting(batches, clock: SequenceClock):
@@ -118,10 +142,6 @@ def site_record(name: str, site, statistics: SiteStatistics, fixed: bool) -> dic
     return record
 
 
-def plot_layers(n_layer: int) -> list[int]:
-    return sorted({0, n_layer // 2, n_layer - 1})
-
-
 def analyze(source, out_dir: str | Path, config: AnalysisConfig | None = None, overwrite: bool = False,
             progress: bool = False, **options) -> dict:
     """Analyze `source` (a model, an embedded model name, a directory or a checkpoint) and write `out_dir`:
@@ -135,7 +155,7 @@ def analyze(source, out_dir: str | Path, config: AnalysisConfig | None = None, o
     out_dir = check_output_dir(out_dir, overwrite, sources=[source])  # first: --overwrite never takes the source
     check_full_precision(source, name)
     model = load(source).eval()
-    refuse_hybrid(model, "analyze")
+    refuse_shared_blocks(model, "analyze")
     methods_for(model, config.methods)  # a method that does not apply to this block kind fails before any work
     batches = resolve_calibration(model, name, config.calib, config.calib_samples, config.calib_len, config.seed,
                                   batch_size=config.batch_size)
@@ -144,6 +164,7 @@ def analyze(source, out_dir: str | Path, config: AnalysisConfig | None = None, o
     results = {
         "model": name,
         "architecture": type(model).__name__,
+        "layer_kinds": [layer_kind(block) for block in model.layers],
         "calibration": {"set": describe_calibration(config.calib), "samples": sum(map(len, batches)),
                         "input_shape": list(batches[0].shape[1:]), "seed": config.seed},
         "definitions": {
@@ -166,11 +187,11 @@ def analyze(source, out_dir: str | Path, config: AnalysisConfig | None = None, o
                      f"full-precision token maxima before any transform, with its defaults (token_outlier_ratio "
                      f"{AUTO.token_outlier_ratio:g}, token_outlier_share {AUTO.token_outlier_share:g}); MambaQuant "
                      "decides after its transforms (granularity_reasons of its runs)"),
+            "transforms": TRANSFORMS_AT,
         },
         "transform_names": TRANSFORM_NAMES,
         "mambaquant_transform": MAMBAQUANT_TRANSFORM,
         "histogram_edges": HISTOGRAM_EDGES.tolist(),
-        "plot_layers": plot_layers(len(model.layers)),
         "sites": {n: site_record(n, sites[n], s, fixed_length(model)) for n, s in statistics.items()},
         "transforms": transform_statistics(model, statistics, config.seed),
     }

@@ -7,20 +7,10 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-SITE_LABELS = {"norm": "in_proj input", "gate": "gate SiLU(z)", "out_proj_in": "out_proj input", "conv": "scan input u",
-               "h": "state h (h*C operand)", "C": "C (h*C operand)", "hC": "scan output h*C", "y": "scan output y"}
-KURTOSIS_KINDS = ("norm", "gate", "out_proj_in", "conv", "h", "C", "hC", "y")
+from .report import label, site_key
 
-
-def site_key(name: str) -> str:
-    """`layers.3.mixer.ssm_b.h` -> `ssm_b.h`; `layers.3.norm` -> `norm`."""
-    return ".".join(p for p in name.split(".")[2:] if p != "mixer") or name
-
-
-def label(key: str) -> str:
-    branch, _, kind = key.rpartition(".")
-    text = SITE_LABELS.get(kind, kind)
-    return f"{text}, backward branch" if branch == "ssm_b" else text
+KURTOSIS_KINDS = ("norm", "gate", "out_proj_in", "conv", "h", "C", "hC", "y", "v", "o_proj_in", "down_in",
+                  "expert_down_in")
 
 
 def save(figure: Figure, directory: Path, name: str, caption: str) -> tuple[str, str]:
@@ -29,13 +19,20 @@ def save(figure: Figure, directory: Path, name: str, caption: str) -> tuple[str,
 
 
 def key_sites(results: dict) -> dict[str, dict[int, str]]:
-    """Key site (e.g. `ssm.h`) -> layer -> full site name, for the plotted layers."""
+    """Key site (e.g. `ssm.h`) -> layer -> full site name, for the plotted layers: the first, middle and last of the
+    layers that have it (in a hybrid, of the layers of its kind)."""
     keys: dict[str, dict[int, str]] = {}
     for name in results["transforms"]:
-        layer = results["sites"][name]["layer"]
-        if layer in results["plot_layers"]:
-            keys.setdefault(site_key(name), {})[layer] = name
-    return keys
+        keys.setdefault(site_key(name), {})[results["sites"][name]["layer"]] = name
+    return {key: {layer: names[layer] for layer in plotted(list(names))} for key, names in keys.items()}
+
+
+def plotted(layers: list[int]) -> list[int]:
+    return [layers[i] for i in sorted({0, len(layers) // 2, len(layers) - 1})]
+
+
+def layer_title(results: dict, layer: int) -> str:
+    return f"layer {layer} ({results['layer_kinds'][layer]})"
 
 
 def channel_profiles(results, directory, key, names):
@@ -45,7 +42,7 @@ def channel_profiles(results, directory, key, names):
         site = results["sites"][name]
         values = site["channel_absmax"]
         ax.bar(np.arange(len(values)), values, width=1.0, color="tab:blue")
-        ax.set_title(f"layer {layer}: max {site['absmax']:.3g}, "
+        ax.set_title(f"{layer_title(results, layer)}: max {site['absmax']:.3g}, "
                      f"largest/median channel {site['channel_max_ratio']:.1f}x")
         ax.set_ylabel("|x| max")
     axes[-1].set_xlabel("channel")
@@ -63,7 +60,8 @@ def histograms(results, directory, key, names):
     for layer, name in names.items():
         site = results["sites"][name]
         counts = np.array(site["histogram"])[1:-1]  # the bins between 1e-8 and 1e8
-        ax.stairs(np.maximum(counts, 0.5), edges, label=f"layer {layer} (kurtosis {site['kurtosis']:.3g})")
+        ax.stairs(np.maximum(counts, 0.5), edges,
+                  label=f"{layer_title(results, layer)}, kurtosis {site['kurtosis']:.3g}")
     occupied = np.flatnonzero(sum(np.array(results["sites"][n]["histogram"])[1:-1] for n in names.values()))
     ax.set_xscale("log")
     if occupied.size:
@@ -79,13 +77,21 @@ def histograms(results, directory, key, names):
 
 def transforms(results, directory, key, layer, name):
     """Top: per-channel |x| max over the RMS value; bottom: channel variance over its mean. Both are scale-free, so
-    the columns share their axes and a flat profile at 1 is what a per-tensor scale wants."""
+    the columns share their axes and a flat profile at 1 is what a per-tensor scale wants. A transform not measured
+    at this site (see the transforms definition) leaves its column empty."""
     figure = Figure(figsize=(15, 6), layout="constrained")
-    axes = figure.subplots(2, 4, sharex=True, sharey="row")
+    names = results["transform_names"]
+    axes = figure.subplots(2, len(names), sharex=True, sharey="row")
     chosen = results["mambaquant_transform"][name.rsplit(".", 1)[1]]
-    for column, (transform, stats) in enumerate(results["transforms"][name].items()):
-        title = results["transform_names"][transform] + (" (MambaQuant's)" if transform == chosen else "")
+    for column, transform in enumerate(names):
+        title = names[transform] + (" (MambaQuant's)" if transform == chosen else "")
         top, bottom = axes[0, column], axes[1, column]
+        stats = results["transforms"][name].get(transform)
+        if stats is None:
+            top.set_title(f"{title}\nnot measured here", fontsize="medium")
+            top.axis("off")
+            bottom.axis("off")
+            continue
         variance = np.array(stats["channel_variance"])
         mean = max(variance.mean(), 1e-30)
         channels = np.arange(len(variance))
@@ -101,7 +107,8 @@ def transforms(results, directory, key, layer, name):
         bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0, 0].set_ylabel("|x| max / RMS\n(rows of largest norm)")
     axes[1, 0].set_ylabel("channel variance / mean (log)")
-    figure.suptitle(f"{results['model']}: {label(key)} ({key}), layer {layer}, before and after each transform")
+    figure.suptitle(f"{results['model']}: {label(key)} ({key}), {layer_title(results, layer)}, before and after "
+                    "each transform")
     return save(figure, directory, f"transforms_{key}_layer{layer}.png",
                 f"{label(key)}, layer {layer}: per-channel |x| max and variance under each transform")
 
@@ -118,7 +125,8 @@ def variance_spread(results, directory):
         ax.set_visible(False)
     for ax, (key, layers) in zip(axes, by_key.items()):
         for transform, title in results["transform_names"].items():
-            ax.plot(list(layers), [s[transform]["variance_max_min"] for s in layers.values()], marker="o", label=title)
+            measured = {layer: s[transform] for layer, s in layers.items() if transform in s}
+            ax.plot(list(measured), [s["variance_max_min"] for s in measured.values()], marker="o", label=title)
         ax.set_yscale("log")
         ax.set_title(label(key))
         ax.set_xlabel("layer")
@@ -129,6 +137,14 @@ def variance_spread(results, directory):
     return save(figure, directory, "variance_spread.png", "Channel variance max/min per layer under each transform")
 
 
+def style(key: str) -> dict:
+    """A colour per site kind (past the palette's ten, square markers); the backward branch of a bidirectional block
+    and the Mamba-2 half of a parallel mixer dashed."""
+    index = KURTOSIS_KINDS.index(key.rpartition(".")[2])
+    return {"color": f"C{index % 10}", "marker": "o" if index < 10 else "s",
+            "linestyle": "--" if key.startswith(("ssm_b.", "mamba.")) else "-"}
+
+
 def kurtosis(results, directory):
     figure = Figure(figsize=(10, 4.5), layout="constrained")
     ax = figure.subplots()
@@ -136,10 +152,8 @@ def kurtosis(results, directory):
     for name, site in results["sites"].items():
         if site["layer"] is not None and site["kind"] in KURTOSIS_KINDS:
             series.setdefault(site_key(name), {})[site["layer"]] = site["kurtosis"]
-    for key, layers in series.items():  # a colour per kind; the backward branch of a bidirectional block dashed
-        color = f"C{KURTOSIS_KINDS.index(key.rpartition('.')[2])}"
-        ax.plot(list(layers), list(layers.values()), marker="o", label=label(key), color=color,
-                linestyle="--" if key.startswith("ssm_b.") else "-")
+    for key, layers in series.items():
+        ax.plot(list(layers), list(layers.values()), label=label(key), **style(key))
     ax.axhline(3, color="gray", linestyle=":", label="normal distribution (3)")
     ax.set_xticks(sorted({layer for layers in series.values() for layer in layers}))
     ax.set_yscale("log")
@@ -161,9 +175,7 @@ def token_outliers(results, directory):
             if site["layer"] is not None and site["kind"] in KURTOSIS_KINDS:
                 series.setdefault(site_key(name), {})[site["layer"]] = 100 * site["tokens"]["outliers"][k]["share"]
         for key, layers in series.items():
-            ax.plot(list(layers), list(layers.values()), marker="o", label=label(key),
-                    color=f"C{KURTOSIS_KINDS.index(key.rpartition('.')[2])}",
-                    linestyle="--" if key.startswith("ssm_b.") else "-")
+            ax.plot(list(layers), list(layers.values()), label=label(key), **style(key))
         ax.set_xticks(sorted({layer for layers in series.values() for layer in layers}))
         ax.set_xlabel("layer")
         ax.set_title(f"tokens whose max |x| exceeds {k}x the median token max")
@@ -188,9 +200,9 @@ def token_positions(results, directory, key, names):
         median = max(tokens["median_max"], 1e-300)
         share = tokens["outliers"][ratios[-1]]["share"]
         ax.plot(x, np.array(tokens["position_max"]) / median, color=f"C{index}", marker=".",
-                label=f"layer {layer}: largest ({100 * share:.2f} % of tokens above {ratios[-1]}x)")
+                label=f"{layer_title(results, layer)}: largest ({100 * share:.2f} % of tokens above {ratios[-1]}x)")
         ax.plot(x, np.array(tokens["position_median_max"]) / median, color=f"C{index}", linestyle=":",
-                label=f"layer {layer}: median")
+                label=f"{layer_title(results, layer)}: median")
     for k in ratios:
         ax.axhline(float(k), color="gray", linestyle="--", linewidth=0.8)
     ax.set_yscale("log")

@@ -3,6 +3,28 @@
 from html import escape
 
 Table = tuple[str, list[str], list[list[str]]]  # title, header, rows
+SITE_LABELS = {"norm": "normed block input", "gate": "gate SiLU(z)", "out_proj_in": "out_proj input",
+               "conv": "scan input u", "h": "state h (h*C operand)", "C": "C (h*C operand)", "hC": "scan output h*C",
+               "y": "scan output y", "v": "attention values v", "o_proj_in": "attention o_proj input",
+               "down_in": "MLP down_proj input", "expert_down_in": "experts' down_proj input (all experts)"}
+BRANCHES = {"ssm_b": "backward branch", "shared_expert": "shared expert", "mamba": "parallel mixer",
+            "attention": "parallel mixer"}  # the last two: Falcon-H1's Mamba-2 and attention side by side
+
+
+def site_key(name: str) -> str:
+    """`layers.3.mixer.ssm_b.h` -> `ssm_b.h`; `layers.3.norm` -> `norm`."""
+    return ".".join(p for p in name.split(".")[2:] if p != "mixer") or name
+
+
+def label(key: str) -> str:
+    branch, _, kind = key.rpartition(".")
+    text = SITE_LABELS.get(kind, kind)
+    return f"{text}, {BRANCHES[branch]}" if branch in BRANCHES else text
+
+
+def block_kind(results: dict, name: str) -> str:
+    """The kinds of layer in the block of a site (`layer_kinds`)."""
+    return results["layer_kinds"][results["sites"][name]["layer"]]
 
 
 def number(value: float) -> str:
@@ -58,25 +80,37 @@ def auto_table(results: dict) -> Table:
             header[:1] + header[-2:] + ["auto on the full-precision tensor, before any transform"] + list(runs), rows)
 
 
+def described(results: dict, name: str, row: list[str]) -> list[str]:
+    """A key site's row with its block's kind and what the site is."""
+    return row[:1] + [block_kind(results, name), label(site_key(name))] + row[1:]
+
+
+def transform_cell(stats: dict | None, chosen: bool) -> str:
+    """A transform's numbers at a site; "-" where it has no measurement there (see the transforms definition)."""
+    if stats is None:
+        return "-"
+    return (f"{number(stats['variance_max_min'])} / {stats['variance_cv']:.2f} / {stats['crest_factor']:.1f}"
+            + (" *" if chosen else ""))
+
+
 def tables(results: dict) -> list[Table]:
     sites = results["sites"]
-    key = [site_row(name, sites[name]) for name in results["transforms"]]
+    key = [described(results, name, site_row(name, sites[name])) for name in results["transforms"]]
     header = site_header(results)
     every = [site_row(name, site) for name, site in sites.items()]
     names = results["transform_names"]
     transform_rows = []
     for name, per_transform in results["transforms"].items():
         chosen = results["mambaquant_transform"][name.rsplit(".", 1)[1]]
-        transform_rows.append([name] + [
-            f"{number(s['variance_max_min'])} / {s['variance_cv']:.2f} / {s['crest_factor']:.1f}"
-            + (" *" if t == chosen else "")
-            for t, s in per_transform.items()])
-    out = [("Key sites (in_proj input, gate (Mamba-1), out_proj input, h, C), every layer", header, key),
+        transform_rows.append(described(results, name, [name]) + [transform_cell(per_transform.get(t), t == chosen)
+                                                                   for t in names])
+    out = [("Key sites (the normed block input; Mamba: gate (Mamba-1), out_proj input, h, C; attention: v, o_proj "
+            "input; MLPs and experts: down_proj input), every layer", header[:1] + ["block", "what"] + header[1:], key),
            auto_table(results),
            scan_table(results),
            (("After each transform: channel variance max / min, variance CV, crest factor (largest |x| of the kept "
-            "rows / RMS); * what MambaQuant applies there"),
-            ["site"] + list(names.values()), transform_rows)]
+            "rows / RMS); * what MambaQuant applies there; - not measured there"),
+            ["site", "block", "what"] + list(names.values()), transform_rows)]
     if results["sqnr"]:
         runs = [(m, b, r) for m, per_bits in results["sqnr"].items() for b, r in per_bits.items()]
         kinds = list(runs[0][2]["kinds_db"])
@@ -94,7 +128,7 @@ def tables(results: dict) -> list[Table]:
 DEFINITION_LABELS = {"channel": "Channel", "kurtosis": "Kurtosis", "sqnr": "SQNR",
                      "channel_max_ratio": "Channel max / median", "variance_max_min": "Variance max / min",
                      "variance_cv": "Variance CV", "sampling": "Sampling", "token": "Token",
-                     "token_outliers": "Token outliers", "auto": "Auto granularity"}
+                     "token_outliers": "Token outliers", "auto": "Auto granularity", "transforms": "Transforms"}
 SCAN_KINDS = ("conv", "dBu", "h", "hC", "y")  # the scan's input u, its discretised input, state, outputs
 
 

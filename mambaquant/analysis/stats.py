@@ -26,18 +26,34 @@ import torch
 
 from ..methods.config import QuantConfig
 from ..methods.granularity import CHUNKED_SITES, TokenStatistics
-from ..runtime import Mamba2Mixer
+from ..methods.stages import parts
+from ..runtime import Mamba2Mixer, MambaMixer
+from ..runtime.attention import Attention
+from ..runtime.mlp import MLP
+from ..runtime.moe import MoE
 from ..transforms.klt import CovarianceObserver, klt_hadamard
-from ..transforms.rotation import Rotate, branches, random_hadamard
-from ..transforms.smoothing import smoothing_scales, state_smoothing_scales
+from ..transforms.rotation import Rotate, branches, online_hadamard, random_hadamard
+from ..transforms.smoothing import (down_input_smoothable, per_query_head, readers_weight, smoothing_scales,
+                                    state_smoothing_scales, value_smoothing_scales)
 
-KEY_SITES = ("norm", "gate", "out_proj_in", "h", "C")  # in_proj input, gate, out_proj input, h*C operands
+# block input; Mamba: gate, out_proj input, h*C operands; attention: values, o_proj input; MLPs, experts: down input
+KEY_SITES = ("norm", "gate", "out_proj_in", "h", "C", "v", "o_proj_in", "down_in", "expert_down_in")
 TRANSFORMS = ("none", "hadamard", "klt_hadamard", "smooth_hadamard")
 TRANSFORM_NAMES = {"none": "none", "hadamard": "Hadamard", "klt_hadamard": "KLT + Hadamard",
                    "smooth_hadamard": "smoothing + Hadamard"}
-# What `mambaquant` (methods/mambaquant.py) applies at each key site
-MAMBAQUANT_TRANSFORM = {"norm": "klt_hadamard", "gate": "smooth_hadamard", "out_proj_in": "smooth_hadamard",
-                        "h": "smooth_hadamard", "C": "smooth_hadamard"}
+TRANSFORMS_AT = (
+    "x -> (x * scale) R at each key site, as the methods apply them there. Hadamard: QuaRot's randomised one on the "
+    "residual stream (norm, the block input), the online one at out_proj's input (gate, out_proj_in), a randomised "
+    "one on the state dimension (h, C), one per head, the same for every head (v, o_proj_in), the online one at "
+    "down_proj's input (down_in, expert_down_in). KLT + Hadamard: from the site's covariance (on the residual "
+    "stream pooled over the blocks, as MambaQuant rotates it once). Smoothing + Hadamard: SmoothQuant's scale "
+    "against the weight that takes it back first: the block norm's against every layer reading it, out_proj's "
+    "input against out_proj, h / s and C s, v / s against o_proj (each query head's output / the s of its values), "
+    "down_proj's input against down_proj (in up_proj's rows); it has no column at expert_down_in, one site for all "
+    "experts where each expert has its own scale, nor at an MLP whose activation passes no scale (ungated, not "
+    "squared ReLU), where MambaQuant applies the Hadamard alone")
+# What `mambaquant` (methods/mambaquant.py) applies at each key site (at expert_down_in: per expert, not measured)
+MAMBAQUANT_TRANSFORM = {"norm": "klt_hadamard", **{kind: "smooth_hadamard" for kind in KEY_SITES[1:]}}
 HISTOGRAM_EDGES = torch.logspace(-8, 8, 65, dtype=torch.float64)  # |x| bins, 4 a decade; below and above: 2 more
 TOKEN_EDGES = torch.logspace(-8, 8, 257, dtype=torch.float64)  # token max bins, 16 a decade; below, above: 2 more
 TOKEN_OUTLIER_RATIOS = (5.0, QuantConfig.token_outlier_ratio)  # k; the second (10) is what `auto` decides from
@@ -285,39 +301,94 @@ def coefficient_of_variation(values: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def transform(kind: str, name: str, layer, statistics: dict[str, SiteStatistics], residual_covariance: torch.Tensor,
-              seed: int, alpha: float = 0.5) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
-    """For one key site: transform name -> (channel scale or None, rotation or None).
+def transform(name: str, owner, statistics: dict[str, SiteStatistics], residual_covariance: torch.Tensor,
+              seed: int, alpha: float = 0.5) -> dict[str, tuple]:
+    """For one key site: transform name -> (channel scale or None, rotation or None); "smooth_hadamard" left out where
+    no smoothing can be measured there (`SMOOTHED_ROTATIONS`). KLT + Hadamard comes from this site's covariance,
+    except on the residual stream, which MambaQuant rotates once for all blocks (covariance pooled over the
+    layers)."""
+    kind = name.rsplit(".", 1)[1]
+    scale, hadamard = SMOOTHED_ROTATIONS[kind](name, owner, statistics, seed, alpha)
+    covariance = residual_covariance if kind == "norm" else statistics[name].covariance.covariance()
+    transforms = {"none": (None, None), "hadamard": (None, hadamard), "klt_hadamard": (None, klt_hadamard(covariance))}
+    if scale is not None:
+        transforms["smooth_hadamard"] = (scale, hadamard)
+    return transforms
 
-    Hadamard: QuaRot's randomised one on the residual stream (norm), the online Hadamard at out_proj's input (gate,
-    out_proj_in), a randomised one on the state dimension (h, C). KLT + Hadamard: from this site's covariance, except
-    on the residual stream, which MambaQuant rotates once for all blocks (covariance pooled over the layers).
-    Smoothing: SmoothQuant's scale against the consumer weight (in_proj; out_proj, the S-SiLU for the gate); h / s and
-    C s for the state (`state_smoothing_scales`)."""
-    site = statistics[name]
-    n = len(site.channel_absmax)
-    prefix = name.rsplit(".", 1)[0]
-    if kind == "norm":
-        hadamard = random_hadamard(n, seed)
-        covariance = residual_covariance
-        scale = 1 / smoothing_scales(site.channel_absmax.float(), layer.mixer.in_proj.weight, alpha)
-    elif kind in ("gate", "out_proj_in"):
-        hadamard = Rotate(n).as_matrix()
-        covariance = site.covariance.covariance()
-        out_proj_in = statistics[f"{prefix}.out_proj_in"].channel_absmax.float()
-        scale = 1 / smoothing_scales(out_proj_in, layer.mixer.out_proj.weight, alpha)
-    else:  # h, C
-        h_absmax = statistics[f"{prefix}.h"].channel_absmax.float()
-        c_absmax = statistics[f"{prefix}.C"].channel_absmax.float()
-        groups = len(c_absmax) // len(h_absmax)  # Mamba-2's C holds n_groups blocks of d_state channels
-        hadamard = torch.block_diag(*[random_hadamard(len(h_absmax), seed + 2)] * (n // len(h_absmax)))
-        covariance = site.covariance.covariance()
-        if kind == "h":  # h pools every group: C's range per state channel is the largest over the groups
-            scale = 1 / state_smoothing_scales(h_absmax, c_absmax.view(groups, -1).amax(0), alpha)
-        else:
-            scale = state_smoothing_scales(h_absmax.repeat(groups), c_absmax, alpha)
-    return {"none": (None, None), "hadamard": (None, hadamard), "klt_hadamard": (None, klt_hadamard(covariance)),
-            "smooth_hadamard": (scale, hadamard)}
+
+def residual_stream(name: str, block, statistics: dict[str, SiteStatistics], seed: int, alpha: float):
+    """QuaRot's randomised Hadamard; SmoothQuant's scale in the block norm against every layer reading it."""
+    absmax = statistics[name].channel_absmax.float()
+    return 1 / smoothing_scales(absmax, residual_readers_weight(block), alpha), random_hadamard(len(absmax), seed)
+
+
+def residual_readers_weight(block) -> torch.Tensor:
+    """The weights reading the block norm's output, stacked by rows (`Block.input_layers`); a mixture of experts'
+    experts as the full-precision model holds them, stacked (n_experts, d_ff, d_model), their rows one after the
+    other."""
+    moe = block.mixer
+    if not isinstance(moe, MoE):
+        return readers_weight(block.input_layers())
+    stacked = (moe.experts.gate_proj, moe.experts.up_proj)
+    experts = [moe.fc1_latent_proj.weight] if moe.fc1_latent_proj is not None else \
+        [weight.flatten(0, 1) for weight in stacked if weight is not None]
+    shared = moe.shared_expert.input_layers() if moe.shared_expert is not None else []
+    return torch.cat([moe.router.weight, *experts, *(layer.weight for layer in shared)])
+
+
+def mamba_output(name: str, mixer, statistics: dict[str, SiteStatistics], seed: int, alpha: float):
+    """The gate and out_proj's input: the online Hadamard there; SmoothQuant's scale against out_proj (the S-SiLU
+    for the gate, the gated norm's weight on Mamba-2)."""
+    out_proj_in = statistics[mixer.sites["out_proj_in"].name].channel_absmax.float()
+    return 1 / smoothing_scales(out_proj_in, mixer.out_proj.weight, alpha), Rotate(len(out_proj_in)).as_matrix()
+
+
+def scan_state(name: str, mixer, statistics: dict[str, SiteStatistics], seed: int, alpha: float):
+    """h and C: a randomised Hadamard on the state dimension; h / s and C s (`state_smoothing_scales`)."""
+    prefix, kind = name.rsplit(".", 1)
+    h_absmax = statistics[f"{prefix}.h"].channel_absmax.float()
+    c_absmax = statistics[f"{prefix}.C"].channel_absmax.float()
+    groups = len(c_absmax) // len(h_absmax)  # Mamba-2's C holds n_groups blocks of d_state channels
+    n = len(statistics[name].channel_absmax)
+    hadamard = torch.block_diag(*[random_hadamard(len(h_absmax), seed + 2)] * (n // len(h_absmax)))
+    if kind == "h":  # h pools every group: C's range per state channel is the largest over the groups
+        return 1 / state_smoothing_scales(h_absmax, c_absmax.view(groups, -1).amax(0), alpha), hadamard
+    return state_smoothing_scales(h_absmax.repeat(groups), c_absmax, alpha), hadamard
+
+
+def attention_heads(name: str, attention, statistics: dict[str, SiteStatistics], seed: int, alpha: float):
+    """v and o_proj's input: QuaRot's randomised Hadamard per head (`rotate_heads`, the same for every head); the
+    smoothing between v and o_proj (`value_smoothing_scales`: v / s per key/value channel, each query head's output
+    / the s of the values it reads)."""
+    c = attention.config
+    o_proj_in = statistics[attention.sites["o_proj_in"].name].channel_absmax.float()
+    s = value_smoothing_scales(attention, o_proj_in, alpha)
+    values = name == attention.sites["v"].name
+    heads = c.n_kv_heads if values else c.n_heads
+    hadamard = torch.block_diag(*[random_hadamard(c.head_dim, seed + 3)] * heads)
+    return 1 / (s if values else per_query_head(attention, s)), hadamard
+
+
+def mlp_inner(name: str, mlp, statistics: dict[str, SiteStatistics], seed: int, alpha: float):
+    """An MLP's down_proj input: the online Hadamard there (`rotate_down_input`); SmoothQuant's scale against
+    down_proj, in up_proj's rows, none where the activation passes no scale (`down_input_smoothable`)."""
+    down_in = statistics[name].channel_absmax.float()
+    hadamard = online_hadamard(len(down_in), seed + 4).as_matrix()
+    if not down_input_smoothable(mlp):
+        return None, hadamard
+    return 1 / smoothing_scales(down_in, mlp.down_proj.weight, alpha), hadamard
+
+
+def experts_inner(name: str, moe, statistics: dict[str, SiteStatistics], seed: int, alpha: float):
+    """The experts' down_proj input, one site for all of them: the online Hadamard, the same in every expert; no
+    smoothing: each expert's scale comes from its own range and weight, which this pooled site does not separate."""
+    return None, online_hadamard(len(statistics[name].channel_absmax), seed + 4).as_matrix()
+
+
+# Key site kind -> (channel scale or None, the Hadamard), as the methods apply them there (x -> (x * scale) R)
+SMOOTHED_ROTATIONS = {"norm": residual_stream, "gate": mamba_output, "out_proj_in": mamba_output, "h": scan_state,
+                      "C": scan_state, "v": attention_heads, "o_proj_in": attention_heads, "down_in": mlp_inner,
+                      "expert_down_in": experts_inner}
 
 
 def transformed_channels(site: SiteStatistics, scale: torch.Tensor | None, rotation: torch.Tensor | None) -> dict:
@@ -345,27 +416,47 @@ def transformed_channels(site: SiteStatistics, scale: torch.Tensor | None, rotat
 
 def transform_statistics(model, statistics: dict[str, SiteStatistics], seed: int) -> dict:
     """Key site name -> transform -> the channel statistics after it."""
-    key = {name: statistics[name] for name in key_site_names(model)}
-    residual = [s.covariance for name, s in key.items() if name.endswith(".norm")]
+    owners = key_sites(model)
+    residual = [statistics[name].covariance for name in owners if name.endswith(".norm")]
     residual_covariance = CovarianceObserver.pooled(residual).covariance() if residual else None
     results = {}
-    for name, site in key.items():
-        kind, layer = name.rsplit(".", 1)[1], model.layers[int(name.split(".")[1])]
-        results[name] = {t: transformed_channels(site, scale, rotation) for t, (scale, rotation)
-                         in transform(kind, name, layer, statistics, residual_covariance, seed).items()}
+    for name, owner in owners.items():
+        transforms = transform(name, owner, statistics, residual_covariance, seed)
+        results[name] = {t: transformed_channels(statistics[name], scale, rotation)
+                         for t, (scale, rotation) in transforms.items()}
     return results
 
 
+def key_sites(model) -> dict:
+    """Key site name -> the layer it belongs to: every block's norm (its block), then per layer of the block
+    (`parts`) the sites of `part_key_sites`."""
+    sites = {}
+    for block in model.layers:
+        sites[block.sites["norm"].name] = block
+        for part in parts(block):
+            sites |= part_key_sites(part)
+    return sites
+
+
+def part_key_sites(part) -> dict:
+    """A Mamba-1 mixer's gate, out_proj input and both branches' h and C; a Mamba-2 mixer's out_proj input, h and C
+    (its gate is left out: its smoothing acts after the gated norm, at out_proj_in); attention's v and o_proj input;
+    an MLP's down_proj input (its input is the block norm's tensor); a mixture of experts' experts' down_proj input
+    (one site for all experts, stacked in the full-precision model) and its shared expert's."""
+    if isinstance(part, MambaMixer):
+        names = [part.sites[kind].name for kind in ("gate", "out_proj_in")]
+        names += [ssm.sites[kind].name for ssm in branches(part) for kind in ("h", "C")]
+    elif isinstance(part, Mamba2Mixer):
+        names = [part.sites[kind].name for kind in ("out_proj_in", "h", "C")]
+    elif isinstance(part, Attention):
+        names = [part.sites[kind].name for kind in ("v", "o_proj_in")]
+    elif isinstance(part, MLP):
+        names = [part.sites["down_in"].name]
+    else:
+        shared = part_key_sites(part.shared_expert) if part.shared_expert is not None else {}
+        return {part.experts.sites["expert_down_in"].name: part, **shared}
+    return dict.fromkeys(names, part)
+
+
 def key_site_names(model) -> list[str]:
-    """The key sites of every layer (both branches of a bidirectional block; a Mamba-2 block's gate is left out:
-    its smoothing acts after the gated norm, at out_proj_in)."""
-    names = []
-    for layer in model.layers:
-        mixer = layer.mixer
-        if isinstance(mixer, Mamba2Mixer):
-            names += [layer.sites["norm"].name] + [mixer.sites[kind].name for kind in ("out_proj_in", "h", "C")]
-            continue
-        names += [layer.sites["norm"].name, mixer.sites["gate"].name, mixer.sites["out_proj_in"].name]
-        for ssm in branches(mixer):
-            names += [ssm.sites["h"].name, ssm.sites["C"].name]
-    return names
+    return list(key_sites(model))

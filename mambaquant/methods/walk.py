@@ -244,11 +244,12 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
     return model, report
 
 
-def refuse_shared_blocks(model: nn.Module) -> None:
+def refuse_shared_blocks(model: nn.Module, what: str = "quantization") -> None:
     """Zamba2's shared attention + MLP blocks are one set of weights for several depths: a transform or a rounding
-    chosen from one depth's statistics would be wrong at the others (shared rotations are not built yet)."""
+    chosen from one depth's statistics would be wrong at the others (shared rotations are not built yet). `what`
+    refuses them too where it measures what quantization does (analyze)."""
     if any(isinstance(layer, ZambaHybridBlock) for layer in getattr(model, "layers", ())):
-        raise InputError("quantization does not take Zamba2's shared attention and MLP blocks yet (one set of weights "
+        raise InputError(f"{what} does not take Zamba2's shared attention and MLP blocks yet (one set of weights "
                          "used at several depths); it takes mamba1, mamba2, attention, parallel (Falcon-H1), mlp and "
                          "moe blocks")
 

@@ -114,14 +114,6 @@ class MambaLM(nn.Module):
         return torch.stack(new_tokens, dim=1)
 
 
-def refuse_hybrid(model: nn.Module, what: str) -> None:
-    """One line for a hybrid language model where `what` does not take one yet (they load, run and evaluate)."""
-    if isinstance(model, MambaLM) and isinstance(model.config, HybridLMConfig):
-        kinds = ", ".join(dict.fromkeys(model.config.blocks))
-        raise InputError(f"{what} does not take hybrid language models yet (this one has {kinds} blocks); they "
-                         "load, run, generate, evaluate and save in full precision")
-
-
 def check_generation(input_ids, max_new_tokens, temperature, top_k, vocab_size: int) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in INDEX_DTYPES:
         raise InputError("the prompt must be an integer tensor of token ids of shape (batch, length)")

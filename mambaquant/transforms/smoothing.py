@@ -80,18 +80,35 @@ def readers_weight(readers: list[nn.Module]) -> torch.Tensor:
     return torch.cat([reader.weight for reader in readers])
 
 
-@torch.no_grad()
-def smooth_values(attention: nn.Module, act_absmax: torch.Tensor, alpha: float) -> None:
-    """SmoothQuant between v and o_proj: each value channel (kv head, channel) divided by s in v_proj's rows, every
-    query head of its group reading it so scaled, o_proj's columns of those heads multiplied by s. s from the o_proj
-    input's range and o_proj's columns, both pooled over the query heads of each group."""
+def value_smoothing_scales(attention: nn.Module, act_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's s between v and o_proj, one per value channel (kv head, channel): from the o_proj input's range
+    and o_proj's columns, both pooled over the query heads of each group."""
     c = attention.config
     per_group = c.n_heads // c.n_kv_heads
     by_group = act_absmax.view(c.n_kv_heads, per_group, c.head_dim).amax(1).flatten()
     columns = attention.o_proj.weight.view(-1, c.n_kv_heads, per_group, c.head_dim).transpose(1, 2)
-    s = smoothing_scales(by_group, columns.reshape(-1, c.n_kv_heads * c.head_dim), alpha)
+    return smoothing_scales(by_group, columns.reshape(-1, c.n_kv_heads * c.head_dim), alpha)
+
+
+def per_query_head(attention: nn.Module, s: torch.Tensor) -> torch.Tensor:
+    """A value channel's s for each query head that reads it: the o_proj input's layout (H*P)."""
+    c = attention.config
+    return s.view(c.n_kv_heads, 1, c.head_dim).expand(-1, c.n_heads // c.n_kv_heads, -1).flatten()
+
+
+@torch.no_grad()
+def smooth_values(attention: nn.Module, act_absmax: torch.Tensor, alpha: float) -> None:
+    """SmoothQuant between v and o_proj: each value channel (kv head, channel) divided by s in v_proj's rows, every
+    query head of its group reading it so scaled, o_proj's columns of those heads multiplied by s
+    (`value_smoothing_scales`)."""
+    s = value_smoothing_scales(attention, act_absmax, alpha)
     divide_rows(attention.v_proj, slice(None), s)
-    attention.o_proj.weight.mul_(s.view(c.n_kv_heads, 1, c.head_dim).expand(-1, per_group, -1).flatten())
+    attention.o_proj.weight.mul_(per_query_head(attention, s))
+
+
+def down_input_smoothable(mlp: nn.Module) -> bool:
+    """Whether a scale passes the MLP's activation into up_proj's rows: gated, or squared ReLU (`smooth_down_input`)."""
+    return mlp.gate_proj is not None or mlp.config.activation == "relu2"
 
 
 @torch.no_grad()
@@ -99,7 +116,7 @@ def smooth_down_input(mlp: nn.Module, act_absmax: torch.Tensor, alpha: float) ->
     """SmoothQuant at down_proj's input, fused into up_proj's rows: act(gate) * up / s in a gated MLP; in a
     squared-ReLU one relu(up / sqrt(s))^2 = relu(up)^2 / s (a positive scale passes the ReLU). Any other ungated
     activation passes no scale: False, nothing done."""
-    if mlp.gate_proj is None and mlp.config.activation != "relu2":
+    if not down_input_smoothable(mlp):
         return False
     s = smoothing_scales(act_absmax, mlp.down_proj.weight, alpha)
     divide_rows(mlp.up_proj, slice(None), s if mlp.gate_proj is not None else s.sqrt())
