@@ -132,3 +132,27 @@ def test_the_report_says_what_each_layer_kind_got(hybrids):
     quantizers = [m for m in mambaquant.quantize(models["bamba"], method="rtn", calib=calib).modules()
                   if isinstance(m, ActivationQuantizer)]
     assert len(quantizers) == len({id(q) for q in quantizers})  # q, k and v each hold their own input quantizer
+
+
+@pytest.mark.parametrize("name", ["granite-4.0-h moe", "nemotron-h moe", "jamba", "falcon-h1 norm before gate"])
+def test_streamed_quantization_of_a_hybrid_is_bit_identical_to_in_memory(name, tmp_path):
+    """From the model's own layout (save_pretrained: fused, per-expert and multiplied tensors mapped block by block)
+    and from ours; MambaQuant's model-wide statistics pass replays its edits on every block read."""
+    generator = torch.Generator().manual_seed(4)
+    calib = torch.randint(0, COMMON["vocab_size"], (2, 16), generator=generator)
+    ids = torch.randint(0, COMMON["vocab_size"], (2, 13), generator=generator)
+    reference(name).save_pretrained(tmp_path / "hf")
+    mambaquant.save(mambaquant.load(str(tmp_path / "hf")), tmp_path / "ours")
+    in_memory = logits(mambaquant.quantize(str(tmp_path / "hf"), method="mambaquant", calib=calib, stream=False), ids)
+    for layout in ("hf", "ours"):
+        out = mambaquant.quantize(str(tmp_path / layout), method="mambaquant", calib=calib,
+                                  out=tmp_path / f"q-{layout}", stream=True)
+        assert torch.equal(logits(mambaquant.load(str(out)), ids), in_memory), layout
+
+
+def test_zamba2_is_not_streamed(tmp_path):
+    reference("zamba2 one block").save_pretrained(tmp_path / "hf")
+    with pytest.raises(InputError, match="streamed quantization does not take Zamba2"):
+        mambaquant.quantize(str(tmp_path / "hf"), method="rtn", calib=torch.randint(0, 96, (1, 8)),
+                            out=tmp_path / "q", stream=True)
+    assert not (tmp_path / "q").exists()
