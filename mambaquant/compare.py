@@ -95,6 +95,11 @@ def plan(methods, bits, granularities, target: str = "runtime",
     return runs
 
 
+def run_label(run: tuple[str, str, str, str]) -> str:
+    method, preset, granularity, scope = run
+    return f"{method} {preset} {granularity}" + (" linear only" if scope == "linear" else "")
+
+
 def names_of(value, what: str) -> list[str]:
     if isinstance(value, str):
         return [name.strip() for name in value.split(",") if name.strip()]
@@ -170,7 +175,7 @@ def compare(source, methods=None, bits=DEFAULT_BITS, granularities=GRANULARITIES
         reference.update(lm_eval_rows(model, name, lm_eval, tokenizer))
     memo = Memo(model)
     rows = []
-    for method, preset, granularity, scope in progress_of(runs, name, "run", progress, label=" ".join):
+    for method, preset, granularity, scope in progress_of(runs, name, "run", progress, label=run_label):
         started = time.perf_counter()
         if method == "fp":
             quantized = model
