@@ -271,7 +271,7 @@ def route_all_tokens(layer: nn.Module, runner: Runner) -> list[tuple[str, Expert
 def report_routing(lists: list[tuple[str, ExpertList]], prefix: str, report: QuantReport) -> None:
     for name, experts in lists:
         counts = experts.routed
-        experts.route_all = False
+        experts.route_all, experts.routed = False, None
         unreached = [str(i) for i in range(len(counts)) if counts[i] == 0]
         report.weights.append(
             f"{prefix}{name}: every expert calibrated on all {int(counts.sum()) // max(1, experts.top_k)} calibration "
