@@ -9,16 +9,21 @@ from torch import nn
 from .block import RMSNorm
 from .mixer import SelectiveSSM
 from .mixer2 import GroupRMSNorm, Mamba2Mixer
+from .moe import Experts, Router
 
 
 @torch.no_grad()
 def init_weights(model: nn.Module, std: float = 0.02, seed: int = 0, dt_min: float = 1e-3, dt_max: float = 0.1):
-    """Deterministic for a given seed. Linear and embedding weights ~ N(0, std): keep std small (0.02), a larger
-    one makes random Mambas chaotic (tiny weight changes flip the outputs)."""
+    """Deterministic for a given seed. Linear and embedding weights ~ N(0, std), and so a MoE's router and stacked
+    experts: keep std small (0.02), a larger one makes random Mambas chaotic (tiny weight changes flip the outputs)."""
     generator = torch.Generator().manual_seed(seed)
     for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        if isinstance(module, (nn.Linear, nn.Embedding, Router)):
             module.weight.normal_(0.0, std, generator=generator)
+        if isinstance(module, Experts):
+            for weight in (module.gate_proj, module.up_proj, module.down_proj):
+                if weight is not None:
+                    weight.normal_(0.0, std, generator=generator)
         if isinstance(module, nn.Linear) and module.bias is not None:
             module.bias.zero_()
         if isinstance(module, (RMSNorm, GroupRMSNorm, nn.LayerNorm)):
