@@ -27,8 +27,8 @@ LAYERS = {"d_model": 32, "mamba1": {"d_model": 32, "d_state": 8},
 
 
 def hybrid(blocks: list[str], **changes) -> torch.nn.Module:
-    """A random byte-level hybrid. `build` leaves a mixture of experts' router and stacked experts at zero (it
-    initialises linears): they get random weights here, so that the experts' site carries something."""
+    """A random byte-level hybrid, its mixture of experts' router and experts redrawn ten times wider than `build`
+    draws them, so that the routing differs from token to token and the experts' sites carry distinct values."""
     config = {"architecture": "hybrid-lm", "vocab_size": 256, "blocks": blocks}
     config |= {kind: {**fields, **changes.get(kind, {})} if isinstance(fields, dict) else fields
                for kind, fields in LAYERS.items()}
