@@ -156,3 +156,17 @@ def test_zamba2_is_not_streamed(tmp_path):
         mambaquant.quantize(str(tmp_path / "hf"), method="rtn", calib=torch.randint(0, 96, (1, 8)),
                             out=tmp_path / "q", stream=True)
     assert not (tmp_path / "q").exists()
+
+
+def test_compare_runs_both_scopes_on_a_hybrid_and_says_what_each_keeps_in_float():
+    from mambaquant.compare import compare, format_table
+
+    rows = compare("hybrid-shakespeare", methods=("fp", "rtn"), bits=("w8a8", "w4a16"), granularities=("token",),
+                   eval_samples=2, calib_samples=2, calib_len=64)
+    assert [(r.method, r.bits, r.scope) for r in rows] == [("fp", "fp32", "all"), ("rtn", "w8a8", "all"),
+                                                          ("rtn", "w8a8", "linear"), ("rtn", "w4a16", "all")]
+    table = format_table(rows)
+    assert "scope linear: the linear layers' inputs only" in table and " linear " in table
+    only_all = compare("hybrid-shakespeare", methods=("rtn",), bits=("w8a8",), granularities=("token",),
+                       eval_samples=2, calib_samples=2, calib_len=64, scopes="all")
+    assert [r.scope for r in only_all] == ["all"] and "scope" not in format_table(only_all).splitlines()[2]
