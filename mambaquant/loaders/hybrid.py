@@ -516,8 +516,9 @@ class BlockReader:
         if self.model_type == "zamba2":
             raise InputError(f"{source}: streamed quantization does not take Zamba2 (its shared blocks are not "
                              "quantized yet); expected another architecture")
+        used = used_names(checkpoint.infos)
         shapes = {name: torch.empty(info.shape, dtype=info.dtype, device="meta")
-                  for name, info in checkpoint.infos.items() if name in used_names(checkpoint.infos)}
+                  for name, info in checkpoint.infos.items() if name in used}
         self.weights = runtime_weights(self.model_type, config, shapes, source)  # (folding changes no shape)
 
     def ends(self) -> dict:
