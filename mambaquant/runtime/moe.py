@@ -83,7 +83,7 @@ class Experts(nn.Module):
         return out
 
     def as_list(self, config: MoEConfig) -> "ExpertList":
-        """The same experts as one `MLP` each (their linears share this module's storage until changed)."""
+        """The same experts as one `MLP` each, their weights copied."""
         experts = ExpertList(config)
         with torch.no_grad():
             for index, expert in enumerate(experts):
