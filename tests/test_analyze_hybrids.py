@@ -1,6 +1,6 @@
 """`mambaquant analyze` on hybrid language models: the attention, MLP and expert sites beside the Mamba ones, what
-each transform does there (equal to what the methods' own transforms do to the tensors), the report and plots; a
-Zamba2 model refused in one line."""
+each transform does there (equal to what the methods' own transforms do to the tensors), the report and plots;
+Zamba2's shared block analyzed at each depth that uses it."""
 
 import copy
 import json
@@ -12,7 +12,6 @@ import torch
 import mambaquant
 from mambaquant.analysis import analyze, capture, quantized_site_names
 from mambaquant.analysis.stats import SketchConfig, residual_readers_weight, transform_statistics
-from mambaquant.errors import InputError
 from mambaquant.methods import activation_sites
 from mambaquant.runtime.moe import MoE, experts_as_lists
 from mambaquant.transforms.rotation import random_hadamard, rotate_down_input, rotate_heads
@@ -129,14 +128,21 @@ def test_the_experts_stacked_stand_for_the_experts_quantization_makes(batches):
                                                                     "layers.1.mixer.experts.expert_down_in"}
 
 
-def test_zamba2_is_refused_in_one_line(tmp_path):
+def test_zamba2_shared_block_sites_are_analyzed_at_every_depth(tmp_path):
+    """Each hybrid layer's use of the shared attention and MLP block has its own sites (its own inputs), analyzed
+    beside the Mamba-2 ones, from the CLI too."""
     zamba = mambaquant.build({"architecture": "hybrid-lm", "vocab_size": 256, "d_model": 32,
-                              "blocks": ["mamba2", "zamba_hybrid"], "mamba2": LAYERS["mamba2"],
+                              "blocks": ["mamba2", "zamba_hybrid", "zamba_hybrid"], "mamba2": LAYERS["mamba2"],
                               "attention": {"d_model": 32, "n_heads": 4, "input_size": 64}, "mlp": LAYERS["mlp"]})
-    words = "analyze does not take Zamba2's shared attention and MLP blocks yet (one set of weights used at several"
-    with pytest.raises(InputError, match=re.escape(words)):
-        analyze(zamba, tmp_path / "analysis", calib=torch.randint(0, 256, (2, 16)))
+    results = analyze(zamba, tmp_path / "analysis", calib=torch.randint(0, 256, (2, 16)),
+                      methods=("rtn", "mambaquant"), bits=("w8a8",))
+    for depth in (1, 2):
+        for site in ("shared.attention.v", "shared.attention.o_proj_in", "shared.mlp.down_in", "mixer.out_proj_in"):
+            assert f"layers.{depth}.{site}" in results["sites"], site
+    first, second = (results["sites"][f"layers.{depth}.shared.mlp.down_in"] for depth in (1, 2))
+    assert first != second  # the same weights, different inputs
     source = mambaquant.save(zamba, tmp_path / "zamba")
-    code, _, stderr = run_cli("analyze", source, "--out", tmp_path / "analysis", "--calib-samples", "2")
-    assert code == 2 and len(stderr.strip().splitlines()) == 1 and words in stderr, stderr
-    assert not (tmp_path / "analysis").exists()
+    code, _, stderr = run_cli("analyze", source, "--out", tmp_path / "cli", "--calib-samples", "2", "--methods",
+                              "rtn")
+    assert code == 0, stderr
+    assert (tmp_path / "cli" / "stats.json").exists()

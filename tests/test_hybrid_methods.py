@@ -17,7 +17,7 @@ from mambaquant.runtime.moe import ExpertList
 from .helpers import rel_err
 from .test_hybrids import ARCHITECTURES, COMMON, reference
 
-QUANTIZABLE = [name for name in ARCHITECTURES if not name.startswith("zamba2")]
+QUANTIZABLE = list(ARCHITECTURES)
 MAMBA1_HYBRIDS = ("jamba",)
 
 
@@ -59,7 +59,8 @@ def test_quantized_hybrids_save_load_exactly_and_run_on_int8(hybrids, name, tmp_
         quantized = mambaquant.quantize(models[name], method=method, w_bits=w_bits, a_bits=a_bits, calib=calib,
                                         act_granularity=granularity)
         simulated = logits(quantized, ids)
-        assert torch.isfinite(simulated).all() and rel_err(simulated, logits(models[name], ids)) < 0.5, method
+        bound = 0.5 if a_bits == 8 else 0.75  # a random model of width 64: W4A4 costs every method ~0.3-0.6 here
+        assert torch.isfinite(simulated).all() and rel_err(simulated, logits(models[name], ids)) < bound, method
         linears = [m for m in quantized.modules() if isinstance(m, QuantizedLinear)]
         assert linears and all(linear.input_quantizer is not None for linear in linears), method
         back = mambaquant.load(mambaquant.save(quantized, tmp_path / f"{method}{w_bits}{a_bits}"))
@@ -116,9 +117,6 @@ def test_methods_that_cannot_act_on_a_layer_kind_say_so(hybrids):
     models, calib, _ = hybrids
     with pytest.raises(InputError, match="method quamba2 quantizes Mamba-2 blocks"):
         mambaquant.quantize(models["jamba"], method="quamba2", calib=calib)
-    zamba = mambaquant.load(reference("zamba2 one block"))
-    with pytest.raises(InputError, match="it takes mamba1, mamba2, attention, parallel"):
-        mambaquant.quantize(zamba, method="mambaquant", calib=calib)
 
 
 def test_the_report_says_what_each_layer_kind_got(hybrids):
@@ -134,10 +132,12 @@ def test_the_report_says_what_each_layer_kind_got(hybrids):
     assert len(quantizers) == len({id(q) for q in quantizers})  # q, k and v each hold their own input quantizer
 
 
-@pytest.mark.parametrize("name", ["granite-4.0-h moe", "nemotron-h moe", "jamba", "falcon-h1 norm before gate"])
+@pytest.mark.parametrize("name", ["granite-4.0-h moe", "nemotron-h moe", "jamba", "falcon-h1 norm before gate",
+                                  "zamba2 two blocks"])
 def test_streamed_quantization_of_a_hybrid_is_bit_identical_to_in_memory(name, tmp_path):
-    """From the model's own layout (save_pretrained: fused, per-expert and multiplied tensors mapped block by block)
-    and from ours; MambaQuant's model-wide statistics pass replays its edits on every block read."""
+    """From the model's own layout (save_pretrained: fused, per-expert and multiplied tensors mapped block by block;
+    Zamba2's shared blocks read from the layer holding them for every layer using them) and from ours; MambaQuant's
+    model-wide statistics pass replays its edits on every block read."""
     generator = torch.Generator().manual_seed(4)
     calib = torch.randint(0, COMMON["vocab_size"], (2, 16), generator=generator)
     ids = torch.randint(0, COMMON["vocab_size"], (2, 13), generator=generator)
@@ -150,12 +150,23 @@ def test_streamed_quantization_of_a_hybrid_is_bit_identical_to_in_memory(name, t
         assert torch.equal(logits(mambaquant.load(str(out)), ids), in_memory), layout
 
 
-def test_zamba2_is_not_streamed(tmp_path):
-    reference("zamba2 one block").save_pretrained(tmp_path / "hf")
-    with pytest.raises(InputError, match="streamed quantization does not take Zamba2"):
-        mambaquant.quantize(str(tmp_path / "hf"), method="rtn", calib=torch.randint(0, 96, (1, 8)),
-                            out=tmp_path / "q", stream=True)
-    assert not (tmp_path / "q").exists()
+def test_zamba2_shared_blocks_are_unshared_and_the_report_says_so(hybrids):
+    """Every hybrid layer gets its own copy of the attention and MLP weights it shared (a rounding chosen at one
+    depth would be wrong at the others): the quantized model's config says one set per hybrid layer, the source
+    model keeps its sharing, and the report counts the parameters added."""
+    models, calib, ids = hybrids
+    model = models["zamba2 two blocks"]
+    q_proj = [layer.shared.attention.q_proj for layer in model.layers if hasattr(layer, "shared")]
+    assert len(q_proj) == 3 and q_proj[0] is q_proj[2] and q_proj[0] is not q_proj[1]
+    quantized = mambaquant.quantize(model, method="gptq", w_bits=4, a_bits=16, calib=calib)
+    codes = [layer.shared.attention.q_proj for layer in quantized.layers if hasattr(layer, "shared")]
+    assert all(isinstance(linear, QuantizedLinear) for linear in codes) and len({id(c) for c in codes}) == 3
+    assert not torch.equal(codes[0].codes, codes[2].codes)  # the same weights, rounded for different inputs
+    assert quantized.config.shared_blocks == 3 and model.config.shared_blocks == 2
+    shared = sum(p.numel() for name, p in model.layers[1].shared.named_parameters() if "adapter" not in name)
+    line = next(line for line in quantized.quantization_report.weights if "unshared" in line)
+    assert f"+{shared:,} parameters" in line
+    assert rel_err(logits(quantized, ids), logits(model, ids)) < 0.5
 
 
 def test_compare_runs_both_scopes_on_a_hybrid_and_says_what_each_keeps_in_float():

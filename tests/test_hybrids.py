@@ -236,14 +236,8 @@ def test_a_hybrid_saves_and_loads_back_bit_for_bit(name, tmp_path):
 
 
 def test_what_does_not_take_hybrids_yet_refuses_in_one_line(byte_hybrid, tmp_path):
-    from mambaquant.analysis import analyze
     from mambaquant.exporters.gguf import export_gguf
 
-    calib = torch.randint(0, COMMON["vocab_size"], (2, 16))  # the reference models' vocabulary
-    zamba = mambaquant.load(reference("zamba2 one block"))
-    for call, words in [(lambda: mambaquant.quantize(zamba, method="rtn", calib=calib), "Zamba2's shared attention"),
-                        (lambda: export_gguf(byte_hybrid, tmp_path / "m.gguf"), "a hybrid of mamba2, attention"),
-                        (lambda: analyze(zamba, tmp_path / "analysis", calib=calib), "analyze does not take Zamba2")]:
-        with pytest.raises(InputError, match=words):
-            call()
+    with pytest.raises(InputError, match="a hybrid of mamba2, attention"):
+        export_gguf(byte_hybrid, tmp_path / "m.gguf")
     assert not any(tmp_path.iterdir())

@@ -206,9 +206,9 @@ def test_calibration_activations_can_be_held_in_bfloat16(tmp_path, monkeypatch):
     held_dtypes = []
     original = stages.Runner.__init__
 
-    def recording(self, stage, inputs):
+    def recording(self, stage, inputs, embedded=None):
         held_dtypes.extend({x.dtype for x in inputs})
-        original(self, stage, inputs)
+        original(self, stage, inputs, embedded)
 
     monkeypatch.setattr(stages.Runner, "__init__", recording)
     out = mambaquant.quantize(source, method="mambaquant", calib=calib(), calib_dtype="bfloat16", out=tmp_path / "q")

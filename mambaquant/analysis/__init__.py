@@ -17,7 +17,6 @@ from ..errors import InputError
 from ..methods import METHODS, PRESETS, Runner, methods_for, quantize
 from ..methods.granularity import CHUNKED_SITES
 from ..methods.stages import block_activation_sites, fixed_length, head_activation_sites, kind_of, part_linears, parts
-from ..methods.walk import refuse_shared_blocks
 from ..outputs import check_output_dir, write_atomic_dir
 from ..schema import check_options
 from ..progress import progress as progress_of
@@ -155,7 +154,6 @@ def analyze(source, out_dir: str | Path, config: AnalysisConfig | None = None, o
     out_dir = check_output_dir(out_dir, overwrite, sources=[source])  # first: --overwrite never takes the source
     check_full_precision(source, name)
     model = load(source).eval()
-    refuse_shared_blocks(model, "analyze")
     methods_for(model, config.methods)  # a method that does not apply to this block kind fails before any work
     batches = resolve_calibration(model, name, config.calib, config.calib_samples, config.calib_len, config.seed,
                                   batch_size=config.batch_size)

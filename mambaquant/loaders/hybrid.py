@@ -513,9 +513,6 @@ class BlockReader:
     def __init__(self, values: dict, config: HybridLMConfig, checkpoint: Checkpoint, source: str):
         self.values, self.config, self.checkpoint, self.source = values, config, checkpoint, source
         self.model_type = values["model_type"]
-        if self.model_type == "zamba2":
-            raise InputError(f"{source}: streamed quantization does not take Zamba2 (its shared blocks are not "
-                             "quantized yet); expected another architecture")
         used = used_names(checkpoint.infos)
         shapes = {name: torch.empty(info.shape, dtype=info.dtype, device="meta")
                   for name, info in checkpoint.infos.items() if name in used}
@@ -529,8 +526,12 @@ class BlockReader:
 
     def block(self, index: int) -> dict:
         """{name within the block: (checkpoint name, tensor)}."""
-        prefix = checkpoint_layer(self.model_type, self.checkpoint.infos, index)
-        tensors = self.checkpoint.read_names([name for name in self.checkpoint.infos if name.startswith(prefix)])
+        prefixes = [checkpoint_layer(self.model_type, self.checkpoint.infos, index)]
+        owner = dict(self.config.shared_owners()).get(index, index)
+        if owner != index:  # a Zamba2 hybrid layer: its shared block is held by an earlier one
+            prefixes.append(checkpoint_layer(self.model_type, self.checkpoint.infos, owner) + "shared_transformer.")
+        tensors = self.checkpoint.read_names([name for name in self.checkpoint.infos
+                                              if name.startswith(tuple(prefixes))])
         weights = folded(self.values, self.config, block_weights(self.model_type, self.config, tensors, index,
                                                                  self.source), self.source)
         ours = f"layers.{index}."

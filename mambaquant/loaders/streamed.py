@@ -32,8 +32,12 @@ class StreamedCheckpoint:
     reader: hybrid.BlockReader | None = None  # a hybrid in its model's layout: tensors split, stacked, folded
 
     def block_names(self, index: int) -> dict[str, tuple[str, object]]:
-        prefix = f"layers.{index}."
-        return {name[len(prefix):]: entry for name, entry in self.weights.items() if name.startswith(prefix)}
+        """Block `index`'s entries named within the block; a Zamba2 hybrid layer's shared block from the layer that
+        holds it (its own adapters kept)."""
+        own = within(self.weights, f"layers.{index}.")
+        owner = dict(self.config.shared_owners()).get(index, index) if isinstance(self.config, HybridLMConfig) \
+            else index
+        return own if owner == index else {**within(self.weights, f"layers.{owner}.", "shared."), **own}
 
     def read_block(self, index: int) -> dict[str, tuple[str, torch.Tensor]]:
         """Block `index`'s tensors, named within the block."""
@@ -51,6 +55,11 @@ class StreamedCheckpoint:
 
     def float32_bytes(self, weights: dict[str, tuple[str, object]]) -> int:
         return sum(4 * info.shape.numel() for _, info in weights.values())
+
+
+def within(weights: dict, prefix: str, keep: str = "") -> dict:
+    """The entries under `prefix` (and its part `keep`), named without the prefix."""
+    return {name[len(prefix):]: entry for name, entry in weights.items() if name.startswith(prefix + keep)}
 
 
 def open_streamed(source) -> StreamedCheckpoint:
@@ -103,9 +112,6 @@ def open_streamed(source) -> StreamedCheckpoint:
             if hf.is_lm_state_dict(checkpoint.infos) else None)
         if config is None:
             raise InputError(f"{where}: not a Mamba language model state dict (expected backbone.* tensors)")
-    if isinstance(config, HybridLMConfig) and any(kind == "zamba_hybrid" for kind in config.blocks):
-        raise InputError(f"{where}: streamed quantization does not take Zamba2 (its shared blocks are not quantized "
-                         "yet); expected another architecture")
     if isinstance(config, HybridLMConfig) and config_dict.get("architecture") is None:
         reader = hybrid.BlockReader(config_dict, config, checkpoint, where)
         weights, names = reader.weights, None

@@ -20,7 +20,7 @@ from ..transforms.smoothing import (smooth_conv_input, smooth_conv_input_mamba2,
 from .config import QuantConfig, QuantReport
 from .quarot import per_layer_lines, quarot_mlp, quarot_moe
 from .smoothquant import conv_weight_columns, smooth_mlps, smoothquant_attention
-from .stages import Runner, by_layer_kind, fused_offline, held, no_op
+from .stages import Runner, block_runner, by_layer_kind, fused_offline, held, no_op
 
 
 def mambaquant_model(model, blocks, batches, config: QuantConfig, report: QuantReport) -> None:
@@ -30,10 +30,11 @@ def mambaquant_model(model, blocks, batches, config: QuantConfig, report: QuantR
     fuse_norms(model, blocks.edit, untie=not config.online_transforms)
     residual = CovarianceObserver()  # every block's input: whatever reads the stream reads it there
     with torch.no_grad():
-        hidden = held([model.embed(batch) for batch in batches], config.calib_dtype)
+        hidden = embedded = held([model.embed(batch) for batch in batches], config.calib_dtype)
     for index in range(len(blocks)):
         layer = blocks.load(index)
-        hidden = held(Runner(layer, hidden).outputs({layer.sites["norm"]: residual}), config.calib_dtype)
+        hidden = held(block_runner(layer, hidden, embedded).outputs({layer.sites["norm"]: residual}),
+                      config.calib_dtype)
         blocks.release(index)
     rotate_residual(model, klt_hadamard(residual.covariance()), blocks.edit)
     report.transforms.append("norm fusion; KLT-enhanced rotation of the residual stream (pooled covariance of every "

@@ -26,11 +26,13 @@ def conv_weight_columns(mixer) -> torch.Tensor:
 
 
 def smoothquant_block(layer, runner: Runner, config: QuantConfig, report: QuantReport) -> dict:
-    absmax = AbsMaxObserver()
-    runner.observe({layer.sites["norm"]: absmax})
-    readers = layer.input_layers()
-    smooth_norm_output(layer.norm, readers, smoothing_scales(absmax.absmax, readers_weight(readers), config.alpha),
-                       layer.sites["norm"])
+    """Every norm of the block balanced against its readers (`norm_readers`), from one pass, then each layer."""
+    norms = layer.norm_readers()
+    absmax = {site: AbsMaxObserver() for _, _, site in norms}
+    runner.observe(absmax)
+    for norm, readers, site in norms:
+        smooth_norm_output(norm, readers, smoothing_scales(absmax[site].absmax, readers_weight(readers),
+                                                           config.alpha), site)
     return per_layer(layer, runner, config, report)
 
 

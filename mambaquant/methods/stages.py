@@ -14,27 +14,41 @@ from ..runtime.mlp import MLP
 from ..runtime.model import MLPHead
 from ..runtime.moe import MoE
 from ..runtime.parallel import ParallelMixer
+from ..runtime.zamba import ZambaHybridBlock
 from ..transforms.rotation import branches, each_block
 
 
 class Runner:
-    """Runs one stage of the model (a block, or the output head) over the stored calibration inputs; inputs held in
-    bfloat16 (`QuantConfig.calib_dtype`) are computed in float32."""
+    """Runs one stage of the model (a block, or the output head) over the stored calibration inputs (and the
+    embedding outputs beside them, for a stage that reads them); inputs held in bfloat16 (`QuantConfig.calib_dtype`)
+    are computed in float32."""
 
-    def __init__(self, stage: Callable[[torch.Tensor], torch.Tensor], inputs: list[torch.Tensor]):
-        self.stage, self.inputs = stage, inputs
+    def __init__(self, stage: Callable[..., torch.Tensor], inputs: list[torch.Tensor],
+                 embedded: list[torch.Tensor] | None = None):
+        self.stage, self.inputs, self.embedded = stage, inputs, embedded
+
+    def arguments(self):
+        if self.embedded is None:
+            return ((in_float32(x),) for x in self.inputs)
+        return ((in_float32(x), in_float32(e)) for x, e in zip(self.inputs, self.embedded, strict=True))
 
     @torch.no_grad()
     def observe(self, observers: dict[Site, Callable]) -> None:
         with attached(observers):
-            for x in self.inputs:
-                self.stage(in_float32(x))
+            for arguments in self.arguments():
+                self.stage(*arguments)
 
     @torch.no_grad()
     def outputs(self, observers: dict[Site, Callable] | None = None) -> list[torch.Tensor]:
         """The stage's outputs, watched by `observers` on the way (one pass for both)."""
         with attached(observers or {}):
-            return [self.stage(in_float32(x)) for x in self.inputs]
+            return [self.stage(*arguments) for arguments in self.arguments()]
+
+
+def block_runner(layer: nn.Module, hidden: list[torch.Tensor], embedded: list[torch.Tensor] | None) -> Runner:
+    """A runner for a block over its calibration inputs; a block that reads the embedding output (Zamba2's hybrid
+    layer) gets it beside them."""
+    return Runner(layer, hidden, embedded if layer.reads_embedding else None)
 
 
 def in_float32(x: torch.Tensor) -> torch.Tensor:
@@ -87,9 +101,11 @@ def no_op(*args) -> None:
 
 
 def parts(layer) -> list[nn.Module]:
-    """The layers a block's mixer is made of: the mixer itself, or Falcon-H1's Mamba-2 mixer and attention side by
-    side."""
+    """The layers a block is made of: its mixer, Falcon-H1's Mamba-2 mixer and attention side by side, or Zamba2's
+    shared attention and MLP and its Mamba-2 mixer."""
     mixer = layer.mixer
+    if isinstance(layer, ZambaHybridBlock):
+        return [layer.shared.attention, layer.shared.mlp, mixer]
     return [mixer.mamba, mixer.attention] if isinstance(mixer, ParallelMixer) else [mixer]
 
 
@@ -137,7 +153,15 @@ def fused_offline(ssm, config) -> bool:
 def block_linears(layer) -> list[tuple[nn.Module, str, Site]]:
     """The block's quantized linear layers as (owner, attribute, site carrying the input); a MoE's router stays in
     float (it picks the experts: a rounding there changes which weights a token sees)."""
-    return [slot for part in parts(layer) for slot in part_linears(part, layer.sites["norm"])]
+    slots = [slot for part in parts(layer) for slot in part_linears(part, input_site(layer, part))]
+    return slots + ([(layer, "linear", layer.sites["linear_in"])] if isinstance(layer, ZambaHybridBlock) else [])
+
+
+def input_site(layer, part: nn.Module) -> Site:
+    """The site carrying a layer's input: the block norm's output, or in Zamba2's shared block its own norm's."""
+    if isinstance(layer, ZambaHybridBlock) and part is layer.shared.attention:
+        return layer.shared.sites["attention_in"]
+    return layer.sites["norm"]
 
 
 def part_linears(part: nn.Module, input_site: Site) -> list[tuple[nn.Module, str, Site]]:

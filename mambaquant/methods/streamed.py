@@ -105,8 +105,10 @@ def quantize_streamed(streamed: StreamedCheckpoint, out, config, calib=None, cal
     batches = resolve_calibration(model, str(streamed.origin), calib, calib_samples, calib_len, config.seed,
                                   tokenizer=tokenizer)
     tokens = sum(batch.numel() for batch in batches)
-    # a block's inputs and outputs as held, and the float32 pass in between
-    held = tokens * streamed.config.d_model * (2 * (2 if config.calib_dtype == "bfloat16" else 4) + 4)
+    # a block's inputs and outputs as held (and the embedding outputs, for Zamba2's hybrid layers), and the float32
+    # pass in between
+    copies = 3 if any(layer.reads_embedding for layer in model.layers) else 2
+    held = tokens * streamed.config.d_model * (copies * (2 if config.calib_dtype == "bfloat16" else 4) + 4)
     disk, memory = check_resources(streamed, Path(out), config.w_bits, held)
     if progress:
         print(f"streaming {streamed.config.n_layer} blocks of {streamed.source}: calibration "

@@ -26,14 +26,14 @@ from ..quant.linear import BACKENDS, QuantizedEmbedding, QuantizedLinear
 from ..quant.quantizer import ActivationQuantizer, quantize_weight
 from ..runtime import Mamba2Mixer, MambaLM, Site
 from ..runtime.moe import ExpertList, experts_as_lists
-from ..runtime.zamba import ZambaHybridBlock
+from ..runtime.zamba import unshare_blocks
 from ..transforms.klt import CovarianceObserver
 from ..transforms.rotation import append_op
 from .config import FULL_PRECISION, MAMBA2_ONLY_METHODS, METHODS, QuantConfig, QuantReport
 from .granularity import CHUNKED_SITES, TokenStatistics, make_quantizer
 from .recipes import RECIPES
-from .stages import (InMemoryBlocks, Runner, activation_sites, block_activation_sites, block_linears, fixed_length,
-                     has_mamba2_blocks, head_activation_sites, head_slots, held, linear_slots)
+from .stages import (InMemoryBlocks, Runner, activation_sites, block_activation_sites, block_linears, block_runner,
+                     fixed_length, has_mamba2_blocks, head_activation_sites, head_slots, held, linear_slots)
 
 # Static ranges from the 99.99th percentile instead of min-max: Quamba's SSM input and state; for MambaQuant the
 # heavy-tailed state h (as the paper's official code does). On training data (never the evaluation split), W8A8
@@ -166,7 +166,6 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
     """A quantized copy of `model` (the model itself, transformed in place, without `copy_model`) and the report of
     what was done where. `blocks` reaches the model's blocks (default `InMemoryBlocks`; a streamed walk passes
     blocks read from disk one at a time and written out as each is finished)."""
-    refuse_shared_blocks(model)
     if not batches:
         raise InputError("the calibration set is empty; expected at least one batch of training data")
     torch.manual_seed(config.seed)
@@ -174,6 +173,7 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
         model = copy.deepcopy(model)
     model.eval()
     experts_as_lists(model)
+    unshared = unshare_blocks(model)
     quantized_kinds = {site.kind for site in activation_sites(model, config.scope)}
     config = config.resolve_site_bits(quantized_kinds - {site.kind for _, _, site in linear_slots(model)})
     unknown = sorted(set(config.site_bits) - quantized_kinds)
@@ -183,6 +183,10 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
                          f"{', '.join(sorted(quantized_kinds))}")
     blocks = blocks if blocks is not None else InMemoryBlocks(model)
     report = QuantReport(config=asdict(config))
+    if unshared:
+        report.weights.append(f"Zamba2's shared attention and MLP blocks unshared: each hybrid layer quantized with "
+                              f"its own copy (+{unshared:,} parameters), since a rounding or transform chosen at one "
+                              "depth would be wrong at the others")
     if config.method == "fp":
         return model, report
     check_blocks_for(config.method, model)
@@ -195,10 +199,11 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
     with torch.no_grad():
         hidden = held(check_finite_activations([model.embed(batch) for batch in batches], "the embedding's output"),
                       config.calib_dtype)
+    embedded = hidden if any(layer.reads_embedding for layer in getattr(model, "layers", ())) else None
     bar = progress_of(range(len(blocks)), f"{config.method} w{config.w_bits}a{config.a_bits}", "block", progress)
     for index in bar:
         layer = blocks.load(index)
-        runner = Runner(layer, hidden)
+        runner = block_runner(layer, hidden, embedded)
         expert_lists = route_all_tokens(layer, runner)
         clusters = block_transform(layer, runner, config, report)
         slots = quantized_slots(block_linears(layer), config)
@@ -242,16 +247,6 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
         report.transforms.append(f"calibration activations held in {config.calib_dtype} between blocks (each block "
                                  "computed in float32)")
     return model, report
-
-
-def refuse_shared_blocks(model: nn.Module, what: str = "quantization") -> None:
-    """Zamba2's shared attention + MLP blocks are one set of weights for several depths: a transform or a rounding
-    chosen from one depth's statistics would be wrong at the others (shared rotations are not built yet). `what`
-    refuses them too where it measures what quantization does (analyze)."""
-    if any(isinstance(layer, ZambaHybridBlock) for layer in getattr(model, "layers", ())):
-        raise InputError(f"{what} does not take Zamba2's shared attention and MLP blocks yet (one set of weights "
-                         "used at several depths); it takes mamba1, mamba2, attention, parallel (Falcon-H1), mlp and "
-                         "moe blocks")
 
 
 def route_all_tokens(layer: nn.Module, runner: Runner) -> list[tuple[str, ExpertList]]:

@@ -100,6 +100,10 @@ class Attention(nn.Module):
     def output_layers(self) -> list[nn.Linear]:
         return [self.o_proj]
 
+    def value_layers(self) -> list[nn.Linear]:
+        """The linears writing the values: v_proj, and the v adapter's second linear where there is one."""
+        return [self.v_proj] + ([self.v_adapter.up] if self.v_adapter is not None else [])
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
         """softmax(q k^T * scale + causal mask) v in float32, query head h reading key/value head h // (n_heads /
         n_kv_heads): q (B, L, H*P), k and v (B, past + L, G*P) -> (B, L, H*P)."""

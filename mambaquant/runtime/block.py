@@ -65,6 +65,11 @@ class Block(nn.Module):
         """The linear layers whose outputs are the block's contribution to the residual stream (their rows)."""
         return self.mixer.output_layers()
 
+    def norm_readers(self) -> list[tuple[nn.Module, list[nn.Module], nn.Module]]:
+        """Each norm of the block with the layers reading its output and the site carrying that output: where norm
+        scales fuse and smoothing balances (one norm here; Zamba2's hybrid layer has three)."""
+        return [(self.norm, self.input_layers(), self.sites["norm"])]
+
     def new_state(self, batch_size: int):
         """The mixer's state for decoding (a Mamba mixer's SSMState, attention's KVCache), None for a stateless one."""
         return self.mixer.new_state(batch_size) if hasattr(self.mixer, "new_state") else None

@@ -4,9 +4,12 @@ its output, through the layer's own `linear`, joins the input of a Mamba-2 mixer
     t = linear(mlp(ff_norm(attention(norm(cat[x, e])))))        out = x + mamba(mamba_norm(x + t))
 
 Hybrid layers take turns among a few sets of shared weights (`HybridLMConfig.shared_owners`): their attention and
-MLP projections and both norms are the same modules, each layer keeping its own adapters, sites and `linear`."""
+MLP projections and both norms are the same modules, each layer keeping its own adapters, sites and `linear`.
+`unshare_blocks` gives each layer its own copy (what quantization needs: a rounding or a transform chosen at one
+depth would be wrong at the others)."""
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -70,6 +73,28 @@ class ZambaHybridBlock(nn.Module):
     forward_order = ("sites.residual", "shared", "sites.linear_in", "linear", "norm", "sites.norm", "mixer",
                      "sites.out")
 
+    def input_layers(self) -> list[nn.Module]:
+        """The layers reading the residual stream through the block norm (see `Block.input_layers`)."""
+        return self.mixer.input_layers()
+
+    def joined_input_layers(self) -> list[nn.Module]:
+        """The layers reading [residual stream, embedding output] through the shared block's norm: both halves are
+        in the residual stream's basis."""
+        return self.shared.attention.input_layers()
+
+    def output_layers(self) -> list[nn.Linear]:
+        """The linears writing in the residual stream's basis: out_proj, and `linear`, whose output joins it before
+        the block norm."""
+        return self.mixer.output_layers() + [self.linear]
+
+    def norm_readers(self) -> list[tuple[nn.Module, list[nn.Module], nn.Module]]:
+        """The block norm (read by the mixer), the shared block's norm (by q/k/v and their adapters) and its
+        ff_norm (by the MLP); see `Block.norm_readers`."""
+        shared = self.shared
+        return [(self.norm, self.input_layers(), self.sites["norm"]),
+                (shared.norm, self.joined_input_layers(), shared.sites["attention_in"]),
+                (shared.ff_norm, shared.mlp.input_layers(), shared.mlp.sites["mlp_in"])]
+
     def new_state(self, batch_size: int) -> ZambaState:
         return ZambaState(kv=self.shared.attention.new_state(batch_size), ssm=self.mixer.new_state(batch_size))
 
@@ -79,3 +104,24 @@ class ZambaHybridBlock(nn.Module):
         transformed = self.linear(self.sites.linear_in(shared))
         normed = self.sites.norm(self.norm(residual + transformed))
         return residual + self.sites.out(self.mixer(normed) if state is None else self.mixer(normed, state.ssm))
+
+
+def unshare_blocks(model: nn.Module) -> int:
+    """Give each of a Zamba2 model's hybrid layers its own copy of the attention and MLP weights it shares (the
+    model's function is unchanged; its config then says one set per hybrid layer). Returns the parameters added."""
+    config = model.config
+    if not isinstance(config, HybridLMConfig):
+        return 0
+    uses = config.shared_owners()
+    added = 0
+    for index, owner in uses:
+        if index != owner:
+            shared = model.layers[index].shared
+            for path in SHARED:
+                parent, _, name = path.rpartition(".")
+                module = copy.deepcopy(shared.get_submodule(path))
+                setattr(shared.get_submodule(parent), name, module)
+                added += sum(p.numel() for p in module.parameters())
+    if added:
+        model.config = replace(config, shared_blocks=len(uses))
+    return added

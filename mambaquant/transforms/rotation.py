@@ -162,11 +162,11 @@ def center_residual(model: nn.Module, edit_blocks=None) -> None:
 
 @torch.no_grad()
 def fuse_block_norm(layer: nn.Module) -> None:
-    """The block norm folded into the layers reading it; a LayerNorm (of a centred model) becomes a scale-free
-    RMSNorm."""
-    if isinstance(layer.norm, NoNorm):
-        return
-    fuse_norm_into(layer.norm, layer.input_layers())
+    """The block's norms folded into the layers reading them (`norm_readers`); a LayerNorm (of a centred model)
+    becomes a scale-free RMSNorm."""
+    for norm, readers, _ in layer.norm_readers():
+        if not isinstance(norm, NoNorm):
+            fuse_norm_into(norm, readers)
     if isinstance(layer.norm, nn.LayerNorm):
         layer.norm = RMSNorm(layer.norm.normalized_shape[0], layer.norm.eps)
 
@@ -208,9 +208,16 @@ def check_unit_norm(norm: nn.Module) -> None:
 
 @torch.no_grad()
 def rotate_block_residual(layer: nn.Module, M: torch.Tensor) -> None:
-    check_unit_norm(layer.norm)
+    """The block's readers of the residual stream absorb M in their columns (Zamba2's [stream, embedding] readers
+    M on each half), its writers M^T in their rows."""
+    for norm, _, _ in layer.norm_readers():
+        check_unit_norm(norm)
     for reader in layer.input_layers():
         reader.weight.copy_(reader.weight @ M)
+    if layer.reads_embedding:
+        joined = torch.block_diag(M, M)
+        for reader in layer.joined_input_layers():
+            reader.weight.copy_(reader.weight @ joined)
     for writer in layer.output_layers():
         writer.weight.copy_(M.T @ writer.weight)
         if writer.bias is not None:
@@ -313,11 +320,12 @@ def rotate_down_input(mlp: nn.Module, seed: int) -> None:
 def rotate_heads(attention: nn.Module, M: torch.Tensor) -> None:
     """Each value head's channels turned by M (head_dim x head_dim), offline: v_proj's rows absorb M^T; the
     attention mixes positions, not channels, so each query head's output turns by the same M, which o_proj's
-    columns absorb (QuaRot's per-head R2 at the o_proj input, without an online product)."""
+    columns absorb (QuaRot's per-head R2 at the o_proj input, without an online product). A value adapter's rows
+    turn with v_proj's."""
     c = attention.config
-    v_proj, o_proj = attention.v_proj, attention.o_proj
     blocks = torch.block_diag(*[M] * c.n_kv_heads)
-    v_proj.weight.copy_(blocks.T @ v_proj.weight)
-    if v_proj.bias is not None:
-        v_proj.bias.copy_(v_proj.bias @ blocks)
-    o_proj.weight.copy_(o_proj.weight @ torch.block_diag(*[M] * c.n_heads))
+    for writer in attention.value_layers():
+        writer.weight.copy_(blocks.T @ writer.weight)
+        if writer.bias is not None:
+            writer.bias.copy_(writer.bias @ blocks)
+    attention.o_proj.weight.copy_(attention.o_proj.weight @ torch.block_diag(*[M] * c.n_heads))

@@ -102,7 +102,8 @@ def smooth_values(attention: nn.Module, act_absmax: torch.Tensor, alpha: float) 
     query head of its group reading it so scaled, o_proj's columns of those heads multiplied by s
     (`value_smoothing_scales`)."""
     s = value_smoothing_scales(attention, act_absmax, alpha)
-    divide_rows(attention.v_proj, slice(None), s)
+    for writer in attention.value_layers():
+        divide_rows(writer, slice(None), s)
     attention.o_proj.weight.mul_(per_query_head(attention, s))
 
 
@@ -120,6 +121,8 @@ def smooth_down_input(mlp: nn.Module, act_absmax: torch.Tensor, alpha: float) ->
         return False
     s = smoothing_scales(act_absmax, mlp.down_proj.weight, alpha)
     divide_rows(mlp.up_proj, slice(None), s if mlp.gate_proj is not None else s.sqrt())
+    if mlp.adapter is not None:  # Zamba2's, gated only: its rows after d_ff add to up
+        divide_rows(mlp.adapter.up, slice(mlp.config.d_ff, None), s)
     mlp.down_proj.weight.mul_(s)
     return True
 
