@@ -158,7 +158,7 @@ def method_options(args) -> dict:
     return {"head_clusters": args.head_clusters, "channel_clusters": args.channel_clusters,
             "calib_dtype": args.calib_dtype, "clip_search": args.clip_search, "act_order": args.act_order,
             "site_bits": args.site_bits, "target": args.target, "weight_group_size": args.weight_group_size,
-            "scope": args.scope}
+            "scope": args.scope, "decide": args.decide}
 
 
 def export_tokenizer(model, args):
@@ -478,6 +478,10 @@ def build_parser() -> Parser:
                                "data (default: on for mambaquant+, off otherwise)")
     quantize.add_argument("--act-order", action="store_true",
                           help="GPTQ: quantize the columns by decreasing input energy")
+    quantize.add_argument("--decide", action="store_true",
+                          help="keep each optional part of the recipe (clipping search, auto's granularity, "
+                               "mambaquant+'s 8-bit SSM sites) only where it lowers the output error on a quarter of "
+                               "the calibration set held back (one more run of the recipe per part)")
     quantize.add_argument("--site-bits", type=site_bits_value, metavar="SITE=BITS,...",
                           help="activation bits by site kind over --a-bits, e.g. h=8,x=8 (mixed precision), or none "
                                "(--a-bits everywhere); default: mambaquant+'s own rule, none for the others")

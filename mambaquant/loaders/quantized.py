@@ -54,8 +54,9 @@ WEIGHT_ROUNDINGS = ("rtn", "gptq")
 # quantization_config fields added within version 2
 ADDED_FIELDS = {**{name: None for name in CLUSTER_DEFAULTS}, "calib_dtype": "float32", "clip_search": False,
                 "act_order": False, "site_bits": {}, "granularity_reasons": {}, "clipping": {}, "weights": [],
-                "target": "runtime", "scope": "all"}
-REPORT_FIELDS = ("transforms", "activation_sites", "granularity_reasons", "clipping", "weights")  # QuantReport's
+                "target": "runtime", "scope": "all", "decide": False, "decisions": []}
+REPORT_FIELDS = ("transforms", "activation_sites", "granularity_reasons", "clipping", "weights",
+                 "decisions")  # QuantReport's
 ADDED_SPEC_FIELDS = {"clip": 1.0, "half_scales": False}  # activation quantizer spec fields added within version 2
 # a quantized linear's own weight group size (0: per output channel), recorded within version 2: before it, every
 # linear had quantization_config.weight_group_size
@@ -221,6 +222,7 @@ def model_card(config: dict, metrics: list[str]) -> str:
         lines.append(f"- target: {q['target']} (export: `mambaquant export DIR --to gguf --out MODEL.gguf`)")
     lines += [f"- transforms: {t}" for t in q["transforms"]]
     lines += [f"- weights: {w}" for w in q["weights"]]
+    lines += [f"- decided: {d}" for d in q["decisions"]]
     lines += [f"- {m}" for m in metrics]
     sites = report_of(q).site_lines()
     if sites:
@@ -280,7 +282,8 @@ QUANT_CONFIG = {"format_version": constant(FORMAT_VERSION), "method": string(*ME
                 "activation_sites": map_of(string(), text="an object of strings"), "transforms": list_of(string()),
                 "granularity_reasons": map_of(string(), text="an object of strings"),
                 "clipping": map_of(string(), text="an object of strings"), "weights": list_of(string()),
-                "target": string(*TARGETS), "scope": string(*SCOPES), "layout": obj(LAYOUT)}
+                "target": string(*TARGETS), "scope": string(*SCOPES), "decide": boolean(),
+                "decisions": list_of(string()), "layout": obj(LAYOUT)}
 CHECKPOINT = {"architecture": constant(ARCHITECTURE), "model_class": string(*MODELS), "model_config": obj(),
               "quantization_config": obj(QUANT_CONFIG)}
 # model_config: the config dataclass's schema, bounded below only (the tensors bound the sizes; a model built in code

@@ -61,6 +61,7 @@ class QuantConfig:
     site_bits: dict | None = None  # activation bits by site kind ({"h": 8}) over a_bits; None: the method's
     target: str = "runtime"  # TARGETS
     scope: str = "all"  # SCOPES
+    decide: bool = False  # the recipe's optional parts kept only where they help on held-back calibration data
 
     def __post_init__(self):
         if self.calib_dtype not in CALIB_DTYPES:
@@ -102,7 +103,7 @@ class QuantConfig:
         plus = self.method == "mambaquant+"
         if self.clip_search is None:
             self.clip_search = plus
-        for name in ("clip_search", "act_order"):
+        for name in ("clip_search", "act_order", "decide"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.act_order and (self.weight_rounding != "gptq" or self.weight_group_size):
@@ -185,6 +186,7 @@ class QuantReport:
     granularity_reasons: dict[str, str] = field(default_factory=dict)
     clipping: dict[str, str] = field(default_factory=dict)  # site -> its searched clipping ratio and why
     weights: list[str] = field(default_factory=list)
+    decisions: list[str] = field(default_factory=list)  # what `decide` kept and dropped, and by how much
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -206,6 +208,7 @@ class QuantReport:
                  f"granularity {c['act_granularity']}"]
         lines += [f"  transforms: {t}" for t in self.transforms]
         lines += [f"  weights: {w}" for w in self.weights]
+        lines += [f"  decided: {d}" for d in self.decisions]
         by_kind: dict[str, Counter] = {}
         for name, description in self.activation_sites.items():
             kind = ".".join(part for part in name.split(".") if not part.isdigit() and part != "layers")

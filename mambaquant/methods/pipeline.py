@@ -6,6 +6,7 @@ from ..calibration import resolve_calibration
 from ..errors import InputError
 from ..schema import check_options
 from .config import FULL_PRECISION, QuantConfig
+from .decide import decided_recipe
 from .walk import check_backend, check_blocks_for, run_recipe, set_backend
 
 
@@ -54,8 +55,10 @@ def quantize(model, method: str = "mambaquant", w_bits: int = 8, a_bits: int = 8
     loaded = load(model)
     check_blocks_for(config.method, loaded)
     batches = resolve_calibration(loaded, source, calib, calib_samples, calib_len, seed, tokenizer=tokenizer)
-    # a model this call loaded is its own: transformed in place, no copy
-    quantized, report = run_recipe(loaded, config, batches, progress, copy_model=loaded is model)
+    if config.decide:
+        quantized, report = decided_recipe(loaded, config, batches, progress)
+    else:  # a model this call loaded is its own: transformed in place, no copy
+        quantized, report = run_recipe(loaded, config, batches, progress, copy_model=loaded is model)
     quantized.quantization_report = report
     quantized = set_backend(quantized, backend)
     if out is None:

@@ -100,6 +100,9 @@ def quantize_streamed(streamed: StreamedCheckpoint, out, config, calib=None, cal
     check_shard_size(shard_size)
     if config.method == "fp":
         raise InputError("method fp quantizes nothing; expected a quantization method for a streamed run")
+    if config.decide:
+        raise InputError("decide runs the recipe several times on the model in memory; a streamed run reads each "
+                         "block once: expected stream=False, or decide off")
     model = build_skeleton(streamed)
     check_blocks_for(config.method, model)
     batches = resolve_calibration(model, str(streamed.origin), calib, calib_samples, calib_len, config.seed,
