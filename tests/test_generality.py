@@ -45,14 +45,13 @@ def test_every_fixture_has_its_shape_and_is_small(fixture):
 @torch.no_grad()
 def test_every_fixture_gives_its_recorded_top1_and_rtn_w8a8_runs(fixture):
     name, (model, calib, (inputs, labels), record) = fixture
-    fp = evaluate(model, name, eval_data=(inputs, labels))
-    assert fp.value == pytest.approx(record["fp_top1"], abs=1e-3)  # one sample is >= 0.1 point
+    assert train_generality.top1(model, inputs, labels) == pytest.approx(record["fp_top1"], abs=1e-9)
     assert record["fp_top1"] > record["chance_top1"] + 20  # trained, not a random model
     # dynamic per-token ranges: static per-tensor ones collapse on timeseries and vision (issue 34, item 2; the
     # benchmark measures them)
     quantized = mambaquant.quantize(model, method="rtn", w_bits=8, a_bits=8, act_granularity="token", calib=calib[:16],
                                     calib_samples=16)
-    few = (inputs[:50], labels[:50])
+    few = (inputs[:25], labels[:25])
     result = evaluate(quantized, name, eval_data=few, reference=model)
     assert result.agreement >= 90, (name, result.agreement)
 
