@@ -19,7 +19,7 @@ import mambaquant
 from mambaquant.errors import InputError
 from mambaquant.methods import METHODS
 from mambaquant.methods.config import MAMBA2_ONLY_METHODS
-from mambaquant.runtime import ModelConfig, RMSNorm, find_sites
+from mambaquant.runtime import CenteredRMSNorm, ModelConfig, RMSNorm, find_sites
 from mambaquant.runtime.config import CHOICES, model_config_problem
 
 from .helpers import rel_err
@@ -251,7 +251,7 @@ def test_every_method_keeps_every_composition_at_16_bits(fields, seed):
     model = mambaquant.build(config, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     for module in model.modules():  # non-trivial norms (some scales negative), so that their fusion is exercised
-        if isinstance(module, (RMSNorm, torch.nn.LayerNorm)):
+        if isinstance(module, (RMSNorm, CenteredRMSNorm, torch.nn.LayerNorm)):
             module.weight.add_(3 * torch.rand(module.weight.shape, generator=generator) - 1.5)
         if isinstance(module, torch.nn.LayerNorm):
             module.bias.add_(torch.rand(module.bias.shape, generator=generator) - 0.5)
@@ -260,6 +260,53 @@ def test_every_method_keeps_every_composition_at_16_bits(fields, seed):
     for method in MAMBA1_METHODS:
         kept = mambaquant.quantize(model, method=method, w_bits=16, a_bits=16, calib=calibration, calib_samples=8)
         assert rel_err(kept(x), reference) < 1e-4, method
+
+
+# A final LayerNorm over blocks of another kind (issue 34, item 4)
+
+@torch.no_grad()
+@pytest.mark.parametrize("fields", [
+    {"norm": "none", "residual": False, "pooling": "mean", "head": "mlp"},  # issue 34's time-series classifier
+    {"norm": "rms", "residual": True, "pooling": "max", "head": "linear"},
+    {"norm": "none", "residual": True, "pooling": "none", "head": "linear", "bidirectional": "separate"},
+])
+def test_every_method_keeps_a_final_layer_norm_over_other_blocks(fields, tmp_path):
+    config = ModelConfig(stem="linear", in_features=2, final_norm="layer", d_model=16, n_layer=2, d_state=4,
+                         num_classes=3, **fields)
+    model = mambaquant.build(config, seed=3)
+    generator = torch.Generator().manual_seed(3)
+    assert isinstance(model.norm_f, torch.nn.LayerNorm)
+    model.norm_f.weight.add_(3 * torch.rand(16, generator=generator) - 1.5)  # negative scales too
+    model.norm_f.bias.add_(torch.rand(16, generator=generator) - 0.5)
+    model.norm_f.bias.add_(2.0)  # a bias with a large mean: only a LayerNorm's own centring keeps it out of x
+    for layer in model.layers:
+        if isinstance(layer.norm, RMSNorm):
+            layer.norm.weight.add_(torch.rand(16, generator=generator) - 0.5)
+    with torch.no_grad():  # a stream with a large mean, which the final LayerNorm removes and the blocks read
+        model.input_proj.bias.add_(3.0)
+    calibration, x = torch.randn(8, 12, 2, generator=generator), torch.randn(4, 12, 2, generator=generator)
+    reference = model(x)
+    for method in MAMBA1_METHODS:
+        kept = mambaquant.quantize(model, method=method, w_bits=16, a_bits=16, calib=calibration)
+        assert rel_err(kept(x), reference) < 1e-4, method
+        assert kept.config.final_norm == ("centered" if method in ("quarot", "mambaquant", "mambaquant+") else "layer")
+        quantized = mambaquant.quantize(model, method=method, w_bits=4, a_bits=8, calib=calibration)
+        reloaded = mambaquant.load(mambaquant.save(quantized, tmp_path / method))
+        assert type(reloaded.norm_f) is type(quantized.norm_f)
+        assert torch.equal(reloaded(x), quantized(x)), method
+        assert rel_err(quantized(x), reference) < 0.5, method
+
+
+def test_a_centered_rms_norm_is_a_layer_norm_until_it_turns_with_its_input():
+    generator = torch.Generator().manual_seed(0)
+    x = 3 + torch.randn(5, 16, generator=generator)
+    norm = CenteredRMSNorm(16, eps=1e-5)
+    layer_norm = torch.nn.LayerNorm(16, eps=1e-5, elementwise_affine=False)
+    assert rel_err(norm(x), layer_norm(x)) < 1e-6
+    M = torch.linalg.qr(torch.randn(16, 16, generator=generator))[0]
+    with torch.no_grad():
+        norm.direction.copy_(norm.direction @ M)
+    assert rel_err(norm(x @ M), layer_norm(x) @ M) < 1e-5
 
 
 # The docs run as written; saving refuses what load could not rebuild; find_sites is in forward order

@@ -636,7 +636,10 @@ def build_skeleton(config: dict, q: dict, verifier: Verifier) -> tuple[nn.Module
                                   f"this {model_class.__name__} has no mixer {display(name)}")
         mixer.gate_scale = torch.zeros(mixer.d_inner)
         checks.append(("gate_scale", f"{name}.gate_scale"))
-    head_scale = site_ops(model.sites["norm_f"])[:1] if tied else []  # a tied head's input scale (fuse_norms)
+    # a tied head's input scale, or the product turning a max-pooled head's input back with the final norm's
+    # scale in it (fuse_norms, rotate_residual): not orthogonal
+    max_pooled = getattr(model_config, "pooling", None) == "max"
+    head_scale = site_ops(model.sites["norm_f"])[:1] if tied or max_pooled else []
     for name, module in model.named_modules():
         if isinstance(module, ActivationQuantizer):
             checks.append(("range", f"{name}.low", f"{name}.high"))

@@ -1,7 +1,7 @@
 """Our own Mamba-1, Mamba-2 and hybrid runtime: explicit modules, every quantizable tensor at a named site."""
 
 from .build import build
-from .block import MambaBlock, NoNorm, RMSNorm
+from .block import CenteredRMSNorm, MambaBlock, NoNorm, RMSNorm
 from .config import (LMConfig, Mamba2Config, Mamba2LMConfig, MambaConfig, ModelConfig, TaggerConfig,
                      VisionConfig)
 from .conv import SSMState
@@ -43,6 +43,7 @@ __all__ = [
     "MambaMixer",
     "MambaModel",
     "MambaTagger",
+    "CenteredRMSNorm",
     "NoNorm",
     "RMSNorm",
     "SSMState",

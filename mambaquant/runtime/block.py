@@ -20,6 +20,24 @@ class RMSNorm(nn.Module):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
 
+class CenteredRMSNorm(nn.Module):
+    """weight * y / sqrt(mean(y^2) + eps), y = x - (x . u) u: an RMSNorm of the input's component orthogonal to a
+    unit direction u (the buffer `direction`). With u the all-ones direction 1/sqrt(D) it is a LayerNorm without
+    bias; a rotation x -> x M of its input keeps its function when u turns with it (u -> u M), which a LayerNorm's
+    fixed centring does not. Norm fusion makes one of a final LayerNorm that reads a stream not every reader of
+    which is a LayerNorm (so that the stream cannot be centred offline): final norm "centered"."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.register_buffer("direction", torch.full((dim,), dim**-0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x - (x @ self.direction)[..., None] * self.direction
+        return self.weight * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
 class NoNorm(nn.Identity):
     """A block or final norm left out (norm "none"): the identity, with nothing to fuse."""
 
@@ -30,6 +48,8 @@ def make_norm(config: MambaConfig | Mamba2Config, kind: str | None = None) -> nn
         return RMSNorm(config.d_model, config.norm_eps)
     if kind == "layer":
         return nn.LayerNorm(config.d_model, eps=config.norm_eps)
+    if kind == "centered":
+        return CenteredRMSNorm(config.d_model, config.norm_eps)
     return NoNorm()
 
 

@@ -13,7 +13,7 @@ CLS_TOKENS = ("none", "start", "middle", "end")
 POOLINGS = ("none", "cls", "mean", "max", "last")
 HEADS = ("linear", "mlp")
 ACTIVATIONS = ("gelu", "relu", "silu", "tanh")
-FINAL_NORMS = ("same", "rms", "none")
+FINAL_NORMS = ("same", "rms", "layer", "none", "centered")
 GATED_NORMS = ("after_gate", "before_gate", "none")
 CHOICES = {"norm": NORMS, "conv": CONVS, "bidirectional": BIDIRECTIONAL, "stem": STEMS, "cls_token": CLS_TOKENS,
            "pooling": POOLINGS, "head": HEADS, "head_act": ACTIVATIONS, "final_norm": FINAL_NORMS,
@@ -184,7 +184,9 @@ class ModelConfig(MambaConfig):
     seq_len: int = 0  # the fixed input length of an embedding or linear stem (needed by a position embedding)
     cls_token: str = "none"  # where a learned class token is inserted: "none", "start", "middle", "end"
     pos_embed: bool = False  # a learned absolute position embedding added after the class token is inserted
-    final_norm: str = "same"  # "same" (the block norm's kind), "rms" or "none"
+    # "same" (the block norm's kind), "rms", "layer" (a LayerNorm with bias, whatever the blocks' norm), "none", or
+    # "centered" (what norm fusion makes of a final LayerNorm over blocks of another kind: `CenteredRMSNorm`)
+    final_norm: str = "same"
     pooling: str = "none"  # "none" (per token), "cls", "mean", "max", "last"
     head: str = "linear"  # "linear", or "mlp": Linear -> head_act -> Linear
     head_hidden: int = 0  # the MLP head's width; 0: d_model
@@ -238,9 +240,9 @@ def model_config_problem(c: dict) -> str | None:
     if c["pooling"] == "cls" and c["cls_token"] == "none":
         return "pooling 'cls' needs a class token: set cls_token to start, middle or end"
     final = c["norm"] if c["final_norm"] == "same" else c["final_norm"]
-    if "layer" in (c["norm"], final) and (c["norm"], final) != ("layer", "layer"):
-        return (f"a LayerNorm must be every reader of the residual stream (norm and final norm both 'layer'); got "
-                f"norm {c['norm']!r} and final norm {final!r}")
+    if c["norm"] == "layer" and final != "layer":  # a final LayerNorm over blocks of another kind is fine
+        return (f"LayerNorm blocks need a final LayerNorm too (a LayerNorm must be every reader of the residual "
+                f"stream); got norm 'layer' and final norm {final!r}")
     return None
 
 

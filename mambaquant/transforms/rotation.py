@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..runtime import MambaLM, NoNorm, RMSNorm, Site
+from ..runtime import CenteredRMSNorm, MambaLM, NoNorm, RMSNorm, Site
 from ..runtime.model import MLPHead
 from .hadamard import factor, fast_hadamard, hadamard, hadamard_or_orthogonal
 
@@ -178,12 +178,15 @@ def fuse_norms(model: nn.Module, edit_blocks=None, untie: bool = False) -> nn.Mo
     ~1/vocab of the head's cost): the checkpoint keeps one matrix for both; so it does before a max pooling, which
     a negative g would not pass. With `untie` a tied head gets its own matrix instead (an engine runs no online
     product). LayerNorm models are first centred (`center_residual`), and their norms become scale-free RMSNorms.
-    Absent norms (norm "none") have nothing to fold. `edit_blocks` applies the per-block part (default:
-    `each_block`)."""
+    A final LayerNorm over blocks of another kind (or none) reads a stream that cannot be centred offline (the
+    blocks read the mean too): its scale and bias are folded like any other, and it becomes a scale-free
+    `CenteredRMSNorm` (final norm "centered"), which keeps its centring through a rotation of the stream. Absent
+    norms (norm "none") have nothing to fold. `edit_blocks` applies the per-block part (default: `each_block`)."""
     edit_blocks = edit_blocks or each_block(model)
     if untie:
         untie_head(model)
-    layer_norm = isinstance(model.norm_f, nn.LayerNorm)
+    final_layer_norm = isinstance(model.norm_f, nn.LayerNorm)
+    layer_norm = final_layer_norm and getattr(model.config, "norm", "rms") == "layer"  # every reader a LayerNorm
     if layer_norm:
         center_residual(model, edit_blocks)
     edit_blocks(fuse_block_norm)
@@ -198,11 +201,16 @@ def fuse_norms(model: nn.Module, edit_blocks=None, untie: bool = False) -> nn.Mo
     if layer_norm:
         model.norm_f = RMSNorm(model.norm_f.normalized_shape[0], model.norm_f.eps)
         model.config.norm = "rms"
+        if getattr(model.config, "final_norm", "same") == "layer":
+            model.config.final_norm = "rms"
+    elif final_layer_norm:
+        model.norm_f = CenteredRMSNorm(model.norm_f.normalized_shape[0], model.norm_f.eps)
+        model.config.final_norm = "centered"
     return model
 
 
 def check_unit_norm(norm: nn.Module) -> None:
-    if not (isinstance(norm, NoNorm) or isinstance(norm, RMSNorm) and torch.all(norm.weight == 1)):
+    if not (isinstance(norm, NoNorm) or isinstance(norm, (RMSNorm, CenteredRMSNorm)) and torch.all(norm.weight == 1)):
         raise InputError("rotating the residual stream needs RMSNorm blocks with fused (unit) scales")
 
 
@@ -234,6 +242,8 @@ def rotate_residual(model: nn.Module, M: torch.Tensor, edit_blocks=None) -> nn.M
     head_input = model.sites["norm_f"].op
     if head_input is not None and (not isinstance(head_input, Rotate) or head_input.matrix is None):
         raise InputError("rotate the residual stream before other ops are added at the head input")
+    if isinstance(model.norm_f, CenteredRMSNorm):  # its centring direction turns with the stream
+        model.norm_f.direction.copy_(model.norm_f.direction @ M)
     (edit_blocks or each_block(model))(partial(rotate_block_residual, M=M))
     first, last = stream_writers(model)
     for tensor in first:
