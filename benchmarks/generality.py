@@ -33,6 +33,10 @@ BITS = ("w8a8", "w4a8", "w4a16", "w4a4")
 BASELINES = ("rtn", "smoothquant", "quarot", "gptq", "quamba")
 RECOMMENDED = ("mambaquant", "mambaquant+")
 METHODS = BASELINES + RECOMMENDED
+# the recommended recipes with `decide` (their optional parts kept only where they help on held-back calibration
+# data), at their own granularity (auto; none at W4A16)
+DECIDED = tuple(f"{method} decided" for method in RECOMMENDED)
+COLUMNS = METHODS + DECIDED
 GOAL_POINTS, GOAL_RELATIVE = 0.5, 0.5  # never more than 0.5 points or 0.5 % relative below the best baseline
 
 
@@ -50,9 +54,31 @@ def measure(name: str, bits, log) -> dict:
                                           f"({row.quantize_seconds:.1f} s)"))
     rows = [row for row in rows if row.task == USER_TASK]
     results = {(row.method, row.bits, row.granularity): row.value for row in rows if row.method != "fp"}
+    results |= decided_results(model, calib, (inputs, labels), bits, name, log)
     fp = next(row.value for row in rows if row.method == "fp")
     return {"fp": fp, "results": results, "record": record, "model": model, "calib": calib,
             "eval": (inputs, labels)}
+
+
+def decided_results(model, calib, eval_data, bits, name: str, log) -> dict:
+    """(method + " decided", bits, granularity) -> top-1 of the recommended recipes quantized with `decide`."""
+    import mambaquant
+    from mambaquant.evaluation import evaluate
+    from mambaquant.methods import PRESETS
+
+    results = {}
+    for preset in bits:
+        w_bits, a_bits = PRESETS[preset]
+        granularity = "none" if a_bits == 16 else "auto"
+        for method, column in zip(RECOMMENDED, DECIDED):
+            started = time.time()
+            quantized = mambaquant.quantize(model, method=method, w_bits=w_bits, a_bits=a_bits, calib=calib,
+                                            calib_samples=len(calib), decide=True)
+            value = evaluate(quantized, "fixture", eval_data=eval_data).value
+            results[(column, preset, granularity)] = value
+            log(f"{name} {column} {preset} {granularity}: {value:.2f} % ({time.time() - started:.1f} s; "
+                + "; ".join(quantized.quantization_report.decisions[1:]) + ")")
+    return results
 
 
 def table_rows(measured: dict, bits) -> list[dict]:
@@ -68,9 +94,9 @@ def table_rows(measured: dict, bits) -> list[dict]:
             (best_method, best_granularity), best = max(baseline.items(), key=lambda item: item[1])
             row = {"bits": preset, "granularity": granularity, "best": best,
                    "best_by": best_method + (f" ({best_granularity})" if granularity == "auto" else ""),
-                   "values": {m: results.get((m, preset, granularity)) for m in METHODS}, "distance": {},
+                   "values": {m: results.get((m, preset, granularity)) for m in COLUMNS}, "distance": {},
                    "met": {}}
-            for method in RECOMMENDED:
+            for method in RECOMMENDED + DECIDED:
                 value = results.get((method, preset, granularity))
                 if value is not None:
                     row["distance"][method] = value - best
@@ -123,12 +149,13 @@ def markdown(name: str, measured: dict, rows: list[dict]) -> str:
              f"{record['chance_top1']:.1f} %); calibration: {record['calib_samples']} training samples. Top-1 % per "
              "method; Δ: the recommended recipe minus the best baseline at equal granularity (points); goal: Δ ≥ "
              "-0.5.", "",
-             "| bits | granularity | " + " | ".join(METHODS) + " | best baseline | Δ mambaquant | Δ mambaquant+ "
-             "| goal met | where the points go (missed) |",
-             "|---|---|" + "---:|" * len(METHODS) + "---|---:|---:|---|---|"]
+             "| bits | granularity | " + " | ".join(COLUMNS) + " | best baseline | "
+             + " | ".join(f"Δ {m}" for m in RECOMMENDED + DECIDED) + " | goal met | where the points go (missed) |",
+             "|---|---|" + "---:|" * len(COLUMNS) + "---|" + "---:|" * len(RECOMMENDED + DECIDED) + "---|---|"]
     for row in rows:
-        values = " | ".join("-" if row["values"][m] is None else f"{row['values'][m]:.2f}" for m in METHODS)
-        distances = " | ".join(f"{row['distance'][m]:+.2f}" if m in row["distance"] else "-" for m in RECOMMENDED)
+        values = " | ".join("-" if row["values"][m] is None else f"{row['values'][m]:.2f}" for m in COLUMNS)
+        distances = " | ".join(f"{row['distance'][m]:+.2f}" if m in row["distance"] else "-"
+                               for m in RECOMMENDED + DECIDED)
         met = ", ".join(f"{m} {'yes' if ok else 'NO'}" for m, ok in row["met"].items())
         lines.append(f"| {row['bits'].upper()} | {row['granularity']} | {values} | {row['best']:.2f} "
                      f"({row['best_by']}) | {distances} | {met} | {row.get('why', '')} |")
@@ -156,7 +183,7 @@ def main(argv=None) -> None:
         measured = measure(name, bits, log)
         rows = table_rows(measured, bits)
         for row in rows:
-            missed = [m for m, ok in row["met"].items() if not ok]
+            missed = [m for m, ok in row["met"].items() if not ok and m in RECOMMENDED]
             if missed and not args.no_attribution:
                 row["why"] = "; ".join(f"{m}: {attribute(measured, row['bits'], row['granularity'], m)}"
                                        for m in missed)

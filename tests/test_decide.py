@@ -47,7 +47,7 @@ def test_only_calibration_inputs_are_held_back_and_none_is_also_fit(model, monke
 
 def test_the_parts_each_recipe_may_drop():
     assert [change for _, change in optional_parts(QuantConfig(method="mambaquant+", w_bits=4, a_bits=4))] == [
-        {"clip_search": False}, {"act_granularity": "token"}, {"site_bits": {}}]
+        {"act_granularity": "token"}, {"clip_search": False}, {"site_bits": {}}]
     assert [change for _, change in optional_parts(QuantConfig(method="mambaquant", w_bits=4, a_bits=16))] == []
     assert optional_parts(QuantConfig(method="rtn")) == []
 
