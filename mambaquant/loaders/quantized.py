@@ -215,7 +215,9 @@ def model_card(config: dict, metrics: list[str]) -> str:
     if q["target"] != "runtime":
         activations = f"{q['target']}'s own (int8, dynamic, per 32 values)"
     lines = [f"# {config['model_class']} quantized with {q['method']}", "",
-             f"- weights: int{q['w_bits']} ({q['weight_rounding']}), activations: {activations}",
+             f"- weights: int{q['w_bits']} ({q['weight_rounding']}), activations: {activations}"
+             + (f", KV cache: int{q['kv_bits']} (dynamic, per position and head)" if q["kv_bits"] != FULL_PRECISION
+                else ""),
              f"- format: mambaquant quantized checkpoint, version {q['format_version']} "
              "(load with `mambaquant.load(DIR)`)"]
     if q["target"] != "runtime":
