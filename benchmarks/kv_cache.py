@@ -36,7 +36,8 @@ def main() -> None:
         row.method += ", no q/k Hadamard"
     print(format_table(rows + ablated))
     if args.markdown:
-        write_atomic(args.markdown, to_markdown(rows + ablated, "python benchmarks/kv_cache.py " + " ".join(sys.argv[1:])))
+        command = "python benchmarks/kv_cache.py " + " ".join(sys.argv[1:])
+        write_atomic(args.markdown, to_markdown(rows + ablated, command))
 
 
 if __name__ == "__main__":

@@ -275,8 +275,9 @@ def cmd_compare(args) -> None:
     from .outputs import check_output_file, write_atomic
     from .zoo import ZOO, ZOO_PREFIX
 
-    runs = plan(args.methods or default_methods(args.kv_bits), args.bits, args.granularity, args.target,
-                args.scope or (SCOPES if args.kv_bits == FULL_PRECISION else ("all",)), args.kv_bits)  # bad options fail early
+    scopes = args.scope or (SCOPES if args.kv_bits == FULL_PRECISION else ("all",))
+    runs = plan(args.methods or default_methods(args.kv_bits), args.bits, args.granularity, args.target, scopes,
+                args.kv_bits)  # bad options fail before loading
     lm_eval = lm_eval_config(args)
     for path in (args.json, args.markdown):
         if path is not None:

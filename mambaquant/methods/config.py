@@ -177,14 +177,13 @@ class QuantConfig:
             raise InputError("site_bits sets activation bits by site, but a_bits is 16 (activations not quantized)")
 
     def activation_bits(self, kind: str) -> int:
-        if kind in KV_CACHE_SITES and self.kv_bits != FULL_PRECISION:
-            return self.kv_bits
         return self.site_bits.get(kind, self.a_bits)
 
     def kv_cache_spec(self, head_dim: int) -> QuantSpec:
-        """The KV cache's quantizer: dynamic, one range per position and key/value head; asymmetric, as QuaRot
-        quantizes its cache: a head's keys are not centred on zero (a zero point keeps all 2^b levels on its range;
-        symmetric codes would leave one unused and half of the rest on the side it lacks)."""
+        """The KV cache's quantizer (its bits whatever a_bits and site_bits say): dynamic, one range per position and
+        key/value head; asymmetric, as QuaRot quantizes its cache: a head's values at one position need not be
+        centred on zero, and a zero point spreads all 2^b levels over their range where symmetric codes may spend
+        up to half of them on a side the values do not reach."""
         return QuantSpec(self.kv_bits, symmetric=False, granularity="group", group_size=head_dim, dynamic=True)
 
     def resolve_site_bits(self, ssm_kinds) -> "QuantConfig":
