@@ -29,7 +29,9 @@ CONFIGS = {"granite-4.0-h dense": "no RoPE, 4 query heads on 2 key/value heads",
            "granite-4.0-h moe": "RoPE on the whole head",
            "bamba": "RoPE on half of each head",
            "falcon-h1 norm before gate": "RoPE, head_dim 24 (12 x 2), a key multiplier",
-           "jamba": "no RoPE, among Mamba-1 layers"}
+           "jamba": "no RoPE, among Mamba-1 layers",
+           "zamba2 one block": "no RoPE, one shared block (unshared when quantized)",
+           "zamba2 two blocks": "RoPE, low-rank adapters beside q, k and v"}
 ROTATING = ("quarot", "mambaquant", "mambaquant+")
 
 
