@@ -158,7 +158,7 @@ def method_options(args) -> dict:
     return {"head_clusters": args.head_clusters, "channel_clusters": args.channel_clusters,
             "calib_dtype": args.calib_dtype, "clip_search": args.clip_search, "act_order": args.act_order,
             "site_bits": args.site_bits, "target": args.target, "weight_group_size": args.weight_group_size,
-            "scope": args.scope, "decide": args.decide}
+            "scope": args.scope, "decide": args.decide, "kv_bits": args.kv_bits}
 
 
 def export_tokenizer(model, args):
@@ -269,15 +269,15 @@ def comma_list(text: str) -> list[str]:
 
 
 def cmd_compare(args) -> None:
-    from .compare import compare, format_table, plan, to_markdown, write_json
-    from .methods import METHODS
-    from .methods.config import SCOPES
+    from .compare import compare, default_methods, format_table, plan, to_markdown, write_json
+    from .methods.config import FULL_PRECISION, SCOPES
     from .loaders import check_source
     from .outputs import check_output_file, write_atomic
     from .zoo import ZOO, ZOO_PREFIX
 
-    runs = plan(args.methods or METHODS, args.bits, args.granularity, args.target,
-                args.scope or SCOPES)  # bad options fail before loading
+    scopes = args.scope or (SCOPES if args.kv_bits == FULL_PRECISION else ("all",))
+    runs = plan(args.methods or default_methods(args.kv_bits), args.bits, args.granularity, args.target, scopes,
+                args.kv_bits)  # bad options fail before loading
     lm_eval = lm_eval_config(args)
     for path in (args.json, args.markdown):
         if path is not None:
@@ -298,7 +298,7 @@ def cmd_compare(args) -> None:
             rows += compare(source, args.methods, args.bits, args.granularity, args.tasks, args.eval_samples,
                             args.calib, args.calib_samples, args.calib_len, args.seed, data, args.tokenizer,
                             progress=True, lm_eval=lm_eval, eval_data=eval_data, target=args.target,
-                            scopes=args.scope)
+                            scopes=args.scope, kv_bits=args.kv_bits)
         except InputError as e:
             failure = e
             break
@@ -496,6 +496,10 @@ def build_parser() -> Parser:
                           help="which activations to quantize: all (every site the method quantizes: the linear "
                                "layers' inputs and the conv, scan and state of the Mamba layers) or linear (the linear "
                                "layers' inputs only, the rest in float, as other tools do)")
+    quantize.add_argument("--kv-bits", type=bit_width, default=16,
+                          help="the KV cache's bits (the attention's keys and values), 2-8, whatever --a-bits is: "
+                               "dynamic, one range per position and head; quarot and mambaquant turn each query and "
+                               "key head by a Hadamard first (default 16: in float)")
     quantize.add_argument("--export", choices=("gguf",),
                           help="also write the model for its engine into --out: model.gguf for --target llama.cpp")
     quantize.add_argument("--stream", action="store_true",
@@ -538,6 +542,9 @@ def build_parser() -> Parser:
                               "(presets w8a8 -> Q8_0, w4a8 -> Q4_0; --granularity does not apply)")
     compare.add_argument("--scope", type=comma_list, default=None, metavar="SCOPES",
                          help="all and/or linear (see quantize --scope; default: all, and for a hybrid both)")
+    compare.add_argument("--kv-bits", type=bit_width, default=16,
+                         help="every run's KV cache at these bits (see quantize --kv-bits; default: the methods that "
+                              "quantize one, scope all)")
     add_lm_eval_options(compare)
     compare.set_defaults(run=cmd_compare)
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from .errors import InputError
 from .methods import FULL_PRECISION, GRANULARITIES, METHODS, PRESETS, QuantConfig, methods_for, run_recipe
-from .methods.config import AUTO_METHODS, ENGINE_GRANULARITY, SCOPES
+from .methods.config import AUTO_METHODS, ENGINE_GRANULARITY, KV_METHODS, SCOPES
 from .runtime import HybridLMConfig
 from .outputs import write_atomic
 from .schema import display
@@ -57,12 +57,18 @@ class Row:
         return {**row, "change": self.change, "relative_change_percent": self.relative_change}
 
 
-def plan(methods, bits, granularities, target: str = "runtime",
-         scopes=("all",)) -> list[tuple[str, str, str, str]]:
+def default_methods(kv_bits: int = FULL_PRECISION) -> tuple[str, ...]:
+    """Every method, or with a quantized KV cache those that quantize one (beside fp, the reference)."""
+    return METHODS if kv_bits == FULL_PRECISION else ("fp",) + KV_METHODS
+
+
+def plan(methods, bits, granularities, target: str = "runtime", scopes=("all",),
+         kv_bits: int = FULL_PRECISION) -> list[tuple[str, str, str, str]]:
     """(method, bits, granularity, scope) runs: FP once; weight-only bit widths once per method; otherwise every
     granularity and scope asked for, "auto" only for the methods whose recipe has it. For an engine `target` one
     run per method and bit width, with the engine's own activation quantization. Each of methods, bits,
-    granularities and scopes is a list of names or one comma-separated string."""
+    granularities and scopes is a list of names or one comma-separated string. `kv_bits` (the KV cache's, every
+    run the same) is checked against each method and scope."""
     methods, bits, granularities, scopes = (
         names_of(value, what) for value, what in
         ((methods, "methods"), (bits, "bits"), (granularities, "granularities"), (scopes, "scopes")))
@@ -75,6 +81,9 @@ def plan(methods, bits, granularities, target: str = "runtime",
     for preset in bits:
         if preset.lower() not in PRESETS:
             raise InputError(f"unknown bit widths {preset!r}; expected some of {', '.join(PRESETS)}")
+    if kv_bits != FULL_PRECISION:
+        for method, scope in ((m, scope) for m in methods if m != "fp" for scope in scopes):
+            QuantConfig(method=method, kv_bits=kv_bits, scope=scope, target=target)
     for granularity in granularities:
         if granularity not in GRANULARITIES:
             raise InputError(f"unknown granularity {granularity!r}; expected some of {', '.join(GRANULARITIES)}")
@@ -126,7 +135,8 @@ class Memo(nn.Module):
 def compare(source, methods=None, bits=DEFAULT_BITS, granularities=GRANULARITIES, tasks=None,
             eval_samples: int | None = None, calib=None, calib_samples: int = 32, calib_len: int | None = None,
             seed: int = 0, data: dict | None = None, tokenizer: str | None = None, progress: bool = False,
-            on_row=None, lm_eval=None, eval_data=None, target: str = "runtime", scopes=None) -> list[Row]:
+            on_row=None, lm_eval=None, eval_data=None, target: str = "runtime", scopes=None,
+            kv_bits: int = FULL_PRECISION) -> list[Row]:
     """Quantize `source` (an embedded model name, a directory or a model object) with every planned run and
     evaluate each against the full-precision model on `tasks` (default: every protocol that applies, or none
     when `lm_eval` is given). `methods`: None for every method that applies to the model's block kind (Quamba2
@@ -136,7 +146,8 @@ def compare(source, methods=None, bits=DEFAULT_BITS, granularities=GRANULARITIES
     it is done. Calibration never takes `eval_data`: it is `calib`, or the model's default training set. `target`
     "llama.cpp" restricts every run to what llama.cpp executes, and simulates it (`QuantConfig.target`). `scopes`:
     which activations each run quantizes (`QuantConfig.scope`); None: "all", and for a hybrid also "linear" (the
-    other tools' choice: the linear layers' inputs only)."""
+    other tools' choice: the linear layers' inputs only). `kv_bits`: every run's KV cache at these bits (its rows'
+    bits say so, e.g. w8a8kv4); then `methods` None means those that quantize a KV cache, and scope is "all"."""
     from .calibration import resolve_calibration
     from .evaluation import evaluate
     from .loaders import load
@@ -144,8 +155,13 @@ def compare(source, methods=None, bits=DEFAULT_BITS, granularities=GRANULARITIES
     from .zoo import embedded_name
 
     name = (embedded_name(source) or source) if isinstance(source, str) else type(source).__name__
-    methods = None if methods is None else names_of(methods, "methods")
-    plan(methods or METHODS, bits, granularities, target, scopes or SCOPES)  # bad options fail before loading
+    if methods is not None:
+        methods = names_of(methods, "methods")
+    elif kv_bits != FULL_PRECISION:
+        methods = default_methods(kv_bits)
+    if scopes is None and kv_bits != FULL_PRECISION:
+        scopes = ("all",)  # the KV cache is quantized with every activation, not with the linear inputs alone
+    plan(methods or METHODS, bits, granularities, target, scopes or SCOPES, kv_bits)  # bad options fail early
     if lm_eval is not None:
         from .evaluation.local_tasks import load_tasks
 
@@ -158,7 +174,7 @@ def compare(source, methods=None, bits=DEFAULT_BITS, granularities=GRANULARITIES
     model = load(source).eval()
     if scopes is None:
         scopes = SCOPES if isinstance(getattr(model, "config", None), HybridLMConfig) else ("all",)
-    runs = plan(methods_for(model, methods), bits, granularities, target, scopes)
+    runs = plan(methods_for(model, methods), bits, granularities, target, scopes, kv_bits)
     tasks = list(tasks or ([] if lm_eval is not None or eval_data is not None else tasks_for(model, name)))
     data = data or {}
     batches = resolve_calibration(model, name, calib, calib_samples, calib_len, seed, tokenizer=tokenizer)
@@ -182,14 +198,16 @@ def compare(source, methods=None, bits=DEFAULT_BITS, granularities=GRANULARITIES
         else:
             w_bits, a_bits = PRESETS[preset]
             config = QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, seed=seed, target=target, scope=scope,
-                                 act_granularity=None if granularity in ("none", ENGINE_GRANULARITY) else granularity)
+                                 act_granularity=None if granularity in ("none", ENGINE_GRANULARITY) else granularity,
+                                 kv_bits=kv_bits)
             quantized, _ = run_recipe(model, config, batches)
         seconds = time.perf_counter() - started
         results = measure(quantized, None if method == "fp" else memo)
         if lm_eval is not None:
             results.update(reference if method == "fp" else lm_eval_rows(quantized, name, lm_eval, tokenizer))
         for task, result in results.items():
-            row = Row(name, method, preset, granularity, task, result.metric, result.value, reference[task].value,
+            label = preset if method == "fp" or kv_bits == FULL_PRECISION else f"{preset}kv{kv_bits}"
+            row = Row(name, method, label, granularity, task, result.metric, result.value, reference[task].value,
                       result.higher_is_better, result.protocol, result.samples, round(seconds, 2), result.agreement,
                       result.extra, scope)
             rows.append(row)
@@ -213,11 +231,11 @@ def format_table(rows: list[Row]) -> str:
         scoped = any(row.scope != "all" for row in block)
         lines += ["", f"{first.model}: {first.metric} ({'higher' if first.higher_is_better else 'lower'} is better)",
                   f"  protocol: {first.protocol}; {first.samples} samples"] + ([f"  {SCOPE_NOTE}"] if scoped else []) + \
-            [f"  {'method':12s} {'bits':6s} {'granularity':12s} " + (f"{'scope':7s} " if scoped else "") +
+            [f"  {'method':12s} {'bits':8s} {'granularity':12s} " + (f"{'scope':7s} " if scoped else "") +
              f"{'value':>10s} {'change':>9s} {'relative':>9s} {'agreement':>9s} {'quant s':>8s}"]
         for row in block:
             agreement = f"{row.agreement:8.2f}%" if row.agreement is not None else f"{'-':>9s}"
-            lines.append(f"  {row.method:12s} {row.bits:6s} {row.granularity:12s} " +
+            lines.append(f"  {row.method:12s} {row.bits:8s} {row.granularity:12s} " +
                          (f"{row.scope:7s} " if scoped else "") + f"{row.value:10.4f} "
                          f"{row.change:+9.4f} {row.relative_change:+8.2f}% {agreement} {row.quantize_seconds:8.1f}")
     return "\n".join(lines[1:])

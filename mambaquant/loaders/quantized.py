@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..methods.config import (CALIB_DTYPES, CLUSTER_DEFAULTS, ENGINE_GRANULARITY, FULL_PRECISION, GRANULARITIES,
-                              METHODS, SCOPES, TARGETS, QuantReport)
+                              KV_CACHE_SITES, METHODS, SCOPES, TARGETS, QuantReport)
 from ..methods.stages import linear_slots
 from ..quant.linear import QuantizedEmbedding, QuantizedLinear
 from ..quant.quantizer import ACTIVATION_GRANULARITIES, OBSERVERS, ActivationQuantizer, QuantSpec
@@ -54,7 +54,7 @@ WEIGHT_ROUNDINGS = ("rtn", "gptq")
 # quantization_config fields added within version 2
 ADDED_FIELDS = {**{name: None for name in CLUSTER_DEFAULTS}, "calib_dtype": "float32", "clip_search": False,
                 "act_order": False, "site_bits": {}, "granularity_reasons": {}, "clipping": {}, "weights": [],
-                "target": "runtime", "scope": "all", "decide": False, "decisions": []}
+                "target": "runtime", "scope": "all", "decide": False, "decisions": [], "kv_bits": FULL_PRECISION}
 REPORT_FIELDS = ("transforms", "activation_sites", "granularity_reasons", "clipping", "weights",
                  "decisions")  # QuantReport's
 ADDED_SPEC_FIELDS = {"clip": 1.0, "half_scales": False}  # activation quantizer spec fields added within version 2
@@ -215,7 +215,9 @@ def model_card(config: dict, metrics: list[str]) -> str:
     if q["target"] != "runtime":
         activations = f"{q['target']}'s own (int8, dynamic, per 32 values)"
     lines = [f"# {config['model_class']} quantized with {q['method']}", "",
-             f"- weights: int{q['w_bits']} ({q['weight_rounding']}), activations: {activations}",
+             f"- weights: int{q['w_bits']} ({q['weight_rounding']}), activations: {activations}"
+             + (f", KV cache: int{q['kv_bits']} (dynamic, per position and head)" if q["kv_bits"] != FULL_PRECISION
+                else ""),
              f"- format: mambaquant quantized checkpoint, version {q['format_version']} "
              "(load with `mambaquant.load(DIR)`)"]
     if q["target"] != "runtime":
@@ -283,7 +285,7 @@ QUANT_CONFIG = {"format_version": constant(FORMAT_VERSION), "method": string(*ME
                 "granularity_reasons": map_of(string(), text="an object of strings"),
                 "clipping": map_of(string(), text="an object of strings"), "weights": list_of(string()),
                 "target": string(*TARGETS), "scope": string(*SCOPES), "decide": boolean(),
-                "decisions": list_of(string()), "layout": obj(LAYOUT)}
+                "decisions": list_of(string()), "kv_bits": BIT_WIDTHS, "layout": obj(LAYOUT)}
 CHECKPOINT = {"architecture": constant(ARCHITECTURE), "model_class": string(*MODELS), "model_config": obj(),
               "quantization_config": obj(QUANT_CONFIG)}
 # model_config: the config dataclass's schema, bounded below only (the tensors bound the sizes; a model built in code
@@ -366,29 +368,34 @@ class Verifier:
             if entry["input"] is not None:  # its bits are checked against its input site's in build_skeleton
                 self.check_spec(entry["input"], f"{at}.input", q["a_bits"], None)
         for site, ops in layout["sites"].items():
+            kind = site.rpartition(".")[2]
             for index, op in enumerate(ops):
                 if op["op"] == "quantize":
-                    self.check_spec(op["spec"], f"{item(item(f'{where}.sites', site), index)}.spec", q["a_bits"],
-                                    activation_bits(q, site.rpartition(".")[2]))
+                    at = f"{item(item(f'{where}.sites', site), index)}.spec"
+                    if kind in KV_CACHE_SITES:  # the KV cache, at kv_bits whatever a_bits is
+                        self.check_spec(op["spec"], at, q["kv_bits"], q["kv_bits"], "kv_bits")
+                    else:
+                        self.check_spec(op["spec"], at, q["a_bits"], activation_bits(q, kind))
         if len(set(layout["gate_scales"])) != len(layout["gate_scales"]):
             self.config_error(f"{where}.gate_scales", "a mixer is listed twice")
 
-    def check_spec(self, spec: dict, where: str, a_bits: int, bits: int | None) -> None:
-        """A quantizer spec at `where`, which should have `bits` (None: checked elsewhere)."""
+    def check_spec(self, spec: dict, where: str, a_bits: int, bits: int | None, field: str = "a_bits") -> None:
+        """A quantizer spec at `where`, which should have `bits` (None: checked elsewhere); `a_bits` is the value
+        of quantization_config's `field` that sets the bits there (kv_bits at the KV cache)."""
         if a_bits == FULL_PRECISION:
-            self.config_error(where, "an activation quantizer, but quantization_config.a_bits is 16 (activations "
+            self.config_error(where, f"an activation quantizer, but quantization_config.{field} is 16 (activations "
                                      "not quantized)")
         if bits is not None:
-            self.check_bits(spec, where, bits, a_bits)
+            self.check_bits(spec, where, bits, a_bits, field)
         try:
             ActivationQuantizer(QuantSpec(**spec))  # the granularity / dynamic / observer combination
         except InputError as e:
             self.config_error(where, str(e))
 
-    def check_bits(self, spec: dict, where: str, bits: int, a_bits: int) -> None:
+    def check_bits(self, spec: dict, where: str, bits: int, a_bits: int, field: str = "a_bits") -> None:
         if spec["bits"] != bits:
             source = "quantization_config.site_bits gives this site" if bits != a_bits else \
-                "quantization_config.a_bits is"
+                f"quantization_config.{field} is"
             self.config_error(f"{where}.bits", f"{spec['bits']} bits, but {source} {bits}")
 
     # -- the bytes --------------------------------------------------------------------------------------------
@@ -617,8 +624,10 @@ def build_skeleton(config: dict, q: dict, verifier: Verifier) -> tuple[nn.Module
             verifier.config_error(at, f"this {model_class.__name__} has no site {display(site_name)}")
         width = site_width(site, owners[site], model_config)
         for index, op in enumerate(ops):
-            if op["op"] == "rotate":  # a rotation in blocks (Mamba-2's groups) divides the width
-                if width is not None and (width % op["size"] or op["size"] != width and site.table != "mamba2"):
+            if op["op"] == "rotate":  # a rotation in blocks (Mamba-2's groups, the attention's heads) divides the width
+                head = owners[site].config.head_dim if site.table == "attention" else None
+                if width is not None and (width % op["size"] or op["size"] not in (width, head)
+                                          and site.table != "mamba2"):
                     verifier.config_error(f"{at}[{index}].size", f"{op['size']}, but the tensor at this site has "
                                                                  f"{width} channels")
                 append_op(site, Rotate(op["size"], torch.zeros(op["size"], op["size"]) if op["matrix"] else None))

@@ -36,6 +36,12 @@ ENGINE_GRANULARITY = "block"  # the act_granularity of an engine target: the eng
 # SSM's other products' operands: the conv input, the scan's inputs, C and the state), or the linears' inputs only
 # ("linear"), as llm-compressor, GPTQModel, ModelOpt and llama.cpp do, keeping the conv, the scan and the state in float
 SCOPES = ("all", "linear")
+# The KV cache: the attention's k and v sites as the cache holds them, quantized at `kv_bits` whatever a_bits and
+# site_bits say (16: kept in float, as are the attention's two products), dynamic, asymmetric, one range per position
+# and key/value head (QuaRot's choice). The methods that take it act on every layer kind: Quamba and Quamba2 are
+# written for Mamba layers alone, and fp quantizes nothing
+KV_CACHE_SITES = ("k", "v")
+KV_METHODS = tuple(m for m in METHODS if m not in ("fp", "quamba", "quamba2"))
 SITE_KINDS = sorted({kind for table in TABLES.values() for kind in table})
 
 
@@ -62,6 +68,7 @@ class QuantConfig:
     target: str = "runtime"  # TARGETS
     scope: str = "all"  # SCOPES
     decide: bool = False  # the recipe's optional parts kept only where they help on held-back calibration data
+    kv_bits: int = FULL_PRECISION  # the KV cache's bits (KV_CACHE_SITES); 16: in float
 
     def __post_init__(self):
         if self.calib_dtype not in CALIB_DTYPES:
@@ -78,6 +85,7 @@ class QuantConfig:
                              "method quantizes, or the linear layers' inputs only)")
         if self.target not in TARGETS:
             raise InputError(f"unknown target {self.target!r}; expected one of {', '.join(TARGETS)}")
+        self.check_kv_bits()
         if self.target != "runtime":
             self.check_engine_target()
         if self.act_granularity is None:
@@ -140,6 +148,23 @@ class QuantConfig:
         if self.site_bits:
             raise InputError(f"{where} quantizes only the linear layers' inputs, at 8 bits: site_bits do not apply")
 
+    def check_kv_bits(self) -> None:
+        bits = self.kv_bits
+        if isinstance(bits, bool) or not isinstance(bits, int) or not (2 <= bits <= 8 or bits == FULL_PRECISION):
+            raise InputError(f"kv_bits must be an integer from 2 to 8, or 16 for a KV cache in float; got {bits!r}")
+        if bits == FULL_PRECISION:
+            return
+        if self.method not in KV_METHODS:
+            does = "quantizes nothing" if self.method == "fp" else "acts on the Mamba layers only"
+            raise InputError(f"kv_bits: method {self.method} {does}; the KV cache is quantized by "
+                             f"{', '.join(KV_METHODS)}")
+        if self.scope != "all":
+            raise InputError(f"kv_bits quantizes the KV cache, which scope {self.scope} keeps in float (the linear "
+                             "layers' inputs only): expected scope all")
+        if self.target != "runtime":
+            raise InputError(f"target {self.target} holds its own KV cache (llama.cpp: --cache-type-k, "
+                             "--cache-type-v): kv_bits does not apply")
+
     def check_site_bits(self) -> None:
         if not isinstance(self.site_bits, dict):
             raise InputError(f"site_bits maps site kinds to activation bits, e.g. {{\"h\": 8}}; got {self.site_bits!r}")
@@ -153,6 +178,13 @@ class QuantConfig:
 
     def activation_bits(self, kind: str) -> int:
         return self.site_bits.get(kind, self.a_bits)
+
+    def kv_cache_spec(self, head_dim: int) -> QuantSpec:
+        """The KV cache's quantizer (its bits whatever a_bits and site_bits say): dynamic, one range per position and
+        key/value head; asymmetric, as QuaRot quantizes its cache: a head's values at one position need not be
+        centred on zero, and a zero point spreads all 2^b levels over their range where symmetric codes may spend
+        up to half of them on a side the values do not reach."""
+        return QuantSpec(self.kv_bits, symmetric=False, granularity="group", group_size=head_dim, dynamic=True)
 
     def resolve_site_bits(self, ssm_kinds) -> "QuantConfig":
         """This config with mambaquant+'s own site bits where they were left to it: `SSM_SITE_BITS` at the site
@@ -205,7 +237,9 @@ class QuantReport:
         c = self.config
         lines = [f"method {c['method']}, weights int{c['w_bits']}, activations "
                  f"{'full precision' if c['a_bits'] == FULL_PRECISION else 'int' + str(c['a_bits'])}, "
-                 f"granularity {c['act_granularity']}"]
+                 f"granularity {c['act_granularity']}"
+                 + (f", KV cache int{c['kv_bits']} per position and head" if c.get("kv_bits", FULL_PRECISION) !=
+                    FULL_PRECISION else "")]
         lines += [f"  transforms: {t}" for t in self.transforms]
         lines += [f"  weights: {w}" for w in self.weights]
         lines += [f"  decided: {d}" for d in self.decisions]

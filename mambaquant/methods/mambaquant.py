@@ -11,14 +11,14 @@ them). Mamba-2 has no dt_proj or x_proj, so the dt-path rotation and the x_proj 
 import torch
 
 from ..transforms.klt import AbsMaxObserver, CovarianceObserver, klt_hadamard
-from ..transforms.rotation import (Rotate, branches, fuse_norms, random_hadamard, rotate_dt_path, rotate_heads,
+from ..transforms.rotation import (Rotate, branches, fuse_norms, random_hadamard, rotate_dt_path,
                                    rotate_linear_input, rotate_out_proj_input, rotate_residual, rotate_state,
                                    rotate_state_mamba2)
 from ..transforms.smoothing import (smooth_conv_input, smooth_conv_input_mamba2, smooth_dt_input, smooth_gate,
                                     smooth_gated_norm, smooth_state, smooth_state_mamba2, smoothing_scales,
                                     state_smoothing_scales)
 from .config import QuantConfig, QuantReport
-from .quarot import per_layer_lines, quarot_mlp, quarot_moe
+from .quarot import per_layer_lines, quarot_attention, quarot_mlp, quarot_moe
 from .smoothquant import conv_weight_columns, smooth_mlps, smoothquant_attention
 from .stages import Runner, block_runner, by_layer_kind, fused_offline, held, no_op
 
@@ -38,8 +38,7 @@ def mambaquant_model(model, blocks, batches, config: QuantConfig, report: QuantR
         blocks.release(index)
     rotate_residual(model, klt_hadamard(residual.covariance()), blocks.edit)
     report.transforms.append("norm fusion; KLT-enhanced rotation of the residual stream (pooled covariance of every "
-                             "block's input); per layer: " + per_layer_lines(PER_LAYER, model,
-                                                                              config.online_transforms))
+                             "block's input); per layer: " + per_layer_lines(PER_LAYER, model, config))
 
 
 PER_LAYER = {  # what mambaquant does in each kind of layer: (with online transforms, without)
@@ -125,7 +124,7 @@ def mambaquant_mamba1(layer, mixer, runner: Runner, config: QuantConfig, report:
 
 def mambaquant_attention(layer, attention, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
     smoothquant_attention(layer, attention, runner, config, report)
-    rotate_heads(attention, random_hadamard(attention.config.head_dim, config.seed + 3))
+    quarot_attention(layer, attention, runner, config, report)
 
 
 def mambaquant_mlp(layer, mlp, runner: Runner, config: QuantConfig, report: QuantReport) -> None:

@@ -2,13 +2,13 @@
 writes it), then per layer: in a Mamba-1 layer Hadamards on the dt path, the state dimension and the out_proj and
 x_proj inputs; in a Mamba-2 layer an online Hadamard at the out_proj input (its C passes a SiLU after the conv, so
 a Hadamard on the state dimension fuses nowhere and is left out); in attention a Hadamard per value head, offline
-in v_proj and o_proj; an online Hadamard at every MLP's down_proj input (each expert's too). Its weights are
-rounded by GPTQ (`WEIGHT_ROUNDING`)."""
+in v_proj and o_proj, and for a quantized KV cache (`kv_bits`) a Hadamard per query and key head; an online
+Hadamard at every MLP's down_proj input (each expert's too). Its weights are rounded by GPTQ (`WEIGHT_ROUNDING`)."""
 
 from ..transforms.rotation import (Rotate, branches, fuse_norms, online_hadamard, random_hadamard, rotate_down_input,
                                    rotate_dt_path, rotate_heads, rotate_linear_input, rotate_out_proj_input,
-                                   rotate_residual, rotate_state)
-from .config import QuantConfig, QuantReport
+                                   rotate_queries_keys, rotate_residual, rotate_state)
+from .config import FULL_PRECISION, QuantConfig, QuantReport
 from .stages import Runner, by_layer_kind, fused_offline, layer_kinds, no_op
 
 PER_LAYER = {  # what quarot does in each kind of layer: (with online transforms, without)
@@ -21,15 +21,25 @@ PER_LAYER = {  # what quarot does in each kind of layer: (with online transforms
 }
 
 
-def per_layer_lines(table: dict, model, online: bool) -> str:
-    return "; ".join(f"{kind}: {table[kind][0 if online else -1]}" for kind in layer_kinds(model))
+KV_CACHE_ROTATION = ("Hadamard per query and key head for the KV cache (online after RoPE, offline in q_proj's and "
+                     "k_proj's rows without RoPE)")
+
+
+def per_layer_lines(table: dict, model, config: QuantConfig) -> str:
+    lines = []
+    for kind in layer_kinds(model):
+        line = table[kind][0 if config.online_transforms else -1]
+        if kind == "attention" and config.kv_bits != FULL_PRECISION:
+            line += f", {KV_CACHE_ROTATION}"
+        lines.append(f"{kind}: {line}")
+    return "; ".join(lines)
 
 
 def quarot_model(model, blocks, batches, config: QuantConfig, report: QuantReport) -> None:
     fuse_norms(model, blocks.edit, untie=not config.online_transforms)
     rotate_residual(model, random_hadamard(model.config.d_model, config.seed), blocks.edit)
     report.transforms.append("norm fusion; randomised Hadamard on the residual stream (offline); per layer: "
-                             + per_layer_lines(PER_LAYER, model, config.online_transforms))
+                             + per_layer_lines(PER_LAYER, model, config))
 
 
 def quarot_mamba2(layer, mixer, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
@@ -51,6 +61,8 @@ def quarot_mamba1(layer, mixer, runner: Runner, config: QuantConfig, report: Qua
 
 def quarot_attention(layer, attention, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
     rotate_heads(attention, random_hadamard(attention.config.head_dim, config.seed + 3))
+    if config.kv_bits != FULL_PRECISION:
+        rotate_queries_keys(attention, config.seed + 6)
 
 
 def quarot_mlp(layer, mlp, runner: Runner, config: QuantConfig, report: QuantReport) -> None:

@@ -25,15 +25,16 @@ from ..quant.gptq import gptq_quantize
 from ..quant.linear import BACKENDS, QuantizedEmbedding, QuantizedLinear
 from ..quant.quantizer import ActivationQuantizer, quantize_weight
 from ..runtime import Mamba2Mixer, MambaLM, Site
+from ..runtime.attention import Attention
 from ..runtime.moe import ExpertList, experts_as_lists
 from ..runtime.zamba import unshare_blocks
 from ..transforms.klt import CovarianceObserver
 from ..transforms.rotation import append_op
-from .config import FULL_PRECISION, MAMBA2_ONLY_METHODS, METHODS, QuantConfig, QuantReport
+from .config import FULL_PRECISION, KV_CACHE_SITES, MAMBA2_ONLY_METHODS, METHODS, QuantConfig, QuantReport
 from .granularity import CHUNKED_SITES, TokenStatistics, make_quantizer
 from .recipes import RECIPES
 from .stages import (InMemoryBlocks, Runner, activation_sites, block_activation_sites, block_linears, block_runner,
-                     fixed_length, has_mamba2_blocks, head_activation_sites, head_slots, held, linear_slots)
+                     fixed_length, has_mamba2_blocks, head_activation_sites, head_slots, held, linear_slots, parts)
 
 # Static ranges from the 99.99th percentile instead of min-max: Quamba's SSM input and state; for MambaQuant the
 # heavy-tailed state h (as the paper's official code does). On training data (never the evaluation split), W8A8
@@ -181,6 +182,7 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
         raise InputError(f"site_bits: this {type(model).__name__} quantizes no activation site of kind "
                          f"{', '.join(map(repr, unknown))}; its quantized sites are "
                          f"{', '.join(sorted(quantized_kinds))}")
+    check_kv_cache(model, config)
     blocks = blocks if blocks is not None else InMemoryBlocks(model)
     report = QuantReport(config=asdict(config))
     if unshared:
@@ -209,6 +211,7 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
         slots = quantized_slots(block_linears(layer), config)
         pending = activation_quantizers(block_activation_sites(layer, config.scope), slots, runner, config, fixed,
                                         report, clusters) if quantize_acts else []
+        pending += kv_cache_quantizers(layer, config, report)
         # the next block's inputs, from this block in full precision
         outputs = check_finite_activations(runner.outputs(), f"the output of block {index}")
         if quantize_weights:
@@ -286,6 +289,29 @@ def activation_quantizers(sites: list[Site], slots: list, runner: Runner, config
     if config.target == llama_cpp.ENGINE:
         return [(site, llama_cpp.input_quantizer()) for _, _, site in slots]
     return calibrate_quantizers(sites, runner, config, fixed, report, clusters)
+
+
+def check_kv_cache(model: nn.Module, config: QuantConfig) -> None:
+    if config.kv_bits != FULL_PRECISION and not any(isinstance(part, Attention) for layer in model.layers
+                                                    for part in parts(layer)):
+        raise InputError(f"kv_bits: this {type(model).__name__} has no attention layer, so no KV cache to quantize; "
+                         "expected a hybrid with attention layers, or kv_bits 16")
+
+
+def kv_cache_quantizers(layer: nn.Module, config: QuantConfig,
+                        report: QuantReport) -> list[tuple[Site, ActivationQuantizer]]:
+    """The quantizers of the block's KV cache (its attention's `k` and `v` sites) at `kv_bits`, whatever a_bits and
+    site_bits say: dynamic (`QuantConfig.kv_cache_spec`), so nothing to calibrate."""
+    if config.kv_bits == FULL_PRECISION:
+        return []
+    pending = []
+    for attention in (part for part in parts(layer) if isinstance(part, Attention)):
+        for kind in KV_CACHE_SITES:
+            site = attention.sites[kind]
+            pending.append((site, ActivationQuantizer(config.kv_cache_spec(attention.config.head_dim))))
+            report.granularity_reasons[site.name] = (f"the KV cache at int{config.kv_bits} (kv_bits), one range per "
+                                                     "position and key/value head")
+    return pending
 
 
 def weight_lines(model: nn.Module, config: QuantConfig) -> list[str]:

@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import InputError
 
 WEIGHT_GRANULARITIES = ("channel", "group")
-ACTIVATION_GRANULARITIES = ("tensor", "position", "token", "channel", "block")
+ACTIVATION_GRANULARITIES = ("tensor", "position", "token", "group", "channel", "block")
 OBSERVERS = ("minmax", "percentile")
 
 
@@ -144,6 +144,15 @@ def block_fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return (blocks * inverse).round_().mul_(scale).flatten(-2)
 
 
+def group_fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Dynamic quantization with one range per group of `group_size` consecutive channels of each token (each head of
+    a KV cache entry), shrunk by `spec.clip`, dequantized."""
+    groups = x.unflatten(-1, (-1, spec.group_size))
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale, zero = scale_and_zero(low * spec.clip, high * spec.clip, spec)
+    return fake_quantize(groups, scale, zero, spec).flatten(-2)
+
+
 def token_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Min and max over the channel dims of a (batch, time, channels...) site tensor, one pair per token."""
     dims = tuple(range(2, x.dim()))
@@ -153,7 +162,7 @@ def token_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class ActivationQuantizer(nn.Module):
     """A site op that fake-quantizes the tensor at the site. Static: one (low, high) range per tensor, or one per
     time position for fixed-length inputs (images), accumulated by `observe` during calibration; dynamic: the range
-    of each tensor or of each token, computed at run time."""
+    of each tensor, of each token or of each group of a token's channels, computed at run time."""
 
     def __init__(self, spec: QuantSpec):
         super().__init__()
@@ -164,6 +173,8 @@ class ActivationQuantizer(nn.Module):
             raise InputError("per-token activation scales are dynamic; pass dynamic=True")
         if spec.granularity == "position" and (spec.dynamic or spec.observer != "minmax"):
             raise InputError("per-position activation scales are static min-max ranges")
+        if spec.granularity == "group" and not spec.dynamic:
+            raise InputError("per-group activation scales are dynamic (one range per group of a token's channels)")
         if spec.granularity == "channel" and spec.dynamic:
             raise InputError("per-channel activation scales are static")
         if spec.granularity == "block" and not (spec.dynamic and spec.symmetric):
@@ -242,6 +253,8 @@ class ActivationQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.granularity == "block":
             return block_fake_quantize(x, self.spec)
+        if self.spec.granularity == "group":
+            return group_fake_quantize(x, self.spec)
         scale, zero = self.scale_and_zero(x)
         return fake_quantize(x, scale, zero, self.spec)
 
@@ -250,7 +263,7 @@ class ActivationQuantizer(nn.Module):
         tensor (a 0-d tensor), or one per row, shaped (rows, 1)."""
         if not self.spec.symmetric:
             raise InputError("the int8 backend needs symmetric activation quantization")
-        if self.spec.granularity in ("channel", "block"):
+        if self.spec.granularity in ("group", "channel", "block"):
             raise InputError(f"an integer linear takes one input scale per row, not per {self.spec.granularity}")
         scale, _ = self.scale_and_zero(x)
         q = torch.div(x, scale).round_().clamp_(self.spec.qmin, self.spec.qmax).to(torch.int8)
@@ -261,7 +274,7 @@ class ActivationQuantizer(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         kind = f"dynamic per {s.granularity}" if s.dynamic else f"static per {s.granularity} ({s.observer})"
-        if s.granularity == "block":
+        if s.granularity in ("group", "block"):
             kind += f" of {s.group_size} values"
         if s.half_scales:
             kind += ", float16 scales"

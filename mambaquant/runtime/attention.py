@@ -100,6 +100,14 @@ class Attention(nn.Module):
     def output_layers(self) -> list[nn.Linear]:
         return [self.o_proj]
 
+    def query_layers(self) -> list[nn.Linear]:
+        """The linears writing the queries: q_proj, and the q adapter's second linear where there is one."""
+        return [self.q_proj] + ([self.q_adapter.up] if self.q_adapter is not None else [])
+
+    def key_layers(self) -> list[nn.Linear]:
+        """The linears writing the keys: k_proj, and the k adapter's second linear where there is one."""
+        return [self.k_proj] + ([self.k_adapter.up] if self.k_adapter is not None else [])
+
     def value_layers(self) -> list[nn.Linear]:
         """The linears writing the values: v_proj, and the v adapter's second linear where there is one."""
         return [self.v_proj] + ([self.v_adapter.up] if self.v_adapter is not None else [])

@@ -7,6 +7,8 @@ between x_proj's dt rows and dt_proj, the state dimension on the C side (x_proj'
 Online (a `Rotate` op at a site, since no linear producer can absorb it): out_proj input, x_proj input, state h.
 Mamba-2: the residual stream and the out_proj input as above; the state dimension is online on both sides
 (`rotate_state_mamba2`), since C leaves the conv through a SiLU.
+Attention: each value head offline in v_proj and o_proj (`rotate_heads`); for a quantized KV cache each query and
+key head by one Hadamard (`rotate_queries_keys`), online after RoPE, offline in q_proj and k_proj without it.
 """
 
 from collections.abc import Callable
@@ -339,3 +341,25 @@ def rotate_heads(attention: nn.Module, M: torch.Tensor) -> None:
         if writer.bias is not None:
             writer.bias.copy_(writer.bias @ blocks)
     attention.o_proj.weight.copy_(attention.o_proj.weight @ torch.block_diag(*[M] * c.n_heads))
+
+
+@torch.no_grad()
+def rotate_queries_keys(attention: nn.Module, seed: int) -> None:
+    """One orthogonal H on the channels of every query and every key head (with grouped queries, the same for
+    both), so that q k^T is unchanged and the KV cache holds keys whose outlier channels H has spread over the head
+    (QuaRot's Hadamard on q and k). RoPE turns pairs of channels by the position's angles, which H does not commute
+    with: after RoPE H is online, the fast Hadamard at the `q` and `k` sites (a seeded orthogonal matrix for a
+    head_dim with no Hadamard construction); without RoPE a randomised Hadamard fuses offline into the rows of
+    q_proj and k_proj (and of their adapters)."""
+    c = attention.config
+    if c.rope:
+        for kind in ("q", "k"):
+            append_op(attention.sites[kind], online_hadamard(c.head_dim, seed))
+        return
+    M = random_hadamard(c.head_dim, seed)
+    for heads, writers in ((c.n_heads, attention.query_layers()), (c.n_kv_heads, attention.key_layers())):
+        blocks = torch.block_diag(*[M] * heads)
+        for linear in writers:
+            linear.weight.copy_(blocks.T @ linear.weight)
+            if linear.bias is not None:
+                linear.bias.copy_(linear.bias @ blocks)
