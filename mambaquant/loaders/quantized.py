@@ -211,14 +211,16 @@ def quantized_config(model: nn.Module, layout: dict) -> dict:
 def model_card(config: dict, metrics: list[str]) -> str:
     q = config["quantization_config"]
     activations = "not quantized" if q["a_bits"] == 16 else f"int{q['a_bits']}, granularity {q['act_granularity']}"
-    if q["target"] != "runtime":
+    if q["target"] == "llama.cpp":
         activations = f"{q['target']}'s own (int8, dynamic, per 32 values)"
     lines = [f"# {config['model_class']} quantized with {q['method']}", "",
              f"- weights: int{q['w_bits']} ({q['weight_rounding']}), activations: {activations}",
              f"- format: mambaquant quantized checkpoint, version {q['format_version']} "
              "(load with `mambaquant.load(DIR)`)"]
-    if q["target"] != "runtime":
+    if q["target"] == "llama.cpp":
         lines.append(f"- target: {q['target']} (export: `mambaquant export DIR --to gguf --out MODEL.gguf`)")
+    elif q["target"] == "vllm":
+        lines.append("- target: vllm (export: `mambaquant export DIR --to compressed-tensors --out VLLM_DIR`)")
     lines += [f"- transforms: {t}" for t in q["transforms"]]
     lines += [f"- weights: {w}" for w in q["weights"]]
     lines += [f"- {m}" for m in metrics]

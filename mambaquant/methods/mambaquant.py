@@ -18,7 +18,7 @@ from ..transforms.smoothing import (smooth_conv_input, smooth_conv_input_mamba2,
                                     smooth_gated_norm, smooth_state, smooth_state_mamba2, smoothing_scales,
                                     state_smoothing_scales)
 from .config import QuantConfig, QuantReport
-from .quarot import per_layer_lines, quarot_mlp, quarot_moe
+from .quarot import lines_for, quarot_mlp, quarot_moe
 from .smoothquant import conv_weight_columns, smooth_mlps, smoothquant_attention
 from .stages import Runner, by_layer_kind, fused_offline, held, no_op
 
@@ -37,8 +37,7 @@ def mambaquant_model(model, blocks, batches, config: QuantConfig, report: QuantR
         blocks.release(index)
     rotate_residual(model, klt_hadamard(residual.covariance()), blocks.edit)
     report.transforms.append("norm fusion; KLT-enhanced rotation of the residual stream (pooled covariance of every "
-                             "block's input); per layer: " + per_layer_lines(PER_LAYER, model,
-                                                                              config.online_transforms))
+                             "block's input); per layer: " + lines_for(PER_LAYER, model, config, VLLM))
 
 
 PER_LAYER = {  # what mambaquant does in each kind of layer: (with online transforms, without)
@@ -57,6 +56,10 @@ PER_LAYER = {  # what mambaquant does in each kind of layer: (with online transf
     "moe": ("smooth-fused rotation at each expert's down_proj (smoothing in up_proj's rows + online Hadamard), online "
             "Hadamard at the latent fc2's input", "smoothing at each expert's down_proj input (in up_proj's rows)"),
 }
+
+
+VLLM = {"mamba2": "smooth-fused rotation at out_proj (gated-norm smoothing + online Hadamard), conv1d input smoothing",
+        "mlp": "smooth-fused rotation at down_proj (smoothing in up_proj's rows + online Hadamard)"}
 
 
 class GroupStateAbsMax:
@@ -83,9 +86,10 @@ def mambaquant_mamba2(layer, mixer, runner: Runner, config: QuantConfig, report:
                                               config.alpha))
     smooth_conv_input_mamba2(mixer, smoothing_scales(absmax[sites["xBC"]].absmax, conv_weight_columns(mixer),
                                                      config.alpha))
+    if config.online_input_hadamards:
+        rotate_out_proj_input(mixer)
     if not config.online_transforms:
         return
-    rotate_out_proj_input(mixer)
     smooth_state_mamba2(mixer, state_smoothing_scales(absmax[sites["h"]].absmax, absmax[sites["C"]].absmax,
                                                       config.alpha))
     rotate_state_mamba2(mixer, random_hadamard(mixer.config.d_state, config.seed + 2))

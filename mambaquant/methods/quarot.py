@@ -21,19 +21,30 @@ PER_LAYER = {  # what quarot does in each kind of layer: (with online transforms
 }
 
 
-def per_layer_lines(table: dict, model, online: bool) -> str:
+def per_layer_lines(table: dict, model, online: bool, vllm_table: dict | None = None) -> str:
+    """What a recipe does per layer kind: with online transforms, without (llama.cpp), or for vLLM (`vllm_table`
+    given: its own line where it has one, else the line without online transforms)."""
+    if vllm_table is not None:
+        return "; ".join(f"{kind}: {vllm_table.get(kind, table[kind][-1])}" for kind in layer_kinds(model))
     return "; ".join(f"{kind}: {table[kind][0 if online else -1]}" for kind in layer_kinds(model))
+
+
+def lines_for(table: dict, model, config: QuantConfig, vllm_table: dict) -> str:
+    return per_layer_lines(table, model, config.online_transforms, vllm_table if config.target == "vllm" else None)
+
+
+VLLM = {"mamba2": "online Hadamard at out_proj input", "mlp": "online Hadamard at down_proj input"}
 
 
 def quarot_model(model, blocks, batches, config: QuantConfig, report: QuantReport) -> None:
     fuse_norms(model, blocks.edit, untie=not config.online_transforms)
     rotate_residual(model, random_hadamard(model.config.d_model, config.seed), blocks.edit)
     report.transforms.append("norm fusion; randomised Hadamard on the residual stream (offline); per layer: "
-                             + per_layer_lines(PER_LAYER, model, config.online_transforms))
+                             + lines_for(PER_LAYER, model, config, VLLM))
 
 
 def quarot_mamba2(layer, mixer, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
-    if config.online_transforms:
+    if config.online_input_hadamards:
         rotate_out_proj_input(mixer)
 
 
@@ -54,7 +65,7 @@ def quarot_attention(layer, attention, runner: Runner, config: QuantConfig, repo
 
 
 def quarot_mlp(layer, mlp, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
-    if config.online_transforms:
+    if config.online_input_hadamards:
         rotate_down_input(mlp, config.seed + 4)
 
 
