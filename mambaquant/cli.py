@@ -581,7 +581,8 @@ def build_parser() -> Parser:
     compare.add_argument("--markdown", type=path_value, help="write the table as Markdown to this file")
     compare.add_argument("--target", choices=TARGETS, default="runtime",
                          help="llama.cpp: every run restricted to what llama.cpp executes and simulated exactly "
-                              "(presets w8a8 -> Q8_0, w4a8 -> Q4_0; --granularity does not apply)")
+                              "(presets w8a8 -> Q8_0, w4a8 -> Q4_0; --granularity does not apply); vllm: the same "
+                              "for vLLM (presets w8a8, w4a16; granularities tensor and token)")
     compare.add_argument("--scope", type=comma_list, default=None, metavar="SCOPES",
                          help="all and/or linear (see quantize --scope; default: all, and for a hybrid both)")
     add_lm_eval_options(compare)
