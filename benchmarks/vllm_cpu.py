@@ -119,20 +119,21 @@ def serve_in_vllm(models, windows: int, venv: Path, log) -> list[dict]:
                 exports.append((path, dict(model=name, run=method, config=label,
                                            ours=ours(quantized, text, windows))))
         worker = Path(__file__).with_name("vllm_worker.py")
-        result = subprocess.run([str(python), str(worker), str(scratch / "val.txt"), "--window", str(WINDOW),
-                                 "--max-windows", str(windows), *[str(path) for path, _ in exports]],
-                                capture_output=True, text=True)
-        served = {}
-        for line in result.stdout.splitlines():
-            if line.startswith("{"):
-                entry = json.loads(line)
-                served[entry["model"]] = entry
-        if result.returncode or len(served) != len(exports):
-            raise SystemExit(f"the vLLM worker failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
-        for path, row in exports:
-            entry = served[str(path)]
-            row.update(vllm=entry["bits_per_byte"], windows=entry["windows"], difference=entry["bits_per_byte"] - row["ours"],
-                       load_s=entry["load_s"], eval_s=entry["eval_s"])
+        for path, row in exports:  # one process per model: a model vLLM refuses is a row, not the end of the run
+            result = subprocess.run([str(python), str(worker), str(scratch / "val.txt"), "--window", str(WINDOW),
+                                     "--max-windows", str(windows), str(path)], capture_output=True, text=True)
+            served = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+            if result.returncode or not served:
+                lines = [line.split("]: ")[-1].strip() for line in result.stderr.splitlines()]
+                reasons = ([line for line in lines if line.startswith("CPUWNA16")] or
+                           [line for line in lines if "cannot implement" in line or "Error" in line] or
+                           [f"exit {result.returncode}"])
+                row.update(vllm=None, windows=windows, error=reasons[-1])
+            else:
+                entry = served[0]
+                row.update(vllm=entry["bits_per_byte"], windows=entry["windows"],
+                           difference=entry["bits_per_byte"] - row["ours"], load_s=entry["load_s"],
+                           eval_s=entry["eval_s"])
             rows.append(row)
             log(row)
     return rows
@@ -153,6 +154,10 @@ def markdown(quality_rows, vllm_rows) -> str:
         lines += ["", "| model | method | vLLM execution | windows | ours | vLLM CPU | vLLM - ours |",
                   "|---|---|---|---:|---:|---:|---:|"]
         for row in vllm_rows:
+            if row["vllm"] is None:
+                lines.append(f"| {row['model']} | {row['run']} | {row['config']} | {row['windows']} | "
+                             f"{row['ours']:.4f} | not served: {row['error']} | |")
+                continue
             lines.append(f"| {row['model']} | {row['run']} | {row['config']} | {row['windows']} | {row['ours']:.4f} | "
                          f"{row['vllm']:.4f} | {row['difference']:+.4f} |")
     return "\n".join(lines) + "\n"

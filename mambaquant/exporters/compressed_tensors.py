@@ -191,6 +191,9 @@ def checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]
         schemes.setdefault(key, (weights, inputs, []))[2].append(pattern)
         rotate = transform_of(site) if site.kind in vllm.TRANSFORM_SITES else None
         if rotate is not None:
+            if linear.bias is not None:
+                raise InputError(f"vLLM cannot serve this model as quantized: an online transform at the input of "
+                                 f"{name}, which has a bias (vLLM's input transforms take linears without one)")
             matrix = rotate.as_matrix().float()  # (size, size), applied per block of `size` inputs
             scheme = f"{vllm.TRANSFORM_SITES[site.kind]}_hadamard_{matrix.shape[0]}"
             head_dims[scheme] = None if rotate.size == linear.in_features else rotate.size
