@@ -25,7 +25,8 @@ inputs (its CPUWNA16 takes 4-bit codes only), so a W4A16 export, whose in_proj k
 says so; Marlin runs it on GPUs.
 
     python benchmarks/vllm_cpu.py [--quality] [--vllm] [--models mamba2-shakespeare hybrid-shakespeare]
-                                  [--methods rtn ...] [--windows 32] [--venv DIR] [--markdown FILE] [--json FILE]
+                                  [--methods rtn ...] [--windows 128] [--quality-windows N] [--venv DIR]
+                                  [--markdown FILE] [--json FILE]
 """
 
 import argparse
@@ -73,11 +74,11 @@ def ours(model, text: bytes, windows: int | None = None) -> float:
         return bits_per_byte(model, text, WINDOW, max_windows=windows)[0]
 
 
-def quality(models, methods, log) -> list[dict]:
+def quality(models, methods, windows: int | None, log) -> list[dict]:
     text, rows = tinyshakespeare_validation(), []
     for name in models:
         model = mambaquant.load(name)
-        fp = ours(model, text)
+        fp = ours(model, text, windows)
         rows.append(dict(model=name, run="fp32", config="", value=fp, seconds=0.0))
         log(rows[-1])
         runs = [(method, label, {"method": method, **options}) for label, options in CONFIGS.items()
@@ -89,7 +90,7 @@ def quality(models, methods, log) -> list[dict]:
                 rows.append(dict(model=name, run=run, config=label, value=None, error=str(e)))
                 log(rows[-1])
                 continue
-            rows.append(dict(model=name, run=run, config=label, value=ours(quantized, text), fp=fp,
+            rows.append(dict(model=name, run=run, config=label, value=ours(quantized, text, windows), fp=fp,
                              seconds=round(seconds, 1), weights=quantized.quantization_report.weights))
             log(rows[-1])
     return rows
@@ -173,7 +174,8 @@ def main() -> None:
     parser.add_argument("--vllm", action="store_true")
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "fp"])
-    parser.add_argument("--windows", type=int, default=32, help="windows of the split served by vLLM")
+    parser.add_argument("--windows", type=int, default=128, help="windows of the split served by vLLM")
+    parser.add_argument("--quality-windows", type=int, help="windows of the split for --quality (default: all 435)")
     parser.add_argument("--venv", type=Path, default=Path(tempfile.gettempdir()) / "mambaquant-vllm-venv")
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--json", type=Path)
@@ -181,7 +183,7 @@ def main() -> None:
     if not (args.quality or args.vllm):
         parser.error("expected --quality and/or --vllm")
     log = lambda row: print(json.dumps(row) if isinstance(row, dict) else row, flush=True)  # noqa: E731
-    quality_rows = quality(args.models, args.methods, log) if args.quality else []
+    quality_rows = quality(args.models, args.methods, args.quality_windows, log) if args.quality else []
     vllm_rows = serve_in_vllm(args.models, args.windows, args.venv, log) if args.vllm else []
     table = markdown(quality_rows, vllm_rows)
     print(table)

@@ -31,10 +31,12 @@ TRANSFORM_SITES = {"out_proj_in": "out_proj", "down_in": "down_proj"}
 
 def input_quantizer_ok(quantizer) -> bool:
     """Whether vLLM quantizes a linear's input as `quantizer` does: int8 symmetric, static per tensor (one scale)
-    or dynamic per token (not clipped: vLLM's per-token scale is the token's whole range)."""
+    or dynamic per token (not clipped: vLLM's per-token scale is the token's whole range). A static one clamps its
+    codes to [-128, 127] as vLLM's does (`full_range`)."""
     s = quantizer.spec
     return s.bits == 8 and s.symmetric and not s.half_scales and (
-        (s.granularity == "tensor" and not s.dynamic) or (s.granularity == "token" and s.dynamic and s.clip == 1))
+        (s.granularity == "tensor" and not s.dynamic and s.full_range) or
+        (s.granularity == "token" and s.dynamic and s.clip == 1))
 
 
 def weight_bits(linear: nn.Module, w_bits: int) -> int:

@@ -56,7 +56,7 @@ ADDED_FIELDS = {**{name: None for name in CLUSTER_DEFAULTS}, "calib_dtype": "flo
                 "act_order": False, "site_bits": {}, "granularity_reasons": {}, "clipping": {}, "weights": [],
                 "target": "runtime", "scope": "all"}
 REPORT_FIELDS = ("transforms", "activation_sites", "granularity_reasons", "clipping", "weights")  # QuantReport's
-ADDED_SPEC_FIELDS = {"clip": 1.0, "half_scales": False}  # activation quantizer spec fields added within version 2
+ADDED_SPEC_FIELDS = {"clip": 1.0, "half_scales": False, "full_range": False}  # activation quantizer spec fields added within version 2
 # a quantized linear's own weight group size (0: per output channel), recorded within version 2: before it, every
 # linear had quantization_config.weight_group_size
 # model_config fields added within version 2 (the composition of issue 16): an older checkpoint has their defaults
@@ -248,7 +248,7 @@ BITS = integer(2, 8)
 PERCENTILE = number(50, 100, above=True)
 QUANT_SPEC = {"bits": BITS, "symmetric": boolean(), "granularity": string(*ACTIVATION_GRANULARITIES),
               "group_size": integer(1), "dynamic": boolean(), "observer": string(*OBSERVERS), "percentile": PERCENTILE,
-              "clip": number(0, 1, above=True), "half_scales": boolean()}
+              "clip": number(0, 1, above=True), "half_scales": boolean(), "full_range": boolean()}
 QUANTIZED_LINEAR = {"shape": list_of(integer(1), min_items=2, max_items=2,
                                      text="[out_features, in_features], two positive integers"),
                     "bits": BITS, "group_size": integer(0), "bias": boolean(),
