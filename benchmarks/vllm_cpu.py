@@ -164,7 +164,7 @@ def markdown(quality_rows, vllm_rows) -> str:
                              f"{row['ours']:.4f} | not served: {row['error']} | |")
                 continue
             lines.append(f"| {row['model']} | {row['run']} | {row['config']} | {row['windows']} | {row['ours']:.4f} | "
-                         f"{row['vllm']:.4f} | {row['difference']:+.4f} |")
+                         f"{row['vllm']:.4f} | {row['difference']:+.5f} |")
     return "\n".join(lines) + "\n"
 
 
