@@ -9,7 +9,8 @@ linear without one, and the LM head is left unquantized here. A quantized linear
   per token (W8A8); or int8 / int4 weights per output channel or per group with float inputs (W8A16, W4A16);
 - int4 weights only where the output width is a multiple of `W4_OUTPUT_MULTIPLE` (vLLM's 4-bit kernels: 32 on the
   CPU, 64 for Marlin on GPUs; we take 64 so an export runs on both): Mamba-2's fused in_proj (2 d_inner + 2 G N + H)
-  rarely is, and keeps int8 weights in a W4A16 recipe, said in the report;
+  rarely is, and keeps int8 weights in a W4A16 recipe, said in the report (Marlin runs int8 weight-only layers on
+  GPUs; vLLM's CPU build has no kernel for them);
 - an online input transform (compressed-tensors' `transform_config`: x -> x M before the input is quantized) at the
   input of a Mamba-2 out_proj and of an MLP's down_proj, one matrix per transform scheme for the whole model.
 Every other transform of a recipe is fused offline into the float weights or left out."""
