@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -117,9 +118,12 @@ def cmd_quantize(args) -> None:
         check_output_dir(args.out, args.overwrite, [args.source], source_bytes(args.source))
     if args.eval_data is not None and args.no_eval:
         raise InputError("--eval-data and --no-eval: expected one of them")
-    if args.export is not None and (args.out is None or args.target != "llama.cpp"):
+    if args.export == "gguf" and (args.out is None or args.target != "llama.cpp"):
         raise InputError("--export gguf writes model.gguf into the --out directory of a model quantized for "
                          "llama.cpp: expected --out DIR and --target llama.cpp")
+    if args.export == "compressed-tensors" and (args.out is None or args.target != "vllm"):
+        raise InputError("--export compressed-tensors writes the vLLM checkpoint into --out/vllm of a model quantized "
+                         "for vLLM: expected --out DIR and --target vllm")
     eval_data = eval_data_of(args)
     model = load(args.source)
     quantized = quantize(model, method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, calib=args.calib,
@@ -141,15 +145,28 @@ def cmd_quantize(args) -> None:
         card_notes.append(lines[-1])
     if args.out is not None:
         check_output_dir(args.out, args.overwrite, [args.source])
-        def write_gguf(staging):
-            from .exporters.gguf import export_gguf
+        def write_engine(staging):
+            if args.export == "gguf":
+                from .exporters.gguf import export_gguf
 
-            export_gguf(quantized, staging / "model.gguf", tokenizer=export_tokenizer(quantized, args))
+                export_gguf(quantized, staging / "model.gguf", tokenizer=export_tokenizer(quantized, args))
+            else:
+                from .exporters.compressed_tensors import export_compressed_tensors
 
+                export_compressed_tensors(quantized, staging / "vllm", tokenizer_dir=tokenizer_dir_of(args.source))
+
+        if args.export == "compressed-tensors":  # refused before anything is written
+            from .exporters.compressed_tensors import export_problems
+            from .exporters.vllm import summary
+
+            if export_problems(quantized):
+                raise InputError(f"vLLM cannot serve this model as quantized: {summary(export_problems(quantized))}")
         save(quantized, args.out, overwrite=args.overwrite, notes=card_notes, shard_size=args.shard_size * 2**20,
-             extra=write_gguf if args.export else None)
+             extra=write_engine if args.export else None)
         output["out"] = args.out
-        lines.append(f"wrote {args.out}" + (" (model.gguf: run it in llama.cpp)" if args.export else ""))
+        engine = {"gguf": " (model.gguf: run it in llama.cpp)",
+                  "compressed-tensors": f" (serve it with vLLM: vllm serve {args.out}/vllm)"}
+        lines.append(f"wrote {args.out}" + engine.get(args.export, ""))
     print(json.dumps(output) if args.json else "\n".join(lines))
 
 
@@ -171,14 +188,23 @@ def export_tokenizer(model, args):
     return args.tokenizer or own_tokenizer(args.source)
 
 
+def tokenizer_dir_of(source) -> Path | None:
+    """The directory whose tokenizer files an export copies: the source's, where it is a local directory."""
+    path = Path(str(source))
+    return path if path.is_dir() else None
+
+
 def cmd_export(args) -> None:
     """`export SOURCE --to gguf --out FILE`: a model quantized with --target llama.cpp, or with --dtype f32 any
-    full-precision language model llama.cpp runs, as a GGUF file."""
+    full-precision language model llama.cpp runs, as a GGUF file; `export SOURCE --to compressed-tensors --out DIR`:
+    a model quantized with --target vllm as the checkpoint vLLM serves."""
     from . import load
     from .exporters.gguf import export_gguf
     from .loaders import check_source
 
     check_source(args.source)
+    if args.to == "compressed-tensors":
+        return export_vllm(args)
     model = load(args.source)
     quantized = hasattr(model, "quantization_report")
     if quantized and args.dtype is not None:
@@ -190,6 +216,27 @@ def cmd_export(args) -> None:
     path = export_gguf(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
     vocabulary = f"tokenizer {tokenizer}" if tokenizer else f"no tokenizer: llama.cpp takes token ids 0..{model.config.vocab_size - 1}"
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB; {vocabulary})")
+
+
+def export_vllm(args) -> None:
+    from . import load
+    from .exporters.compressed_tensors import export_compressed_tensors, export_problems
+    from .exporters.vllm import summary
+    from .outputs import check_output_dir
+
+    if args.dtype is not None:
+        raise InputError("--to compressed-tensors writes a quantized model's codes as they are; expected no --dtype")
+    check_output_dir(args.out, args.overwrite, [args.source])
+    model = load(args.source)
+    problems = export_problems(model)
+    if problems:
+        raise InputError(f"{args.source}: vLLM cannot serve it as quantized: {summary(problems)}")
+    path = export_compressed_tensors(model, args.out, tokenizer_dir=tokenizer_dir_of(args.source),
+                                     overwrite=args.overwrite, sources=[args.source])
+    size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    print(f"wrote {path} ({size / 2**20:.1f} MiB; compressed-tensors, {model.quantization_report.config['method']} "
+          f"w{model.quantization_report.config['w_bits']}a{model.quantization_report.config['a_bits']}): "
+          f"vllm serve {path}")
 
 
 def site_bits_value(text: str) -> dict:
@@ -489,9 +536,11 @@ def build_parser() -> Parser:
                           help="weight scales per group of N inputs (0: per output channel; a layer whose input width "
                                "N does not divide keeps per-channel scales)")
     quantize.add_argument("--target", choices=TARGETS, default="runtime",
-                          help="where the model will run: our runtime (every transform and site), or llama.cpp (only "
+                          help="where the model will run: our runtime (every transform and site), llama.cpp (only "
                                "what it executes: transforms fused into the weights, Q8_0 / Q4_0 weights, its own "
-                               "int8 inputs per 32 values, simulated exactly)")
+                               "int8 inputs per 32 values, simulated exactly), or vllm (int8 / int4 weights of the "
+                               "linears vLLM quantizes, int8 inputs static per tensor or per token, online Hadamards "
+                               "at out_proj / down_proj only, simulated exactly)")
     quantize.add_argument("--scope", choices=SCOPES, default="all",
                           help="which activations to quantize: all (every site the method quantizes: the linear "
                                "layers' inputs and the conv, scan and state of the Mamba layers) or linear (the linear "
@@ -500,8 +549,9 @@ def build_parser() -> Parser:
                           help="the KV cache's bits (the attention's keys and values), 2-8, whatever --a-bits is: "
                                "dynamic, one range per position and head; quarot and mambaquant turn each query and "
                                "key head by a Hadamard first (default 16: in float)")
-    quantize.add_argument("--export", choices=("gguf",),
-                          help="also write the model for its engine into --out: model.gguf for --target llama.cpp")
+    quantize.add_argument("--export", choices=("gguf", "compressed-tensors"),
+                          help="also write the model for its engine into --out: model.gguf for --target llama.cpp, "
+                               "vllm/ (compressed-tensors) for --target vllm")
     quantize.add_argument("--stream", action="store_true",
                           help="read a safetensors language model one block at a time and write --out as it goes "
                                "(for models larger than memory; the same result as in memory; no evaluation)")
@@ -539,7 +589,8 @@ def build_parser() -> Parser:
     compare.add_argument("--markdown", type=path_value, help="write the table as Markdown to this file")
     compare.add_argument("--target", choices=TARGETS, default="runtime",
                          help="llama.cpp: every run restricted to what llama.cpp executes and simulated exactly "
-                              "(presets w8a8 -> Q8_0, w4a8 -> Q4_0; --granularity does not apply)")
+                              "(presets w8a8 -> Q8_0, w4a8 -> Q4_0; --granularity does not apply); vllm: the same "
+                              "for vLLM (presets w8a8, w4a16; granularities tensor and token)")
     compare.add_argument("--scope", type=comma_list, default=None, metavar="SCOPES",
                          help="all and/or linear (see quantize --scope; default: all, and for a hybrid both)")
     compare.add_argument("--kv-bits", type=bit_width, default=16,
@@ -563,11 +614,14 @@ def build_parser() -> Parser:
     add_revision_option(analyze)
     analyze.set_defaults(run=cmd_analyze)
 
-    export = commands.add_parser("export", help="write a model for an engine: a GGUF file for llama.cpp")
-    export.add_argument("source", help="a model quantized with --target llama.cpp (or, with --dtype f32, any "
-                                       f"full-precision language model: {SOURCE_HELP})")
-    export.add_argument("--to", choices=("gguf",), required=True, help="the format (gguf: llama.cpp)")
-    export.add_argument("--out", type=path_value, required=True, help="the file to write (FILE.gguf)")
+    export = commands.add_parser("export", help="write a model for an engine: a GGUF file for llama.cpp, a "
+                                                 "compressed-tensors directory for vLLM")
+    export.add_argument("source", help="a model quantized with --target llama.cpp or --target vllm (or, with --dtype "
+                                       f"f32, any full-precision language model for gguf: {SOURCE_HELP})")
+    export.add_argument("--to", choices=("gguf", "compressed-tensors"), required=True,
+                        help="the format (gguf: llama.cpp; compressed-tensors: vLLM)")
+    export.add_argument("--out", type=path_value, required=True,
+                        help="the file to write (FILE.gguf), or the directory (compressed-tensors)")
     export.add_argument("--dtype", choices=("f32",), help="a float export of a full-precision model")
     export.add_argument("--tokenizer", help="tokenizer.json to write as the GGUF vocabulary (default: the source's own; "
                                             "none for a byte-level model)")

@@ -88,6 +88,16 @@ def plan(methods, bits, granularities, target: str = "runtime", scopes=("all",),
         if granularity not in GRANULARITIES:
             raise InputError(f"unknown granularity {granularity!r}; expected some of {', '.join(GRANULARITIES)}")
     runs = [("fp", "fp32", "none", "all")] if "fp" in methods else []
+    if target == "vllm":  # the inputs of the linears vLLM quantizes: static per tensor or dynamic per token
+        for preset in (b.lower() for b in bits):
+            w_bits, a_bits = PRESETS[preset]
+            QuantConfig(method="rtn", w_bits=w_bits, a_bits=a_bits, target=target)
+            for method in (m for m in methods if m != "fp"):
+                if a_bits == FULL_PRECISION:
+                    runs.append((method, preset, "none", "linear"))
+                else:
+                    runs += [(method, preset, g, "linear") for g in granularities if g in ("tensor", "token")]
+        return runs
     if target != "runtime":
         for preset in (b.lower() for b in bits):
             QuantConfig(method="rtn", w_bits=PRESETS[preset][0], a_bits=PRESETS[preset][1], target=target)

@@ -57,7 +57,8 @@ ADDED_FIELDS = {**{name: None for name in CLUSTER_DEFAULTS}, "calib_dtype": "flo
                 "target": "runtime", "scope": "all", "decide": False, "decisions": [], "kv_bits": FULL_PRECISION}
 REPORT_FIELDS = ("transforms", "activation_sites", "granularity_reasons", "clipping", "weights",
                  "decisions")  # QuantReport's
-ADDED_SPEC_FIELDS = {"clip": 1.0, "half_scales": False}  # activation quantizer spec fields added within version 2
+# activation quantizer spec fields added within version 2
+ADDED_SPEC_FIELDS = {"clip": 1.0, "half_scales": False, "full_range": False}
 # a quantized linear's own weight group size (0: per output channel), recorded within version 2: before it, every
 # linear had quantization_config.weight_group_size
 # model_config fields added within version 2 (the composition of issue 16): an older checkpoint has their defaults
@@ -212,7 +213,7 @@ def quantized_config(model: nn.Module, layout: dict) -> dict:
 def model_card(config: dict, metrics: list[str]) -> str:
     q = config["quantization_config"]
     activations = "not quantized" if q["a_bits"] == 16 else f"int{q['a_bits']}, granularity {q['act_granularity']}"
-    if q["target"] != "runtime":
+    if q["target"] == "llama.cpp":
         activations = f"{q['target']}'s own (int8, dynamic, per 32 values)"
     lines = [f"# {config['model_class']} quantized with {q['method']}", "",
              f"- weights: int{q['w_bits']} ({q['weight_rounding']}), activations: {activations}"
@@ -220,8 +221,10 @@ def model_card(config: dict, metrics: list[str]) -> str:
                 else ""),
              f"- format: mambaquant quantized checkpoint, version {q['format_version']} "
              "(load with `mambaquant.load(DIR)`)"]
-    if q["target"] != "runtime":
+    if q["target"] == "llama.cpp":
         lines.append(f"- target: {q['target']} (export: `mambaquant export DIR --to gguf --out MODEL.gguf`)")
+    elif q["target"] == "vllm":
+        lines.append("- target: vllm (export: `mambaquant export DIR --to compressed-tensors --out VLLM_DIR`)")
     lines += [f"- transforms: {t}" for t in q["transforms"]]
     lines += [f"- weights: {w}" for w in q["weights"]]
     lines += [f"- decided: {d}" for d in q["decisions"]]
@@ -250,7 +253,7 @@ BITS = integer(2, 8)
 PERCENTILE = number(50, 100, above=True)
 QUANT_SPEC = {"bits": BITS, "symmetric": boolean(), "granularity": string(*ACTIVATION_GRANULARITIES),
               "group_size": integer(1), "dynamic": boolean(), "observer": string(*OBSERVERS), "percentile": PERCENTILE,
-              "clip": number(0, 1, above=True), "half_scales": boolean()}
+              "clip": number(0, 1, above=True), "half_scales": boolean(), "full_range": boolean()}
 QUANTIZED_LINEAR = {"shape": list_of(integer(1), min_items=2, max_items=2,
                                      text="[out_features, in_features], two positive integers"),
                     "bits": BITS, "group_size": integer(0), "bias": boolean(),

@@ -29,8 +29,11 @@ CALIB_DTYPES = ("float32", "bfloat16")  # blocks always compute in float32
 CLUSTER_DEFAULTS = {"head_clusters": 4, "channel_clusters": 4}  # Quamba2's, for its mamba2-130m and 2.7b
 # Where the quantized model will run: our runtime (every site, every transform), or an engine, whose execution the
 # recipe is restricted to and simulated exactly (exporters/llama_cpp.py: llama.cpp's Q8_0 / Q4_0 weights, its own
-# int8 quantization of each linear's input per 32 values, no online transform)
-TARGETS = ("runtime", "llama.cpp")
+# int8 quantization of each linear's input per 32 values, no online transform; exporters/vllm.py: vLLM's int8 / int4
+# weights, int8 inputs static per tensor or dynamic per token at the linears it quantizes, online input transforms at
+# out_proj / down_proj only)
+TARGETS = ("runtime", "llama.cpp", "vllm")
+VLLM_GRANULARITIES = ("tensor", "token")  # vLLM's int8 inputs: static per tensor, dynamic per token
 ENGINE_GRANULARITY = "block"  # the act_granularity of an engine target: the engine's own dynamic blocks
 # Which activations a run quantizes: every site the method's recipe quantizes ("all": the linears' inputs and the
 # SSM's other products' operands: the conv input, the scan's inputs, C and the state), or the linears' inputs only
@@ -86,12 +89,14 @@ class QuantConfig:
         if self.target not in TARGETS:
             raise InputError(f"unknown target {self.target!r}; expected one of {', '.join(TARGETS)}")
         self.check_kv_bits()
-        if self.target != "runtime":
+        if self.target == "vllm":
+            self.check_vllm_target()
+        elif self.target != "runtime":
             self.check_engine_target()
         if self.act_granularity is None:
             self.act_granularity = "auto" if self.method in AUTO_METHODS else "tensor"
         if self.act_granularity not in GRANULARITIES + (ENGINE_GRANULARITY,) or \
-                (self.act_granularity == ENGINE_GRANULARITY) != (self.target != "runtime"):
+                (self.act_granularity == ENGINE_GRANULARITY) != (self.target == "llama.cpp"):
             raise InputError(f"unknown activation granularity {self.act_granularity!r}; "
                              f"expected one of {', '.join(GRANULARITIES)}")
         for bits in (self.w_bits, self.a_bits):
@@ -129,6 +134,41 @@ class QuantConfig:
         our runtime runs them, an engine does not."""
         return self.target == "runtime"
 
+    @property
+    def online_input_hadamards(self) -> bool:
+        """Whether the online Hadamards at a Mamba-2 out_proj's input and an MLP's down_proj input may stay: our
+        runtime runs them, and vLLM as compressed-tensors input transforms; llama.cpp runs none."""
+        return self.target in ("runtime", "vllm")
+
+    def check_vllm_target(self) -> None:
+        """What vLLM holds (exporters/vllm.py): int8 weights per channel with int8 inputs static per tensor or
+        dynamic per token (W8A8), or int8 / int4 weights with float inputs (W8A16, W4A16); only the linears' inputs
+        quantized (scope linear)."""
+        where = "target vllm"
+        if self.w_bits not in (4, 8):
+            raise InputError(f"{where} holds int8 or int4 weights: expected w_bits 8 or 4, got {self.w_bits}")
+        if self.a_bits not in (8, FULL_PRECISION):
+            raise InputError(f"{where} quantizes a linear's input to int8 or not at all: expected a_bits 8 or 16, got "
+                             f"{self.a_bits}" + (" (W4A4 has no vLLM kernel on these layers)" if self.a_bits == 4 else ""))
+        if self.a_bits == 8 and self.w_bits != 8:
+            raise InputError(f"{where} runs int8 inputs with int8 weights only (W8A8): expected w_bits 8 with a_bits 8, "
+                             f"or a_bits 16 (W{self.w_bits}A16)")
+        if self.act_granularity is None:
+            self.act_granularity = "tensor"
+        if self.act_granularity not in VLLM_GRANULARITIES:
+            raise InputError(f"{where} quantizes a linear's input statically per tensor or dynamically per token: "
+                             f"expected act_granularity tensor or token, got {self.act_granularity!r}")
+        if self.a_bits == 8 and self.weight_group_size:
+            raise InputError(f"{where}'s W8A8 holds weights per output channel: expected weight_group_size 0, got "
+                             f"{self.weight_group_size}")
+        if self.site_bits:
+            raise InputError(f"{where} quantizes only the linear layers' inputs, at 8 bits: site_bits do not apply")
+        if self.act_granularity == "token" and self.a_bits == 8 and (self.clip_search or (
+                self.clip_search is None and self.method == "mambaquant+")):
+            raise InputError(f"{where}: clip_search clips activation ranges, which vLLM's dynamic per-token scales do "
+                             "not: expected act_granularity tensor with it, or clip_search false")
+        self.scope = "linear"  # vLLM quantizes nothing but the linears' inputs
+
     def check_engine_target(self) -> None:
         """What llama.cpp holds: Q8_0 / Q4_0 weights (blocks of 32 with a float16 scale; our per-channel scales or
         groups of a multiple of 32 fit them exactly), and its own int8 quantization of each linear's input."""
@@ -162,8 +202,8 @@ class QuantConfig:
             raise InputError(f"kv_bits quantizes the KV cache, which scope {self.scope} keeps in float (the linear "
                              "layers' inputs only): expected scope all")
         if self.target != "runtime":
-            raise InputError(f"target {self.target} holds its own KV cache (llama.cpp: --cache-type-k, "
-                             "--cache-type-v): kv_bits does not apply")
+            raise InputError(f"target {self.target} holds its own KV cache (the engine's KV cache type, e.g. "
+                             "llama.cpp's --cache-type-k / --cache-type-v): kv_bits does not apply")
 
     def check_site_bits(self) -> None:
         if not isinstance(self.site_bits, dict):
@@ -208,6 +248,14 @@ class QuantConfig:
             group = 0
         return QuantSpec(self.w_bits, granularity="group" if group else "channel", group_size=group or 128,
                          half_scales=self.target == "llama.cpp")
+
+    def linear_weight_spec(self, linear) -> QuantSpec:
+        """`weight_spec` for one linear layer; for vLLM int8 per channel where its 4-bit kernels cannot hold the
+        layer's output width (exporters/vllm.py)."""
+        spec = self.weight_spec(linear.in_features)
+        if self.target == "vllm" and self.w_bits == 4 and linear.out_features % 64:
+            return replace(spec, bits=8, granularity="channel")
+        return spec
 
 
 @dataclass

@@ -41,5 +41,6 @@ class TokenStatistics:
 def make_quantizer(granularity: str, config: QuantConfig, percentile: bool, bits: int) -> ActivationQuantizer:
     observer = "percentile" if percentile else config.observer
     spec = QuantSpec(bits, granularity=granularity, dynamic=granularity == "token",
-                     observer="minmax" if granularity == "position" else observer, percentile=config.percentile)
+                     observer="minmax" if granularity == "position" else observer, percentile=config.percentile,
+                     full_range=config.target == "vllm" and granularity == "tensor")  # vLLM clamps to [-128, 127]
     return ActivationQuantizer(spec)

@@ -38,7 +38,7 @@ def mambaquant_model(model, blocks, batches, config: QuantConfig, report: QuantR
         blocks.release(index)
     rotate_residual(model, klt_hadamard(residual.covariance()), blocks.edit)
     report.transforms.append("norm fusion; KLT-enhanced rotation of the residual stream (pooled covariance of every "
-                             "block's input); per layer: " + per_layer_lines(PER_LAYER, model, config))
+                             "block's input); per layer: " + per_layer_lines(PER_LAYER, model, config, VLLM))
 
 
 PER_LAYER = {  # what mambaquant does in each kind of layer: (with online transforms, without)
@@ -57,6 +57,10 @@ PER_LAYER = {  # what mambaquant does in each kind of layer: (with online transf
     "moe": ("smooth-fused rotation at each expert's down_proj (smoothing in up_proj's rows + online Hadamard), online "
             "Hadamard at the latent fc2's input", "smoothing at each expert's down_proj input (in up_proj's rows)"),
 }
+
+
+VLLM = {"mamba2": "smooth-fused rotation at out_proj (gated-norm smoothing + online Hadamard), conv1d input smoothing",
+        "mlp": "smooth-fused rotation at down_proj (smoothing in up_proj's rows + online Hadamard)"}
 
 
 class GroupStateAbsMax:
@@ -83,9 +87,10 @@ def mambaquant_mamba2(layer, mixer, runner: Runner, config: QuantConfig, report:
                                               config.alpha))
     smooth_conv_input_mamba2(mixer, smoothing_scales(absmax[sites["xBC"]].absmax, conv_weight_columns(mixer),
                                                      config.alpha))
+    if config.online_input_hadamards:
+        rotate_out_proj_input(mixer)
     if not config.online_transforms:
         return
-    rotate_out_proj_input(mixer)
     smooth_state_mamba2(mixer, state_smoothing_scales(absmax[sites["h"]].absmax, absmax[sites["C"]].absmax,
                                                       config.alpha))
     rotate_state_mamba2(mixer, random_hadamard(mixer.config.d_state, config.seed + 2))

@@ -72,6 +72,9 @@ def sort_and_cluster(absmax: torch.Tensor, config, head_clusters: int, channel_c
 
 
 def quamba2_model(model, blocks, batches, config: QuantConfig, report: QuantReport) -> None:
+    if config.target == "vllm":
+        report.transforms.append("per block: online Hadamard at out_proj input (its scan-input clusters and B/C "
+                                 "group scales are at sites vLLM does not quantize)")
     if not config.online_transforms:  # an engine quantizes no scan operand: nothing to cluster
         return
     report.transforms.append(
@@ -83,6 +86,8 @@ def quamba2_model(model, blocks, batches, config: QuantConfig, report: QuantRepo
 def quamba2_mamba2(layer, mixer, runner: Runner, config: QuantConfig, report: QuantReport) -> dict:
     c = mixer.config
     if not config.online_transforms:
+        if config.online_input_hadamards:
+            rotate_out_proj_input(mixer)
         return {}
     absmax = AbsMaxObserver()
     runner.observe({mixer.sites["x"]: absmax})

@@ -25,25 +25,34 @@ KV_CACHE_ROTATION = ("Hadamard per query and key head for the KV cache (online a
                      "k_proj's rows without RoPE)")
 
 
-def per_layer_lines(table: dict, model, config: QuantConfig) -> str:
+def per_layer_lines(table: dict, model, config: QuantConfig, vllm_table: dict | None = None) -> str:
+    """What a recipe does per layer kind: with online transforms, without (llama.cpp), or for vLLM (its own line in
+    `vllm_table` where it has one, else the line without online transforms); with the KV cache's rotation where
+    kv_bits is set."""
     lines = []
     for kind in layer_kinds(model):
-        line = table[kind][0 if config.online_transforms else -1]
+        if config.target == "vllm" and vllm_table is not None:
+            line = vllm_table.get(kind, table[kind][-1])
+        else:
+            line = table[kind][0 if config.online_transforms else -1]
         if kind == "attention" and config.kv_bits != FULL_PRECISION:
             line += f", {KV_CACHE_ROTATION}"
         lines.append(f"{kind}: {line}")
     return "; ".join(lines)
 
 
+VLLM = {"mamba2": "online Hadamard at out_proj input", "mlp": "online Hadamard at down_proj input"}
+
+
 def quarot_model(model, blocks, batches, config: QuantConfig, report: QuantReport) -> None:
     fuse_norms(model, blocks.edit, untie=not config.online_transforms)
     rotate_residual(model, random_hadamard(model.config.d_model, config.seed), blocks.edit)
     report.transforms.append("norm fusion; randomised Hadamard on the residual stream (offline); per layer: "
-                             + per_layer_lines(PER_LAYER, model, config))
+                             + per_layer_lines(PER_LAYER, model, config, VLLM))
 
 
 def quarot_mamba2(layer, mixer, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
-    if config.online_transforms:
+    if config.online_input_hadamards:
         rotate_out_proj_input(mixer)
 
 
@@ -66,7 +75,7 @@ def quarot_attention(layer, attention, runner: Runner, config: QuantConfig, repo
 
 
 def quarot_mlp(layer, mlp, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
-    if config.online_transforms:
+    if config.online_input_hadamards:
         rotate_down_input(mlp, config.seed + 4)
 
 

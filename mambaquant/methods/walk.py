@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..exporters import llama_cpp
+from ..exporters import llama_cpp, vllm
 from ..progress import progress as progress_of
 from ..quant.clipping import SiteSample, activation_clip, weight_clip
 from ..quant.gptq import gptq_quantize
@@ -147,7 +147,7 @@ def quantize_linears(slots: list[tuple[nn.Module, str, Site]], runner: Runner, c
         runner.observe(moments)
     for owner, name, site in slots:
         linear = getattr(owner, name)
-        spec = config.weight_spec(linear.in_features)
+        spec = config.linear_weight_spec(linear)
         second_moment = moments[site].outer / moments[site].count if needs_moments else None
         clip = weight_clip(linear.weight, second_moment, spec) if config.clip_search else None
         if clip is not None:
@@ -226,7 +226,7 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
     head_runner = Runner(model.output, hidden)
     head_transform(model, head_runner, config, report)
     pooled = getattr(model.config, "pooling", "none") != "none"  # the head reads one token: no positions
-    slots = quantized_slots(head_slots(model), config)
+    slots = quantized_slots(head_slots(model), config, model)
     pending = activation_quantizers(head_activation_sites(model), slots, head_runner, config, fixed and not pooled,
                                     report) if quantize_acts else []
     if quantize_weights:
@@ -241,11 +241,7 @@ def run_recipe(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor
     check_finite(model, skip="layers.")
     if not config.online_transforms:
         check_engine_runs(model, config, skip="layers.")
-        report.transforms.append(f"target {config.target}: only the transforms fused into the weights (llama.cpp runs "
-                                 f"none at run time); weights in {llama_cpp.WEIGHT_TYPES[config.w_bits]} blocks of "
-                                 f"{llama_cpp.BLOCK} with float16 scales; each quantized linear's input quantized as "
-                                 f"llama.cpp does (int8 per {llama_cpp.BLOCK} values); the conv, the scan and its "
-                                 "state in float32")
+        report.transforms.append(engine_line(config))
     if config.calib_dtype != "float32":
         report.transforms.append(f"calibration activations held in {config.calib_dtype} between blocks (each block "
                                  "computed in float32)")
@@ -277,9 +273,33 @@ def report_routing(lists: list[tuple[str, ExpertList]], prefix: str, report: Qua
             + (f"; no token reached expert {', '.join(unreached)}" if unreached else "") + ")")
 
 
-def quantized_slots(slots: list[tuple[nn.Module, str, Site]], config: QuantConfig) -> list:
-    """The linear layers a run quantizes: every one, or for llama.cpp those it holds in Q8_0 / Q4_0 blocks."""
-    return llama_cpp.engine_slots(slots) if config.target == llama_cpp.ENGINE else slots
+def engine_line(config: QuantConfig) -> str:
+    """The report's line on what an engine target kept."""
+    if config.target == vllm.ENGINE:
+        inputs = ("inputs in float" if config.a_bits == FULL_PRECISION else
+                  f"int8 inputs {'static per tensor' if config.act_granularity == 'tensor' else 'dynamic per token'}")
+        four = (f"; int4 weights only where the output width is a multiple of {vllm.W4_OUTPUT_MULTIPLE} (vLLM's 4-bit "
+                "kernels), int8 per channel elsewhere") if config.w_bits == 4 else ""
+        return (f"target vllm: the transforms fused into the weights, and the online Hadamards at out_proj / down_proj "
+                f"inputs (compressed-tensors input transforms); {inputs} at the linears vLLM quantizes (Mamba-2 "
+                f"in_proj / out_proj, attention and MLP linears), the head in float{four}; the conv, the scan, its "
+                "state and the norms in float32")
+    return (f"target {config.target}: only the transforms fused into the weights (llama.cpp runs none at run time); "
+            f"weights in {llama_cpp.WEIGHT_TYPES[config.w_bits]} blocks of {llama_cpp.BLOCK} with float16 scales; each "
+            f"quantized linear's input quantized as llama.cpp does (int8 per {llama_cpp.BLOCK} values); the conv, the "
+            "scan and its state in float32")
+
+
+def quantized_slots(slots: list[tuple[nn.Module, str, Site]], config: QuantConfig, model: nn.Module | None = None) \
+        -> list:
+    """The linear layers a run quantizes: every one; for llama.cpp those it holds in Q8_0 / Q4_0 blocks; for vLLM
+    all but the head (`model`: the model whose head the slots may hold)."""
+    if config.target == llama_cpp.ENGINE:
+        return llama_cpp.engine_slots(slots)
+    if config.target == vllm.ENGINE:
+        head = {id(getattr(owner, name)) for owner, name, _ in head_slots(model)} if model is not None else set()
+        return vllm.engine_slots(slots, head)
+    return slots
 
 
 def activation_quantizers(sites: list[Site], slots: list, runner: Runner, config: QuantConfig, fixed: bool,
@@ -288,6 +308,9 @@ def activation_quantizers(sites: list[Site], slots: list, runner: Runner, config
     of each linear it holds quantized, and nothing elsewhere (it quantizes nothing else)."""
     if config.target == llama_cpp.ENGINE:
         return [(site, llama_cpp.input_quantizer()) for _, _, site in slots]
+    if config.target == vllm.ENGINE:  # the inputs of the linears it quantizes, nothing else
+        read = {site for _, _, site in slots}
+        sites = [site for site in sites if site in read]
     return calibrate_quantizers(sites, runner, config, fixed, report, clusters)
 
 
@@ -344,7 +367,10 @@ def weight_lines(model: nn.Module, config: QuantConfig) -> list[str]:
 def check_engine_runs(module: nn.Module, config: QuantConfig, skip: str | None = None) -> None:
     """A block (or the rest of the model, `skip`ping the blocks) quantized for an engine holds nothing the engine
     does not execute (a recipe that left something would be a bug)."""
-    problems = llama_cpp.execution_problems(module, skip)
+    if config.target == vllm.ENGINE:
+        problems = vllm.execution_problems(module, config.w_bits, skip)
+    else:
+        problems = llama_cpp.execution_problems(module, skip)
     if problems:
         raise InputError(f"method {config.method} left what {config.target} does not execute: "
                          f"{llama_cpp.summary(problems)}")
@@ -368,6 +394,10 @@ def switch_on(pending: list[tuple[Site, ActivationQuantizer]], slots: list[tuple
 
 
 def check_target(model: nn.Module, config: QuantConfig) -> None:
+    if config.target == vllm.ENGINE:
+        problems = vllm.architecture_problems(model)
+        if problems:
+            raise InputError(f"target vllm: vLLM cannot serve this model quantized: {'; '.join(problems)}")
     if config.target == llama_cpp.ENGINE:
         problems = llama_cpp.architecture_problems(model)
         if problems:

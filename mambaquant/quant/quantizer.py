@@ -32,6 +32,7 @@ class QuantSpec:
     percentile: float = 99.99
     clip: float = 1.0  # activations: the share of the observed (or, dynamic, the token's) range the scale covers
     half_scales: bool = False  # scales rounded to float16 (llama.cpp's blocks hold float16 scales)
+    full_range: bool = False  # symmetric codes down to -2^(bits-1) (vLLM's static int8 inputs clamp to [-128, 127])
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -48,7 +49,9 @@ class QuantSpec:
 
     @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1) - 1) if self.symmetric else 0
+        if self.symmetric:
+            return -(2 ** (self.bits - 1)) if self.full_range else -(2 ** (self.bits - 1) - 1)
+        return 0
 
     @property
     def qmax(self) -> int:
@@ -278,6 +281,8 @@ class ActivationQuantizer(nn.Module):
             kind += f" of {s.group_size} values"
         if s.half_scales:
             kind += ", float16 scales"
+        if s.full_range:
+            kind += f", codes {s.qmin} to {s.qmax}"
         if s.granularity == "channel" and self.low.dim() == 1:
             distinct = len(torch.stack([self.low, self.high], 1).unique(dim=0))
             kind += f", {distinct} distinct ranges over {len(self.low)} channels"
