@@ -492,9 +492,9 @@ CASES = {
                                 ['linears["layers.0.mixer.ssm.dt_proj"].float: expected true, got false']),
     "input spec a list": ("w4", edit_config(set_field(SPEC, [8])),
                           ['linears["layers.0.mixer.in_proj"].input: expected null or a quantizer spec object']),
-    "unknown granularity": ("w4", edit_config(set_field(SPEC + ("granularity",), "group")),
-                            ["input.granularity: expected one of 'tensor', 'position', 'token', 'channel'",
-                             'got "group"']),
+    "unknown granularity": ("w4", edit_config(set_field(SPEC + ("granularity",), "segment")),
+                            ["input.granularity: expected one of 'tensor', 'position', 'token', 'group', 'channel'",
+                             'got "segment"']),
     "per-channel ranges at a linear input": ("w4", edit_config(set_field(SPEC + ("granularity",), "channel")),
                                              ["per-channel activation ranges belong at a site, not at a linear "
                                               "input"]),
