@@ -157,7 +157,7 @@ def cmd_quantize(args) -> None:
 
         if args.export == "compressed-tensors":  # refused before anything is written
             from .exporters.compressed_tensors import export_problems
-            from .exporters.vllm import summary
+            from .exporters.rules import summary
 
             if export_problems(quantized):
                 raise InputError(f"vLLM cannot serve this model as quantized: {summary(export_problems(quantized))}")
@@ -221,7 +221,7 @@ def cmd_export(args) -> None:
 def export_vllm(args) -> None:
     from . import load
     from .exporters.compressed_tensors import export_compressed_tensors, export_problems
-    from .exporters.vllm import summary
+    from .exporters.rules import summary
     from .outputs import check_output_dir
 
     if args.dtype is not None:

@@ -7,5 +7,6 @@ unchanged.
 - `vllm`: what vLLM executes (its quantized linears, int8 inputs static per tensor or per token, online input
   transforms at out_proj / down_proj), as rules that `quantize(..., target="vllm")` follows and the
   compressed-tensors exporter checks;
-- `compressed_tensors`: `export_compressed_tensors`, the model as the compressed-tensors checkpoint vLLM serves.
+- `compressed_tensors`: `export_compressed_tensors`, the model as the compressed-tensors checkpoint vLLM serves;
+- `rules`: what both engines' rules share (the walk collecting what an engine does not execute, its one line).
 """

@@ -26,9 +26,10 @@ from torch import nn
 from ..errors import InputError
 from ..outputs import check_output_dir, write_atomic_dir
 from ..quant.linear import QuantizedLinear
-from ..runtime import HybridLMConfig, Mamba2LMConfig
+from ..runtime import Mamba2LMConfig
 from ..transforms.rotation import Rotate
 from . import vllm
+from .rules import summary
 
 QUANT_METHOD = "compressed-tensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -55,7 +56,7 @@ def export_compressed_tensors(model: nn.Module, out, tokenizer_dir=None, overwri
     it and an existing `out` without `overwrite`."""
     problems = export_problems(model)
     if problems:
-        raise InputError(f"vLLM cannot serve this model as quantized: {vllm.summary(problems)}")
+        raise InputError(f"vLLM cannot serve this model as quantized: {summary(problems)}")
     out = check_output_dir(out, overwrite, sources)
     tensors, quantization_config = checkpoint_tensors(model)
     config = {**hf_config(model.config), "torch_dtype": "float32", "quantization_config": quantization_config}

@@ -20,6 +20,7 @@ from ..outputs import check_output_file, write_atomic_file
 from ..quant.linear import QuantizedEmbedding, QuantizedLinear
 from ..runtime import Mamba2LMConfig, MambaLM
 from . import llama_cpp
+from .rules import summary
 
 CONTEXT_LENGTH = 2**20  # llama.cpp's converter writes this for Mamba models: the recurrence has no context limit
 
@@ -52,7 +53,7 @@ def export_gguf(model: nn.Module, path, tokenizer: str | Path | None = None, nam
     if problems:
         hint = "; quantize it with --target llama.cpp (target=\"llama.cpp\")" if hasattr(model, "quantization_report") \
             else ""
-        raise InputError(f"llama.cpp cannot run this model: {llama_cpp.summary(problems)}{hint}")
+        raise InputError(f"llama.cpp cannot run this model: {summary(problems)}{hint}")
     path = Path(check_output_file(path))
     if path.suffix != ".gguf":
         raise InputError(f"{path}: expected a file name ending in .gguf")

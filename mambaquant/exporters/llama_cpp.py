@@ -7,14 +7,13 @@ itself, dynamically, to int8 per block of 32 values (`block_fake_quantize`); eve
 scan, its state, the norms) in float32; and no transform at run time: no online rotation, no S-SiLU gate, no scale
 at a site."""
 
-import re
-from collections import Counter
 
 from torch import nn
 
 from ..quant.linear import QuantizedEmbedding, QuantizedLinear
 from ..quant.quantizer import ActivationQuantizer, QuantSpec, half_scale
 from ..runtime import HybridLMConfig, Mamba2LMConfig, MambaLM, MambaMixer, Site
+from .rules import module_problems
 
 ENGINE = "llama.cpp"
 BLOCK = 32  # the values of one Q8_0 / Q4_0 block, and of one block of a quantized input
@@ -71,31 +70,22 @@ def execution_problems(model: nn.Module, skip: str | None = None) -> list[str]:
     """The parts of a quantized model (or block) that llama.cpp does not execute as we simulate them (empty: it
     does): online transforms, activation quantizers other than its own, weight widths and scales it cannot hold.
     Modules under `skip` are left out."""
-    problems = []
-    quantized = {id(m) for m in model.modules() if isinstance(m, QuantizedLinear)}
-    for name, module in model.named_modules():
-        if skip is not None and name.startswith(skip):
-            continue
-        if isinstance(module, Site) and module.op is not None:
-            problems.append(f"an online op at site {module.name} ({type(module.op).__name__})")
-        elif isinstance(module, MambaMixer) and module.gate_scale is not None:
-            problems.append(f"an S-SiLU gate in {name}")
-        elif id(module) in quantized:
-            problems += linear_problems(name, module)
-        elif isinstance(module, nn.Linear) and module.bias is not None and "dt_proj" not in name:
-            problems.append(f"a bias on {name}")
+    problems = module_problems(model, module_problems_of, skip)
     if isinstance(getattr(model, "embedding", None), QuantizedEmbedding) and not model.config.tie_embeddings:
         problems.append("a quantized embedding not tied to the head")
     return problems
 
 
-def summary(problems: list[str], shown: int = 4) -> str:
-    """Problems as one line: those that differ only in the block index counted once ("... in layers.N.mixer x4"),
-    the first `shown` kinds named and the rest counted."""
-    kinds = Counter(re.sub(r"layers\.\d+\.", "layers.N.", problem) for problem in problems)
-    named = [f"{kind} (x{count})" if count > 1 else kind for kind, count in list(kinds.items())[:shown]]
-    rest = len(kinds) - shown
-    return "; ".join(named) + (f"; and {rest} more" if rest > 0 else "")
+def module_problems_of(name: str, module: nn.Module) -> list[str]:
+    if isinstance(module, Site) and module.op is not None:
+        return [f"an online op at site {module.name} ({type(module.op).__name__})"]
+    if isinstance(module, MambaMixer) and module.gate_scale is not None:
+        return [f"an S-SiLU gate in {name}"]
+    if isinstance(module, QuantizedLinear):
+        return linear_problems(name, module)
+    if isinstance(module, nn.Linear) and module.bias is not None and "dt_proj" not in name:
+        return [f"a bias on {name}"]
+    return []
 
 
 def linear_problems(name: str, linear: QuantizedLinear) -> list[str]:

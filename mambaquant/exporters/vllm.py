@@ -15,13 +15,12 @@ linear without one, and the LM head is left unquantized here. A quantized linear
   input of a Mamba-2 out_proj and of an MLP's down_proj, one matrix per transform scheme for the whole model.
 Every other transform of a recipe is fused offline into the float weights or left out."""
 
-import re
-
 from torch import nn
 
 from ..quant.linear import QuantizedEmbedding, QuantizedLinear
 from ..runtime import HybridLMConfig, Mamba2LMConfig, MambaLM, Site
 from ..transforms.rotation import Rotate
+from .rules import module_problems
 
 ENGINE = "vllm"
 BLOCK_KINDS = ("mamba2", "attention", "mlp")  # the hybrid blocks exported (as nemotron_h)
@@ -105,18 +104,15 @@ def execution_problems(model: nn.Module, w_bits: int, skip: str | None = None) -
     """The parts of a quantized model (or block) that vLLM does not execute as we simulate them (empty: it does):
     online ops other than an input transform at out_proj / down_proj, activation quantizers other than its own,
     weights it cannot hold. Modules under `skip` are left out."""
-    problems = []
-    quantized = {id(m) for m in model.modules() if isinstance(m, QuantizedLinear)}
-    for name, module in model.named_modules():
-        if skip is not None and name.startswith(skip):
-            continue
+    def problems_of(name: str, module: nn.Module) -> list[str]:
         if isinstance(module, Site) and module.op is not None:
-            if not (module.kind in TRANSFORM_SITES and isinstance(module.op, Rotate)):
-                problems.append(f"an online op at site {module.name} ({type(module.op).__name__})")
-        elif getattr(module, "gate_scale", None) is not None:
-            problems.append(f"an S-SiLU gate in {name}")
-        elif id(module) in quantized:
-            problems += linear_problems(name, module, w_bits)
+            allowed = module.kind in TRANSFORM_SITES and isinstance(module.op, Rotate)
+            return [] if allowed else [f"an online op at site {module.name} ({type(module.op).__name__})"]
+        if getattr(module, "gate_scale", None) is not None:
+            return [f"an S-SiLU gate in {name}"]
+        return linear_problems(name, module, w_bits) if isinstance(module, QuantizedLinear) else []
+
+    problems = module_problems(model, problems_of, skip)
     if isinstance(getattr(model, "embedding", None), QuantizedEmbedding):
         problems.append("a quantized embedding (vLLM's is float)")
     return problems
@@ -142,11 +138,3 @@ def linear_problems(name: str, linear: QuantizedLinear, w_bits: int) -> list[str
     return problems
 
 
-def summary(problems: list[str], shown: int = 4) -> str:
-    from .llama_cpp import summary as one_line
-
-    return one_line(problems, shown)
-
-
-def layer_pattern(name: str) -> str:
-    return re.sub(r"layers\.\d+\.", "layers.N.", name)

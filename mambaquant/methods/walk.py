@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..exporters import llama_cpp, vllm
+from ..exporters.rules import summary
 from ..progress import progress as progress_of
 from ..quant.clipping import SiteSample, activation_clip, weight_clip
 from ..quant.gptq import gptq_quantize
@@ -373,7 +374,7 @@ def check_engine_runs(module: nn.Module, config: QuantConfig, skip: str | None =
         problems = llama_cpp.execution_problems(module, skip)
     if problems:
         raise InputError(f"method {config.method} left what {config.target} does not execute: "
-                         f"{llama_cpp.summary(problems)}")
+                         f"{summary(problems)}")
 
 
 def switch_on(pending: list[tuple[Site, ActivationQuantizer]], slots: list[tuple[nn.Module, str, Site]],
