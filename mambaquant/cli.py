@@ -175,7 +175,8 @@ def method_options(args) -> dict:
     return {"head_clusters": args.head_clusters, "channel_clusters": args.channel_clusters,
             "calib_dtype": args.calib_dtype, "clip_search": args.clip_search, "act_order": args.act_order,
             "site_bits": args.site_bits, "target": args.target, "weight_group_size": args.weight_group_size,
-            "scope": args.scope, "decide": args.decide, "kv_bits": args.kv_bits}
+            "scope": args.scope, "decide": args.decide, "kv_bits": args.kv_bits,
+            "static_fallback": args.static_fallback}
 
 
 def export_tokenizer(model, args):
@@ -529,6 +530,11 @@ def build_parser() -> Parser:
                           help="keep each optional part of the recipe (clipping search, auto's granularity, "
                                "mambaquant+'s 8-bit SSM sites) only where it lowers the output error on a quarter of "
                                "the calibration set held back (one more run of the recipe per part)")
+    quantize.add_argument("--static-fallback", action=argparse.BooleanOptionalAction, default=None,
+                          help="where one static range cannot hold a site's calibration tokens (the median token "
+                               "losing over half its signal), use per-position ranges, 8 bits or, failing those, "
+                               "per-token ranges there, and say so (default: on for mambaquant+; every method's "
+                               "report names such sites)")
     quantize.add_argument("--site-bits", type=site_bits_value, metavar="SITE=BITS,...",
                           help="activation bits by site kind over --a-bits, e.g. h=8,x=8 (mixed precision), or none "
                                "(--a-bits everywhere); default: mambaquant+'s own rule, none for the others")

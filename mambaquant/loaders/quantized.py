@@ -54,9 +54,10 @@ WEIGHT_ROUNDINGS = ("rtn", "gptq")
 # quantization_config fields added within version 2
 ADDED_FIELDS = {**{name: None for name in CLUSTER_DEFAULTS}, "calib_dtype": "float32", "clip_search": False,
                 "act_order": False, "site_bits": {}, "granularity_reasons": {}, "clipping": {}, "weights": [],
-                "target": "runtime", "scope": "all", "decide": False, "decisions": [], "kv_bits": FULL_PRECISION}
+                "target": "runtime", "scope": "all", "decide": False, "decisions": [], "kv_bits": FULL_PRECISION,
+                "static_fallback": False, "static_ranges": []}
 REPORT_FIELDS = ("transforms", "activation_sites", "granularity_reasons", "clipping", "weights",
-                 "decisions")  # QuantReport's
+                 "decisions", "static_ranges")  # QuantReport's
 # activation quantizer spec fields added within version 2
 ADDED_SPEC_FIELDS = {"clip": 1.0, "half_scales": False, "full_range": False}
 # a quantized linear's own weight group size (0: per output channel), recorded within version 2: before it, every
@@ -228,6 +229,7 @@ def model_card(config: dict, metrics: list[str]) -> str:
     lines += [f"- transforms: {t}" for t in q["transforms"]]
     lines += [f"- weights: {w}" for w in q["weights"]]
     lines += [f"- decided: {d}" for d in q["decisions"]]
+    lines += [f"- static ranges: {line}" for line in q["static_ranges"]]
     lines += [f"- {m}" for m in metrics]
     sites = report_of(q).site_lines()
     if sites:
@@ -288,7 +290,8 @@ QUANT_CONFIG = {"format_version": constant(FORMAT_VERSION), "method": string(*ME
                 "granularity_reasons": map_of(string(), text="an object of strings"),
                 "clipping": map_of(string(), text="an object of strings"), "weights": list_of(string()),
                 "target": string(*TARGETS), "scope": string(*SCOPES), "decide": boolean(),
-                "decisions": list_of(string()), "kv_bits": BIT_WIDTHS, "layout": obj(LAYOUT)}
+                "decisions": list_of(string()), "kv_bits": BIT_WIDTHS, "static_fallback": boolean(),
+                "static_ranges": list_of(string()), "layout": obj(LAYOUT)}
 CHECKPOINT = {"architecture": constant(ARCHITECTURE), "model_class": string(*MODELS), "model_config": obj(),
               "quantization_config": obj(QUANT_CONFIG)}
 # model_config: the config dataclass's schema, bounded below only (the tensors bound the sizes; a model built in code

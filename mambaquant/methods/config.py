@@ -72,6 +72,10 @@ class QuantConfig:
     scope: str = "all"  # SCOPES
     decide: bool = False  # the recipe's optional parts kept only where they help on held-back calibration data
     kv_bits: int = FULL_PRECISION  # the KV cache's bits (KV_CACHE_SITES); 16: in float
+    # where one static range cannot hold a site's calibration tokens, fall back to what does (granularity.StaticCheck:
+    # per position, 8 bits, per token); None: on for mambaquant+ in our runtime, off for the published recipes
+    # (mambaquant is the paper's) and engine targets. Either way the report names the sites.
+    static_fallback: bool | None = None
 
     def __post_init__(self):
         if self.calib_dtype not in CALIB_DTYPES:
@@ -116,9 +120,15 @@ class QuantConfig:
         plus = self.method == "mambaquant+"
         if self.clip_search is None:
             self.clip_search = plus
-        for name in ("clip_search", "act_order", "decide"):
+        if self.static_fallback is None:
+            self.static_fallback = self.method == "mambaquant+" and self.target == "runtime"
+        for name in ("clip_search", "act_order", "decide", "static_fallback"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.static_fallback and self.target != "runtime":
+            raise InputError(f"static_fallback puts per-position, 8-bit or per-token ranges where a static one does not "
+                             f"hold; target {self.target} takes only its own activation scheme: expected "
+                             "static_fallback false")
         if self.act_order and (self.weight_rounding != "gptq" or self.weight_group_size):
             raise InputError("act_order orders GPTQ's columns: it needs weight_rounding gptq and per-channel weight "
                              "scales (weight_group_size 0)")
@@ -267,6 +277,7 @@ class QuantReport:
     clipping: dict[str, str] = field(default_factory=dict)  # site -> its searched clipping ratio and why
     weights: list[str] = field(default_factory=list)
     decisions: list[str] = field(default_factory=list)  # what `decide` kept and dropped, and by how much
+    static_ranges: list[str] = field(default_factory=list)  # the sites whose static range does not hold, and what then
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -291,6 +302,7 @@ class QuantReport:
         lines += [f"  transforms: {t}" for t in self.transforms]
         lines += [f"  weights: {w}" for w in self.weights]
         lines += [f"  decided: {d}" for d in self.decisions]
+        lines += [f"  static ranges: {line}" for line in self.static_ranges]
         by_kind: dict[str, Counter] = {}
         for name, description in self.activation_sites.items():
             kind = ".".join(part for part in name.split(".") if not part.isdigit() and part != "layers")

@@ -32,7 +32,7 @@ from ..runtime.zamba import unshare_blocks
 from ..transforms.klt import CovarianceObserver
 from ..transforms.rotation import append_op
 from .config import FULL_PRECISION, KV_CACHE_SITES, MAMBA2_ONLY_METHODS, METHODS, QuantConfig, QuantReport
-from .granularity import CHUNKED_SITES, TokenStatistics, make_quantizer
+from .granularity import CHUNKED_SITES, StaticCheck, TokenStatistics, make_quantizer
 from .recipes import RECIPES
 from .stages import (InMemoryBlocks, Runner, activation_sites, block_activation_sites, block_linears, block_runner,
                      fixed_length, has_mamba2_blocks, head_activation_sites, head_slots, held, linear_slots, parts)
@@ -78,7 +78,10 @@ def calibrate_quantizers(sites: list[Site], runner: Runner, config: QuantConfig,
         candidates[site] = [make_quantizer(g, config, percentile, bits) for g in granularities]
     searched = {site: SiteSample(any(q.spec.granularity == "position" for q in options))
                 for site, options in candidates.items() if config.clip_search and site not in clusters}
-    observers = {site: observe_all(*[q.observe for q in options if not q.spec.dynamic], searched.get(site))
+    checks = {site: StaticCheck(config, fixed_length and site.kind not in CHUNKED_SITES)
+              for site, options in candidates.items() if site not in clusters and not options[0].spec.dynamic}
+    observers = {site: observe_all(*[q.observe for q in options if not q.spec.dynamic], searched.get(site),
+                                   *(checks[site].observers(options[0]) if site in checks else ()))
                  for site, options in candidates.items()}
     if any(observers.values()):
         runner.observe({site: observer for site, observer in observers.items() if observer})
@@ -90,7 +93,12 @@ def calibrate_quantizers(sites: list[Site], runner: Runner, config: QuantConfig,
             report.granularity_reasons[site.name] = f"static per cluster of channels ({config.method})"
         if site in searched:
             quantizer = clip_and_choose(site, options, searched[site], report)
-        if quantizer.spec.bits != config.a_bits:
+        if site in checks and not quantizer.spec.dynamic:
+            quantizer, line = checks[site].check(quantizer)
+            if line:
+                report.static_ranges.append(f"{site.name}: {line}")
+                report.granularity_reasons[site.name] = line
+        if quantizer.spec.bits != config.a_bits and quantizer.spec.bits == config.activation_bits(site.kind):
             reason = report.granularity_reasons.get(site.name)
             report.granularity_reasons[site.name] = (f"{reason}; " if reason else "") + \
                 f"int{quantizer.spec.bits} here, int{config.a_bits} elsewhere (site_bits: mixed precision)"
