@@ -139,6 +139,10 @@ class StaticCheck:
                            f"({candidate_error:.2f}; {not_met})")
 
 
-def describe(quantizer: ActivationQuantizer) -> str:
+def granularity_name(quantizer: ActivationQuantizer) -> str:
     spec = quantizer.spec
-    return f"int{spec.bits} {'dynamic' if spec.dynamic else 'static'} per {spec.granularity}"
+    return f"{'dynamic' if spec.dynamic else 'static'} per {spec.granularity}"
+
+
+def describe(quantizer: ActivationQuantizer) -> str:
+    return f"int{quantizer.spec.bits} {granularity_name(quantizer)}"

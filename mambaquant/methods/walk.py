@@ -32,7 +32,7 @@ from ..runtime.zamba import unshare_blocks
 from ..transforms.klt import CovarianceObserver
 from ..transforms.rotation import append_op
 from .config import FULL_PRECISION, KV_CACHE_SITES, MAMBA2_ONLY_METHODS, METHODS, QuantConfig, QuantReport
-from .granularity import CHUNKED_SITES, StaticCheck, TokenStatistics, make_quantizer
+from .granularity import CHUNKED_SITES, StaticCheck, TokenStatistics, granularity_name, make_quantizer
 from .recipes import RECIPES
 from .stages import (InMemoryBlocks, Runner, activation_sites, block_activation_sites, block_linears, block_runner,
                      fixed_length, has_mamba2_blocks, head_activation_sites, head_slots, held, linear_slots, parts)
@@ -127,11 +127,6 @@ def clip_and_choose(site: Site, options: list[ActivationQuantizer], sample: Site
                                   f"{error / max(unclipped, 1e-30):.2f}x the full range's" if ratio != 1 else
                                   "not clipped: the full range has the least squared error")
     return chosen
-
-
-def granularity_name(quantizer: ActivationQuantizer) -> str:
-    spec = quantizer.spec
-    return f"{'dynamic' if spec.dynamic else 'static'} per {spec.granularity}"
 
 
 def observe_all(*observers):
