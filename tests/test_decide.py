@@ -1,5 +1,6 @@
 """`decide`: a recipe's optional parts kept only where they lower the output error on calibration inputs held back
-from the fit (never evaluation data); what was kept and dropped in the report, saved with the checkpoint."""
+from the fit (never evaluation data), by cross-validation, dropped only where they do nothing or hurt beyond noise;
+what was kept and dropped in the report, saved with the checkpoint."""
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import mambaquant
 from mambaquant.errors import InputError
 from mambaquant.methods import decide as decide_module
 from mambaquant.methods.config import QuantConfig
-from mambaquant.methods.decide import decide, optional_parts, split_held_back
+from mambaquant.methods.decide import FOLDS, MIN_FOLDS, decide, optional_parts, split_folds
 from mambaquant.runtime import LMConfig
 
 from .helpers import rel_err
@@ -33,16 +34,48 @@ def test_a_part_that_hurts_on_the_held_back_inputs_is_dropped_and_one_that_helps
     assert lines[1].startswith("dropped 2-bit weights") and lines[2].startswith("kept 8-bit activations")
 
 
-def test_only_calibration_inputs_are_held_back_and_none_is_also_fit(model, monkeypatch):
+def test_every_calibration_input_is_held_back_once_and_never_fit_where_it_is(model, monkeypatch):
     batches = [calib(6, seed=1), calib(6, seed=2)]
-    fit, held = split_held_back(batches)
     rows = lambda tensors: [tuple(x.tolist()) for batch in tensors for x in batch]  # noqa: E731
-    assert len(rows(held)) == 3 and len(rows(fit)) == 9
-    assert set(rows(held)) | set(rows(fit)) == set(rows(batches)) and not set(rows(held)) & set(rows(fit))
-    seen = []
-    monkeypatch.setattr(decide_module, "output_error", lambda quantized, inputs, reference: seen.append(inputs) or 0.0)
+    folds = split_folds(batches)
+    assert len(folds) == FOLDS
+    for fit, held in folds:
+        assert len(rows(held)) == 3 and len(rows(fit)) == 9
+        assert set(rows(held)) | set(rows(fit)) == set(rows(batches)) and not set(rows(held)) & set(rows(fit))
+    assert sorted(row for _, held in folds for row in rows(held)) == sorted(rows(batches))
+    assert len(split_folds([calib(2)])) == 2  # fewer inputs than folds: one held back in each
+
+    fits, seen = [], []
+    run_recipe = decide_module.run_recipe
+    monkeypatch.setattr(decide_module, "run_recipe",
+                        lambda model, config, fit: fits.append(rows(fit)) or run_recipe(model, config, fit))
+    monkeypatch.setattr(decide_module, "held_back_errors",
+                        lambda quantized, inputs, reference: seen.append(rows(inputs)) or torch.rand(len(rows(inputs))))
     decide(model, QuantConfig(method="mambaquant+", w_bits=4, a_bits=4), batches)
-    assert seen and all(rows(inputs) == rows(held) for inputs in seen)
+    assert len(seen) == len(fits) and len(fits) <= FOLDS * 4
+    for fit, held in zip(fits, seen):
+        assert held in [rows(h) for _, h in folds] and not set(fit) & set(held)
+
+
+def test_a_difference_within_noise_keeps_the_recipe_as_designed_and_no_effect_drops_the_part(model, monkeypatch):
+    """Errors that differ by noise alone (per input scattered both ways, on average nearly the same) keep the part;
+    errors identical with and without a part drop it, after MIN_FOLDS folds."""
+    monkeypatch.setattr(decide_module, "optional_parts", lambda config: [
+        ("a part within noise", {"w_bits": 8}), ("a part that does nothing", {"seed": 1})])
+    runs = []
+    monkeypatch.setattr(decide_module, "run_recipe", lambda model, config, fit: runs.append(config) or (config, None))
+
+    def held_back_errors(config, inputs, reference):  # "quantized" is the config here
+        count = sum(map(len, inputs))
+        return torch.tensor([0.7, 1.31] * (count // 2)) if config.w_bits == 8 else torch.ones(count)
+
+    monkeypatch.setattr(decide_module, "held_back_errors", held_back_errors)
+    config, lines = decide(model, QuantConfig(method="rtn", w_bits=4, a_bits=8, act_granularity="token"), [calib(16)])
+    assert lines[1].startswith("kept a part within noise") and "within 2 standard errors" in lines[1]
+    assert lines[2].startswith("dropped a part that does nothing: no effect")
+    assert f"in {MIN_FOLDS} of {FOLDS} folds" in lines[2]
+    assert (config.w_bits, config.seed) == (4, 1)
+    assert len(runs) == 2 * FOLDS + MIN_FOLDS  # as designed and without the first part in every fold, then so many
 
 
 def test_the_parts_each_recipe_may_drop():
