@@ -176,7 +176,7 @@ def method_options(args) -> dict:
             "calib_dtype": args.calib_dtype, "clip_search": args.clip_search, "act_order": args.act_order,
             "site_bits": args.site_bits, "target": args.target, "weight_group_size": args.weight_group_size,
             "scope": args.scope, "decide": args.decide, "kv_bits": args.kv_bits,
-            "static_fallback": args.static_fallback}
+            "static_fallback": args.static_fallback, "smooth": args.smooth}
 
 
 def export_tokenizer(model, args):
@@ -527,14 +527,18 @@ def build_parser() -> Parser:
     quantize.add_argument("--act-order", action="store_true",
                           help="GPTQ: quantize the columns by decreasing input energy")
     quantize.add_argument("--decide", action="store_true",
-                          help="keep each optional part of the recipe (clipping search, auto's granularity, "
-                               "mambaquant+'s 8-bit SSM sites) only where it lowers the output error on a quarter of "
-                               "the calibration set held back (one more run of the recipe per part)")
+                          help="decide each optional part of the recipe (auto's granularity, clipping search, "
+                               "mambaquant+'s 8-bit SSM sites, smoothing) by 4-fold cross-validation on the "
+                               "calibration set: dropped where it does nothing or raises the held-back output error "
+                               "beyond 2 standard errors (up to 4 runs of the recipe per part)")
     quantize.add_argument("--static-fallback", action=argparse.BooleanOptionalAction, default=None,
                           help="where one static range cannot hold a site's calibration tokens (the median token "
                                "losing over half its signal), use per-position ranges, 8 bits or, failing those, "
                                "per-token ranges there, and say so (default: on for mambaquant+; every method's "
                                "report names such sites)")
+    quantize.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=True,
+                          help="mambaquant / mambaquant+: their smoothing (--no-smooth: their rotations alone; "
+                               "--decide tries it)")
     quantize.add_argument("--site-bits", type=site_bits_value, metavar="SITE=BITS,...",
                           help="activation bits by site kind over --a-bits, e.g. h=8,x=8 (mixed precision), or none "
                                "(--a-bits everywhere); default: mambaquant+'s own rule, none for the others")

@@ -80,15 +80,17 @@ def test_a_difference_within_noise_keeps_the_recipe_as_designed_and_no_effect_dr
 
 def test_the_parts_each_recipe_may_drop():
     assert [change for _, change in optional_parts(QuantConfig(method="mambaquant+", w_bits=4, a_bits=4))] == [
-        {"act_granularity": "token"}, {"clip_search": False}, {"site_bits": {}}]
-    assert [change for _, change in optional_parts(QuantConfig(method="mambaquant", w_bits=4, a_bits=16))] == []
+        {"act_granularity": "token"}, {"clip_search": False}, {"site_bits": {}}, {"smooth": False}]
+    assert [change for _, change in optional_parts(QuantConfig(method="mambaquant", w_bits=4, a_bits=16))] == [
+        {"smooth": False}]
+    assert optional_parts(QuantConfig(method="mambaquant", w_bits=4, a_bits=16, smooth=False)) == []
     assert optional_parts(QuantConfig(method="rtn")) == []
 
 
 def test_decided_quantization_saves_what_it_decided(model, tmp_path):
     quantized = mambaquant.quantize(model, method="mambaquant+", w_bits=4, a_bits=4, calib=calib(), decide=True)
     report = quantized.quantization_report
-    assert report.config["decide"] and len(report.decisions) == 4
+    assert report.config["decide"] and len(report.decisions) == 5
     assert all(line.startswith(("kept", "dropped")) for line in report.decisions[1:])
     back = mambaquant.load(mambaquant.save(quantized, tmp_path / "q"))
     ids = calib(2, seed=9)

@@ -138,6 +138,27 @@ def test_options_at_16_bits_keep_the_function(kind):
 
 
 @pytest.mark.parametrize("kind", ["mamba1", "mamba2", "vim"])
+def test_without_smoothing_the_rotations_alone_keep_the_function_and_no_smoothing_is_left(kind):
+    """`smooth=False` (a part `decide` may drop): at 16 bits the model's function is kept; at W4A8 the model differs
+    from the smoothed one, and none of the smoothing's scales is anywhere in it."""
+    from mambaquant.transforms.smoothing import Scale
+
+    model, calib, x = models()[kind]
+    plain = mambaquant.quantize(model, method="mambaquant+", w_bits=16, a_bits=16, calib=calib, smooth=False)
+    assert "smoothing off" in plain.quantization_report.transforms[0]
+    with torch.no_grad():
+        assert rel_err(plain(x), model(x)) < 1e-4
+    unsmoothed = mambaquant.quantize(model, method="mambaquant", w_bits=4, a_bits=8, calib=calib, smooth=False)
+    smoothed = mambaquant.quantize(model, method="mambaquant", w_bits=4, a_bits=8, calib=calib)
+    assert not any(isinstance(m, Scale) for m in unsmoothed.modules())
+    assert all(getattr(m, "gate_scale", None) is None for m in unsmoothed.modules())
+    with torch.no_grad():
+        assert not torch.equal(unsmoothed(x), smoothed(x))
+    with pytest.raises(InputError, match="smoothquant without smoothing is rtn"):
+        QuantConfig(method="smoothquant", smooth=False)
+
+
+@pytest.mark.parametrize("kind", ["mamba1", "mamba2", "vim"])
 def test_w4a4_clipping_and_mixed_precision_round_trip_and_run_on_int8(kind, tmp_path):
     model, calib, x = models()[kind]
     quantized = mambaquant.quantize(model, method="mambaquant+", w_bits=4, a_bits=4, calib=calib)

@@ -55,7 +55,7 @@ WEIGHT_ROUNDINGS = ("rtn", "gptq")
 ADDED_FIELDS = {**{name: None for name in CLUSTER_DEFAULTS}, "calib_dtype": "float32", "clip_search": False,
                 "act_order": False, "site_bits": {}, "granularity_reasons": {}, "clipping": {}, "weights": [],
                 "target": "runtime", "scope": "all", "decide": False, "decisions": [], "kv_bits": FULL_PRECISION,
-                "static_fallback": False, "static_ranges": []}
+                "static_fallback": False, "static_ranges": [], "smooth": True}
 REPORT_FIELDS = ("transforms", "activation_sites", "granularity_reasons", "clipping", "weights",
                  "decisions", "static_ranges")  # QuantReport's
 # activation quantizer spec fields added within version 2
@@ -291,7 +291,7 @@ QUANT_CONFIG = {"format_version": constant(FORMAT_VERSION), "method": string(*ME
                 "clipping": map_of(string(), text="an object of strings"), "weights": list_of(string()),
                 "target": string(*TARGETS), "scope": string(*SCOPES), "decide": boolean(),
                 "decisions": list_of(string()), "kv_bits": BIT_WIDTHS, "static_fallback": boolean(),
-                "static_ranges": list_of(string()), "layout": obj(LAYOUT)}
+                "static_ranges": list_of(string()), "smooth": boolean(), "layout": obj(LAYOUT)}
 CHECKPOINT = {"architecture": constant(ARCHITECTURE), "model_class": string(*MODELS), "model_config": obj(),
               "quantization_config": obj(QUANT_CONFIG)}
 # model_config: the config dataclass's schema, bounded below only (the tensors bound the sizes; a model built in code

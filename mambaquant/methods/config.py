@@ -76,6 +76,7 @@ class QuantConfig:
     # per position, 8 bits, per token); None: on for mambaquant+ in our runtime, off for the published recipes
     # (mambaquant is the paper's) and engine targets. Either way the report names the sites.
     static_fallback: bool | None = None
+    smooth: bool = True  # mambaquant / mambaquant+: their smoothing (False: their rotations alone)
 
     def __post_init__(self):
         if self.calib_dtype not in CALIB_DTYPES:
@@ -122,9 +123,12 @@ class QuantConfig:
             self.clip_search = plus
         if self.static_fallback is None:
             self.static_fallback = self.method == "mambaquant+" and self.target == "runtime"
-        for name in ("clip_search", "act_order", "decide", "static_fallback"):
+        for name in ("clip_search", "act_order", "decide", "static_fallback", "smooth"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not self.smooth and self.method not in AUTO_METHODS:
+            raise InputError(f"smooth false turns off the smoothing of mambaquant and mambaquant+ (their rotations "
+                             f"stay); method {self.method} has no such switch (smoothquant without smoothing is rtn)")
         if self.static_fallback and self.target != "runtime":
             raise InputError(f"static_fallback puts per-position, 8-bit or per-token ranges where a static one does not "
                              f"hold; target {self.target} takes only its own activation scheme: expected "

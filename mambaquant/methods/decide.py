@@ -20,8 +20,9 @@ kept or dropped, its error with and without it over how many held-back inputs, a
 
 Cost, in runs of the recipe: at most FOLDS x (1 + parts) runs on (FOLDS - 1) / FOLDS of the calibration set (each
 configuration's fold runs are shared between the comparisons it is in), then the final run on all of it: at most
-4 x 4 + 1 for mambaquant+ at W4A4 (three parts), 4 x 3 + 1 at W8A8 / W4A8 (two), 4 x 2 + 1 for one part (MambaQuant
-with `auto`; mambaquant+ at W4A16); fewer where a comparison stops early or a part has no effect. Each held-back
+4 x 5 + 1 for mambaquant+ at W4A4 (four parts), 4 x 4 + 1 at W8A8 / W4A8 (three), 4 x 3 + 1 for two parts
+(MambaQuant with `auto` and its smoothing; mambaquant+ at W4A16), 4 x 2 + 1 for one (MambaQuant at W4A16); fewer where
+a comparison stops early or a part has no effect. Each held-back
 error is one more forward pass of the quantized model over a quarter of the calibration set."""
 
 import math
@@ -30,7 +31,7 @@ from dataclasses import replace
 import torch
 
 from ..errors import InputError
-from .config import FULL_PRECISION, QuantConfig
+from .config import AUTO_METHODS, FULL_PRECISION, QuantConfig
 from .walk import run_recipe
 
 FOLDS = 4  # the calibration inputs are split into this many folds; each is held back once (fewer inputs: one each)
@@ -49,6 +50,9 @@ def optional_parts(config: QuantConfig) -> list[tuple[str, dict]]:
         parts.append(("clipping searched per weight channel and activation site", {"clip_search": False}))
     if config.site_bits is None:  # mambaquant+'s mixed precision at 4-bit activations
         parts.append(("the SSM's own activations at 8 bits", {"site_bits": {}}))
+    if config.smooth and config.method in AUTO_METHODS:  # last: tried first, it cost timeseries W4A4 5 points
+        parts.append(("the smoothing (S-SiLU at out_proj, the conv1d, dt_proj and h·C inputs; in a hybrid the values "
+                      "and the down_proj inputs)", {"smooth": False}))
     return parts
 
 

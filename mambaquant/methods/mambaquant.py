@@ -38,7 +38,9 @@ def mambaquant_model(model, blocks, batches, config: QuantConfig, report: QuantR
         blocks.release(index)
     rotate_residual(model, klt_hadamard(residual.covariance()), blocks.edit)
     report.transforms.append("norm fusion; KLT-enhanced rotation of the residual stream (pooled covariance of every "
-                             "block's input); per layer: " + per_layer_lines(PER_LAYER, model, config, VLLM))
+                             "block's input); per layer: " + per_layer_lines(PER_LAYER, model, config, VLLM)
+                             + ("" if config.smooth else "; smoothing off (smooth false): every smoothing named here "
+                                "left out, the rotations alone"))
 
 
 PER_LAYER = {  # what mambaquant does in each kind of layer: (with online transforms, without)
@@ -82,17 +84,20 @@ def mambaquant_mamba2(layer, mixer, runner: Runner, config: QuantConfig, report:
     sites = mixer.sites
     absmax = {sites[kind]: AbsMaxObserver() for kind in ("out_proj_in", "xBC", "C")}
     absmax[sites["h"]] = GroupStateAbsMax(mixer.config.n_groups)
-    runner.observe(absmax)
-    smooth_gated_norm(mixer, smoothing_scales(absmax[sites["out_proj_in"]].absmax, mixer.out_proj.weight,
-                                              config.alpha))
-    smooth_conv_input_mamba2(mixer, smoothing_scales(absmax[sites["xBC"]].absmax, conv_weight_columns(mixer),
-                                                     config.alpha))
+    if config.smooth:
+        runner.observe(absmax)
+    if config.smooth:
+        smooth_gated_norm(mixer, smoothing_scales(absmax[sites["out_proj_in"]].absmax, mixer.out_proj.weight,
+                                                  config.alpha))
+        smooth_conv_input_mamba2(mixer, smoothing_scales(absmax[sites["xBC"]].absmax, conv_weight_columns(mixer),
+                                                         config.alpha))
     if config.online_input_hadamards:
         rotate_out_proj_input(mixer)
     if not config.online_transforms:
         return
-    smooth_state_mamba2(mixer, state_smoothing_scales(absmax[sites["h"]].absmax, absmax[sites["C"]].absmax,
-                                                      config.alpha))
+    if config.smooth:
+        smooth_state_mamba2(mixer, state_smoothing_scales(absmax[sites["h"]].absmax, absmax[sites["C"]].absmax,
+                                                          config.alpha))
     rotate_state_mamba2(mixer, random_hadamard(mixer.config.d_state, config.seed + 2))
 
 
@@ -101,19 +106,22 @@ def mambaquant_mamba1(layer, mixer, runner: Runner, config: QuantConfig, report:
     absmax = {mixer.sites["out_proj_in"]: AbsMaxObserver(), mixer.sites["x"]: AbsMaxObserver()}
     for ssm in ssms:
         absmax.update({ssm.sites[kind]: AbsMaxObserver() for kind in ("dt_low", "C", "h")})
-    runner.observe(absmax)
+    if config.smooth:
+        runner.observe(absmax)
     online = config.online_transforms
-    if online:
+    if online and config.smooth:
         smooth_gate(mixer, smoothing_scales(absmax[mixer.sites["out_proj_in"]].absmax, mixer.out_proj.weight,
                                             config.alpha))
+    if online:
         rotate_out_proj_input(mixer)
-    smooth_conv_input(mixer, ssms,
-                      smoothing_scales(absmax[mixer.sites["x"]].absmax, conv_weight_columns(mixer), config.alpha))
+    if config.smooth:
+        smooth_conv_input(mixer, ssms,
+                          smoothing_scales(absmax[mixer.sites["x"]].absmax, conv_weight_columns(mixer), config.alpha))
     offline = [ssm for ssm in ssms if fused_offline(ssm, config)]  # (an engine: not behind FalconMamba's norms)
     for ssm in ssms:
         if online:
             rotate_linear_input(ssm.sites["x_proj_in"], ssm.x_proj, Rotate(ssm.x_proj.in_features))
-        if ssm in offline:
+        if ssm in offline and config.smooth:
             smooth_dt_input(ssm, smoothing_scales(absmax[ssm.sites["dt_low"]].absmax, ssm.dt_proj.weight,
                                                   config.alpha))
             smooth_state(ssm, state_smoothing_scales(absmax[ssm.sites["h"]].absmax, absmax[ssm.sites["C"]].absmax,
@@ -128,17 +136,20 @@ def mambaquant_mamba1(layer, mixer, runner: Runner, config: QuantConfig, report:
 
 
 def mambaquant_attention(layer, attention, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
-    smoothquant_attention(layer, attention, runner, config, report)
+    if config.smooth:
+        smoothquant_attention(layer, attention, runner, config, report)
     quarot_attention(layer, attention, runner, config, report)
 
 
 def mambaquant_mlp(layer, mlp, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
-    smooth_mlps([mlp], runner, config.alpha)
+    if config.smooth:
+        smooth_mlps([mlp], runner, config.alpha)
     quarot_mlp(layer, mlp, runner, config, report)
 
 
 def mambaquant_moe(layer, moe, runner: Runner, config: QuantConfig, report: QuantReport) -> None:
-    smooth_mlps(moe.mlps(), runner, config.alpha)
+    if config.smooth:
+        smooth_mlps(moe.mlps(), runner, config.alpha)
     quarot_moe(layer, moe, runner, config, report)
 
 
