@@ -91,17 +91,21 @@ class StaticCheck:
     even that; nothing holding, the one with the least error. Every quantized site is an operand of an integer
     product (a norm's input never is), so there is no quantizer to drop instead."""
 
-    def __init__(self, config: QuantConfig, per_position: bool):
+    def __init__(self, config: QuantConfig, per_position: bool, shared: SiteSample | None = None):
+        """`shared`: the clipping search's sample of the site, taken instead of one of its own where it keeps the
+        same tokens (per position or not)."""
         self.fallback, self.per_position = config.static_fallback, per_position
-        self.sample = SiteSample(per_position)
+        self.owned = shared is None or shared.per_position != per_position
+        self.sample = SiteSample(per_position) if self.owned else shared
         self.position = None  # a per-position candidate, observed beside the site's own range
 
     def observers(self, quantizer: ActivationQuantizer) -> list:
+        observers = [self.sample] if self.owned else []
         if self.fallback and self.per_position and quantizer.spec.granularity == "tensor":
             self.position = ActivationQuantizer(dataclasses.replace(quantizer.spec, granularity="position",
                                                                     observer="minmax", clip=1.0))
-            return [self.sample, self.position.observe]
-        return [self.sample]
+            observers.append(self.position.observe)
+        return observers
 
     def check(self, quantizer: ActivationQuantizer) -> tuple[ActivationQuantizer, str | None]:
         """(the quantizer to use, the report's line on the site, or None where the static range holds)."""

@@ -78,7 +78,7 @@ def calibrate_quantizers(sites: list[Site], runner: Runner, config: QuantConfig,
         candidates[site] = [make_quantizer(g, config, percentile, bits) for g in granularities]
     searched = {site: SiteSample(any(q.spec.granularity == "position" for q in options))
                 for site, options in candidates.items() if config.clip_search and site not in clusters}
-    checks = {site: StaticCheck(config, fixed_length and site.kind not in CHUNKED_SITES)
+    checks = {site: StaticCheck(config, fixed_length and site.kind not in CHUNKED_SITES, searched.get(site))
               for site, options in candidates.items() if site not in clusters and not options[0].spec.dynamic}
     observers = {site: observe_all(*[q.observe for q in options if not q.spec.dynamic], searched.get(site),
                                    *(checks[site].observers(options[0]) if site in checks else ()))
@@ -97,7 +97,8 @@ def calibrate_quantizers(sites: list[Site], runner: Runner, config: QuantConfig,
             quantizer, line = checks[site].check(quantizer)
             if line:
                 report.static_ranges.append(f"{site.name}: {line}")
-                report.granularity_reasons[site.name] = line
+                reason = report.granularity_reasons.get(site.name)
+                report.granularity_reasons[site.name] = (f"{reason}; " if reason else "") + line
         if quantizer.spec.bits != config.a_bits and quantizer.spec.bits == config.activation_bits(site.kind):
             reason = report.granularity_reasons.get(site.name)
             report.granularity_reasons[site.name] = (f"{reason}; " if reason else "") + \
