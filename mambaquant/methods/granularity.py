@@ -75,13 +75,6 @@ def token_error(quantizer: ActivationQuantizer, sample: SiteSample) -> float:
     return errors.median().item() if errors.numel() else 0.0
 
 
-def widened(quantizer: ActivationQuantizer, bits: int) -> ActivationQuantizer:
-    """The same ranges (and clipping) at `bits`."""
-    wider = ActivationQuantizer(dataclasses.replace(quantizer.spec, bits=bits))
-    wider.low, wider.high, wider.batches = quantizer.low, quantizer.high, quantizer.batches
-    return wider
-
-
 class StaticCheck:
     """Whether a site's static range holds its calibration tokens (`STATIC_ERROR_LIMIT`) and, where it does not and
     the config falls back (`QuantConfig.static_fallback`), what does instead: the first static range that comes
@@ -122,7 +115,7 @@ class StaticCheck:
             return quantizer, f"{found}; dynamic per token would give {dynamic_error:.2f}"
         statics = [self.position] if self.position is not None else []
         if quantizer.spec.bits < FALLBACK_BITS:
-            statics = statics + [widened(q, FALLBACK_BITS) for q in [quantizer] + statics]
+            statics = statics + [q.respecified(bits=FALLBACK_BITS) for q in [quantizer] + statics]
         tried = []
         for candidate in statics:
             candidate_error = token_error(candidate, self.sample)
@@ -136,7 +129,7 @@ class StaticCheck:
         if dynamic_error <= STATIC_ERROR_LIMIT:
             return token, f"{found}; {describe(token)} instead: error {dynamic_error:.2f} ({not_met})"
         if quantizer.spec.bits < FALLBACK_BITS:
-            wider = widened(token, FALLBACK_BITS)
+            wider = token.respecified(bits=FALLBACK_BITS)
             tried.append((token_error(wider, self.sample), wider))
         candidate_error, candidate = min(tried, key=lambda entry: entry[0])
         return candidate, (f"{found}; nothing tried holds it: {describe(candidate)}, the least error "

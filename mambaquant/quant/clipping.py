@@ -3,8 +3,6 @@ output error on the calibration inputs, an activation quantizer's range shrunk t
 its site. At 4 bits the largest values cost every other value half its resolution; clipping them buys it back. Both
 are grid searches in closed form (no training), and both live in the scales: nothing changes at run time."""
 
-import dataclasses
-
 import torch
 
 from .quantizer import (ActivationQuantizer, QuantSpec, dequantize_weight, group_view, quantize_weight,
@@ -71,8 +69,7 @@ def activation_clip(quantizer: ActivationQuantizer, sample: SiteSample,
     quantization error over the sampled tensors, the quantizer's own ranges (static or per token) shrunk by it."""
     errors = {}
     for ratio in ratios:
-        trial = ActivationQuantizer(dataclasses.replace(quantizer.spec, clip=ratio))
-        trial.low, trial.high, trial.batches = quantizer.low, quantizer.high, quantizer.batches
+        trial = quantizer.respecified(clip=ratio)
         errors[ratio] = sum(((trial(x) - x) ** 2).sum().item() for x in sample.samples)
     best = min(errors, key=errors.get)
     return best, errors[best], errors[1.0]

@@ -9,7 +9,7 @@ token as llama.cpp quantizes a linear's input (its Q8_0 blocks: `block_fake_quan
 scale is rounded to float16, as an engine that stores its scales in float16 holds them.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -243,6 +243,12 @@ class ActivationQuantizer(nn.Module):
             self.static_cache = (self.low, self.high, versions,
                                  *scale_and_zero(self.low * clip, self.high * clip, self.spec))
         return self.static_cache[3], self.static_cache[4]
+
+    def respecified(self, **changes) -> "ActivationQuantizer":
+        """A quantizer with the same calibrated ranges and the spec changed (its bits, its clipping ratio)."""
+        other = ActivationQuantizer(replace(self.spec, **changes))
+        other.low, other.high, other.batches = self.low, self.high, self.batches
+        return other
 
     @torch.no_grad()
     def share_ranges(self, clusters: torch.Tensor) -> None:
