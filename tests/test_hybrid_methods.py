@@ -15,7 +15,7 @@ from mambaquant.quant.quantizer import ActivationQuantizer
 from mambaquant.runtime.moe import ExpertList
 
 from .helpers import rel_err
-from .test_hybrids import ARCHITECTURES, COMMON, reference
+from .test_hybrids import ARCHITECTURES, COMMON, ours_with_ids, reference
 
 QUANTIZABLE = list(ARCHITECTURES)
 MAMBA1_HYBRIDS = ("jamba",)
@@ -24,10 +24,7 @@ MAMBA1_HYBRIDS = ("jamba",)
 @pytest.fixture(scope="module")
 def hybrids():
     """Our model of each architecture, calibration token ids and fresh evaluation ids."""
-    generator = torch.Generator().manual_seed(11)
-    calib = torch.randint(0, COMMON["vocab_size"], (2, 24), generator=generator)
-    ids = torch.randint(0, COMMON["vocab_size"], (2, 19), generator=generator)
-    return {name: mambaquant.load(reference(name)) for name in QUANTIZABLE}, calib, ids
+    return ours_with_ids(QUANTIZABLE)
 
 
 def methods_of(name: str) -> list[str]:

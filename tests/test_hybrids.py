@@ -91,6 +91,15 @@ def reference(name: str, seed: int = 0):
     return model
 
 
+def ours_with_ids(names) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Our model of each named architecture (loaded from its transformers reference), calibration token ids and
+    fresh evaluation ids: what the method tests on the hybrids share."""
+    generator = torch.Generator().manual_seed(11)
+    calib = torch.randint(0, COMMON["vocab_size"], (2, 24), generator=generator)
+    ids = torch.randint(0, COMMON["vocab_size"], (2, 19), generator=generator)
+    return {name: mambaquant.load(reference(name)) for name in names}, calib, ids
+
+
 def logits(model, ids):
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -22,7 +22,7 @@ from mambaquant.transforms.rotation import Rotate, rotate_queries_keys
 
 from .cli_cases import assert_refused
 from .helpers import rel_err
-from .test_hybrids import COMMON, decoded, reference
+from .test_hybrids import decoded, ours_with_ids
 
 # what each configuration's attention covers: head_dim 16 unless said
 CONFIGS = {"granite-4.0-h dense": "no RoPE, 4 query heads on 2 key/value heads",
@@ -37,10 +37,7 @@ ROTATING = ("quarot", "mambaquant", "mambaquant+")
 
 @pytest.fixture(scope="module")
 def hybrids():
-    generator = torch.Generator().manual_seed(11)
-    calib = torch.randint(0, COMMON["vocab_size"], (2, 24), generator=generator)
-    ids = torch.randint(0, COMMON["vocab_size"], (2, 19), generator=generator)
-    return {name: mambaquant.load(reference(name)) for name in CONFIGS}, calib, ids
+    return ours_with_ids(CONFIGS)
 
 
 def logits(model, ids):
